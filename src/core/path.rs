@@ -1,0 +1,231 @@
+//! `RelPath`: the only way a file is named on the wire or handed to `apply`.
+//!
+//! Its constructor is the one gate every network path goes through (see DESIGN.md, "Paths and
+//! names"): relative, `/`-separated, UTF-8, no empty, `.` or `..` component, no NUL, CR or LF,
+//! never inside ferry's state directory, and no component longer than a filesystem allows.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// The name of the state directory at the top of every synced root; never synced.
+pub const STATE_DIR: &str = ".ferry";
+
+/// Longest component most Linux filesystems accept (NAME_MAX).
+pub const MAX_COMPONENT: usize = 255;
+
+/// Longest whole path we accept (PATH_MAX, less room for the root it is joined to).
+pub const MAX_PATH: usize = 3072;
+
+/// A validated path relative to a synced root, e.g. `photos/2026/cat.jpg`.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct RelPath(String);
+
+/// Why a path was refused; the message names the path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadPath {
+    /// The refused path, escaped so control characters stay visible in logs.
+    pub path: String,
+    /// What is wrong with it.
+    pub reason: &'static str,
+}
+
+impl fmt::Display for BadPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "refused path {:?}: {}", self.path, self.reason)
+    }
+}
+
+impl std::error::Error for BadPath {}
+
+impl RelPath {
+    /// Validates `s` as a wire path.
+    pub fn new(s: impl Into<String>) -> Result<RelPath, BadPath> {
+        let s = s.into();
+        match check(&s) {
+            Ok(()) => Ok(RelPath(s)),
+            Err(reason) => Err(BadPath {
+                path: s.escape_debug().to_string(),
+                reason,
+            }),
+        }
+    }
+
+    /// The path as a `/`-separated string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The parent path, `None` for a top-level name.
+    pub fn parent(&self) -> Option<RelPath> {
+        self.0.rfind('/').map(|i| RelPath(self.0[..i].to_string()))
+    }
+
+    /// The last component.
+    pub fn file_name(&self) -> &str {
+        match self.0.rfind('/') {
+            Some(i) => &self.0[i + 1..],
+            None => &self.0,
+        }
+    }
+
+    /// `self/name`, validating `name` as one component.
+    pub fn join(&self, name: &str) -> Result<RelPath, BadPath> {
+        RelPath::new(format!("{}/{}", self.0, name))
+    }
+
+    /// True if `self` is `other` or lies beneath it.
+    pub fn starts_with(&self, other: &RelPath) -> bool {
+        self.0 == other.0
+            || (self.0.len() > other.0.len()
+                && self.0.starts_with(&other.0)
+                && self.0.as_bytes()[other.0.len()] == b'/')
+    }
+
+    /// Replaces the leading `from` (which `self` must start with) by `to`.
+    pub fn rebase(&self, from: &RelPath, to: &RelPath) -> RelPath {
+        debug_assert!(self.starts_with(from));
+        RelPath(format!("{}{}", to.0, &self.0[from.0.len()..]))
+    }
+
+    /// Number of components; parents sort before children when ordered by this.
+    pub fn depth(&self) -> usize {
+        self.0.bytes().filter(|&b| b == b'/').count() + 1
+    }
+}
+
+fn check(s: &str) -> Result<(), &'static str> {
+    if s.is_empty() {
+        return Err("empty path");
+    }
+    if s.len() > MAX_PATH {
+        return Err("path too long");
+    }
+    if s.starts_with('/') {
+        return Err("absolute path");
+    }
+    if s.contains('\0') {
+        return Err("contains a NUL byte");
+    }
+    if s.contains('\r') || s.contains('\n') {
+        return Err("contains CR or LF");
+    }
+    if s.contains('\\') {
+        return Err("contains a backslash");
+    }
+    for (i, part) in s.split('/').enumerate() {
+        match part {
+            "" => return Err("empty component"),
+            "." | ".." => return Err("`.` or `..` component"),
+            STATE_DIR if i == 0 => return Err("names ferry's state directory"),
+            _ if part.len() > MAX_COMPONENT => return Err("component longer than 255 bytes"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+impl FromStr for RelPath {
+    type Err = BadPath;
+    fn from_str(s: &str) -> Result<Self, BadPath> {
+        RelPath::new(s)
+    }
+}
+
+impl TryFrom<String> for RelPath {
+    type Error = BadPath;
+    fn try_from(s: String) -> Result<Self, BadPath> {
+        RelPath::new(s)
+    }
+}
+
+impl From<RelPath> for String {
+    fn from(p: RelPath) -> String {
+        p.0
+    }
+}
+
+impl fmt::Display for RelPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for RelPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepted_paths() {
+        for ok in [
+            "a",
+            "a/b/c.txt",
+            "name with spaces.txt",
+            "ünïcødé/日本.txt",
+            ".hidden",
+            "a/.ferry",
+            ".ferryignore",
+            "..foo",
+            "foo..",
+        ] {
+            assert!(RelPath::new(ok).is_ok(), "{ok:?} should be accepted");
+        }
+    }
+
+    #[test]
+    fn refused_paths() {
+        let long = "x".repeat(256);
+        let table: &[(&str, &str)] = &[
+            ("empty", ""),
+            ("absolute", "/etc/passwd"),
+            ("parent", ".."),
+            ("parent inside", "a/../../b"),
+            ("dot", "./a"),
+            ("empty component", "a//b"),
+            ("trailing slash", "a/"),
+            ("nul", "a\0b"),
+            ("crlf injection", "a\r\nDELE x"),
+            ("lf", "a\nb"),
+            ("backslash", "a\\..\\b"),
+            ("state dir", ".ferry"),
+            ("inside state dir", ".ferry/staging/x"),
+            ("over-long component", &long),
+        ];
+        for (name, bad) in table {
+            let err = RelPath::new(*bad).expect_err(name);
+            assert!(err.to_string().contains("refused path"), "{name}: {err}");
+        }
+    }
+
+    #[test]
+    fn wire_decode_validates() {
+        let bytes = postcard::to_allocvec(&"../x".to_string()).unwrap();
+        assert!(postcard::from_bytes::<RelPath>(&bytes).is_err());
+        let bytes = postcard::to_allocvec(&"ok/x".to_string()).unwrap();
+        assert_eq!(
+            postcard::from_bytes::<RelPath>(&bytes).unwrap().as_str(),
+            "ok/x"
+        );
+    }
+
+    #[test]
+    fn prefix_helpers() {
+        let a: RelPath = "a".parse().unwrap();
+        let ab: RelPath = "a/b".parse().unwrap();
+        let abc: RelPath = "abc".parse().unwrap();
+        assert!(ab.starts_with(&a));
+        assert!(!abc.starts_with(&a));
+        assert_eq!(ab.parent(), Some(a.clone()));
+        assert_eq!(ab.rebase(&a, &"z/y".parse().unwrap()).as_str(), "z/y/b");
+        assert_eq!(ab.file_name(), "b");
+        assert_eq!(ab.depth(), 2);
+    }
+}

@@ -1,0 +1,3 @@
+//! ferry: keeps one directory tree identical across a server agent and its clients.
+
+pub mod core;
