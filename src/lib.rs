@@ -1,3 +1,4 @@
 //! ferry: keeps one directory tree identical across a server agent and its clients.
 
 pub mod core;
+pub mod proto;

@@ -1,3 +1,6 @@
 //! The pure core: names, entries, the three-way plan. No filesystem, no sockets, no async.
+//! A newcomer can read this folder alone and know every decision ferry makes.
 
+pub mod entry;
 pub mod path;
+pub mod plan;

@@ -136,9 +136,21 @@ impl FromStr for RelPath {
 
 impl TryFrom<String> for RelPath {
     type Error = BadPath;
+    /// The serde entry point: remembers the refusal so the frame decoder, whose format drops
+    /// custom error text, can still name the path in its error.
     fn try_from(s: String) -> Result<Self, BadPath> {
         RelPath::new(s)
+            .inspect_err(|bad| LAST_REFUSED.with(|l| *l.borrow_mut() = Some(bad.clone())))
     }
+}
+
+thread_local! {
+    static LAST_REFUSED: std::cell::RefCell<Option<BadPath>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The path most recently refused while deserializing on this thread, if any (taken).
+pub fn take_last_refused() -> Option<BadPath> {
+    LAST_REFUSED.with(|l| l.borrow_mut().take())
 }
 
 impl From<RelPath> for String {

@@ -1,0 +1,173 @@
+//! The control-channel messages. Each is one postcard-encoded frame (see `codec`).
+//!
+//! Order on a connection: `Hello` → `Challenge` → `Auth` → `Welcome` (or `Refused`), then the
+//! client's `Subscribe` and, from then on, `Commit`s one way and `Changes` the other.
+
+use serde::{Deserialize, Serialize};
+
+use crate::core::entry::Entry;
+use crate::core::path::RelPath;
+
+/// Bumped whenever a message changes shape; peers with different versions refuse each other.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Random bytes each side contributes to the handshake, so a proof is never replayed.
+pub type Nonce = [u8; 32];
+
+/// HMAC-SHA256 proof of the shared secret over the handshake transcript.
+pub type Proof = [u8; 32];
+
+/// Messages a client sends.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ClientMsg {
+    /// First frame: who we are and our half of the challenge.
+    Hello {
+        /// Must equal `PROTOCOL_VERSION`.
+        version: u32,
+        /// The client's name, used in logs and conflict names.
+        name: String,
+        /// Client nonce.
+        nonce: Nonce,
+    },
+    /// Proof that the client knows the secret (answers `Challenge`).
+    Auth {
+        /// HMAC over the transcript (see `auth`).
+        proof: Proof,
+    },
+    /// Send every change after `since` under `epoch`, then live changes.
+    Subscribe {
+        /// The server epoch the client's state belongs to (0: none yet).
+        epoch: u64,
+        /// The last seq the client applied under that epoch.
+        since: u64,
+    },
+    /// Apply one change to the server's tree, if `base` is still what the server has.
+    Commit {
+        /// Echoed in the `CommitResult`.
+        id: u64,
+        /// The path the change is about.
+        path: RelPath,
+        /// What to do.
+        op: Op,
+        /// What the client believes the server has at `path` (`None`: nothing). The server
+        /// refuses with `Conflict` if that is no longer true.
+        base: Option<Entry>,
+    },
+    /// Keepalive.
+    Ping,
+    /// Answer to the server's `Ping`.
+    Pong,
+}
+
+/// A change a client asks the server to make.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Op {
+    /// Put a file: its bytes were uploaded to the session's staging area as `staged`; `None`
+    /// when only metadata (mtime, mode) changes and the server already has these bytes.
+    Put {
+        /// Name of the uploaded file in `.ferry/staging/<session>/`.
+        staged: Option<String>,
+        /// The file's final entry (the server checks size and hash against it).
+        entry: Entry,
+    },
+    /// Create a directory (or change its mode).
+    Mkdir {
+        /// Permission bits.
+        mode: u32,
+    },
+    /// Delete a file or an empty directory.
+    Delete,
+    /// Rename `path` (with everything beneath it) to `to`, which must be absent.
+    Rename {
+        /// The new name.
+        to: RelPath,
+    },
+}
+
+/// Messages the server sends.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ServerMsg {
+    /// Answer to `Hello`: the server's half of the challenge.
+    Challenge {
+        /// Server protocol version.
+        version: u32,
+        /// Server nonce.
+        nonce: Nonce,
+    },
+    /// Authentication succeeded.
+    Welcome {
+        /// The server's own proof, so the client knows it is not talking to an impostor.
+        proof: Proof,
+        /// Identifies this server index; changes only if its index was lost.
+        epoch: u64,
+        /// Port of the FTP data plane on the address the client connected to.
+        ftp_port: u16,
+        /// FTP user valid while this control session lives.
+        ftp_user: String,
+        /// FTP password for `ftp_user`.
+        ftp_pass: String,
+        /// Staging directory name for this session's uploads.
+        session: String,
+    },
+    /// The server refuses the connection; it closes after this frame.
+    Refused {
+        /// Why, for the client's log.
+        reason: String,
+    },
+    /// Changes in seq order (a catch-up batch or a live broadcast).
+    Changes(Vec<Change>),
+    /// Catch-up is complete up to `seq`; `full` means the catch-up was a full listing (new
+    /// epoch or new client): paths the client knew but that were not listed are unknown to the
+    /// server, not deleted.
+    CaughtUp {
+        /// Highest seq sent.
+        seq: u64,
+        /// Whether the catch-up was a full listing.
+        full: bool,
+    },
+    /// Outcome of a `Commit`.
+    CommitResult {
+        /// The `Commit`'s id.
+        id: u64,
+        /// What happened.
+        outcome: Outcome,
+    },
+    /// Keepalive.
+    Ping,
+    /// Answer to the client's `Ping`.
+    Pong,
+}
+
+/// One accepted change to the server's tree.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    /// Server sequence number of this change.
+    pub seq: u64,
+    /// The path changed.
+    pub path: RelPath,
+    /// Its new state; `None` for a delete (tombstone).
+    pub entry: Option<Entry>,
+    /// Set when this entry arrived by a rename from that path, so a client can rename locally
+    /// instead of downloading again.
+    pub moved_from: Option<RelPath>,
+}
+
+/// Outcome of a commit.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Applied as seq.
+    Done {
+        /// The seq of the (last) change the commit made.
+        seq: u64,
+    },
+    /// The server's state differs from the client's base; here is what it has.
+    Conflict {
+        /// The server's current entry at the path.
+        current: Option<Entry>,
+    },
+    /// Refused for another reason (bad staged file, I/O error); the client logs it.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+}
