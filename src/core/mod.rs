@@ -4,3 +4,4 @@
 pub mod entry;
 pub mod path;
 pub mod plan;
+pub mod renames;

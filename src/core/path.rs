@@ -159,6 +159,13 @@ impl From<RelPath> for String {
     }
 }
 
+/// Lets ordered maps keyed by `RelPath` be searched by `&str` ranges (same ordering).
+impl std::borrow::Borrow<str> for RelPath {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl fmt::Display for RelPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
