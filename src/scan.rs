@@ -388,7 +388,10 @@ mod tests {
         let mut t = Tree::new(root.clone(), BTreeMap::new());
         let c = t.scan_all().unwrap();
         assert_eq!(paths(&c), ["a", "a/b", "a/b/f.txt"]);
-        assert!(t.scan_all().unwrap().is_empty(), "unchanged tree: no changes");
+        assert!(
+            t.scan_all().unwrap().is_empty(),
+            "unchanged tree: no changes"
+        );
 
         std::fs::write(root.join("a/b/f.txt"), "two!").unwrap();
         let c = t.scan_path(Path::new("a/b/f.txt"));

@@ -2,6 +2,7 @@
 //! A newcomer can read this folder alone and know every decision ferry makes.
 
 pub mod entry;
+pub mod index;
 pub mod path;
 pub mod plan;
 pub mod renames;

@@ -102,7 +102,7 @@ pub fn conflict_name(path: &RelPath, unix_secs: i64, client: &str) -> RelPath {
 }
 
 /// (year, month, day, hour, minute, second) in UTC; Howard Hinnant's `civil_from_days`.
-fn civil_utc(unix_secs: i64) -> (i64, u32, u32, u32, u32, u32) {
+pub fn civil_utc(unix_secs: i64) -> (i64, u32, u32, u32, u32, u32) {
     let days = unix_secs.div_euclid(86_400);
     let secs = unix_secs.rem_euclid(86_400) as u32;
     let z = days + 719_468;

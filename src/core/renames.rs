@@ -3,11 +3,13 @@
 
 use std::collections::HashMap;
 
+use serde::{Deserialize, Serialize};
+
 use super::entry::Entry;
 use super::path::RelPath;
 
 /// One side of a scan change: the entry and the inode it had.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Seen {
     /// The synced state.
     pub entry: Entry,
@@ -103,8 +105,14 @@ mod tests {
 
     #[test]
     fn file_rename() {
-        let c = [ch("a.txt", file(1, "x"), None), ch("b.txt", None, file(1, "x"))];
-        assert_eq!(names(detect_renames(&c)), [("a.txt".into(), "b.txt".into())]);
+        let c = [
+            ch("a.txt", file(1, "x"), None),
+            ch("b.txt", None, file(1, "x")),
+        ];
+        assert_eq!(
+            names(detect_renames(&c)),
+            [("a.txt".into(), "b.txt".into())]
+        );
     }
 
     #[test]

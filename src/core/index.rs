@@ -1,0 +1,247 @@
+//! The server's authoritative index: every path it has ever seen, with the seq of its last
+//! change, deletes kept as tombstones so a client that was away learns of them.
+//!
+//! Every accepted change gets the next seq. A client that applied everything up to seq N asks
+//! for what came after N and receives each changed path's current state, in seq order.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::entry::Entry;
+use super::path::RelPath;
+use crate::proto::msg::Change;
+
+/// The state of one path in the index.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// Current state; `None` is a tombstone.
+    pub entry: Option<Entry>,
+    /// Seq of the change that made it so.
+    pub seq: u64,
+    /// Set if that change was a rename from this path.
+    pub moved_from: Option<RelPath>,
+}
+
+/// The server's index.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Index {
+    /// Identifies this index; a new one means clients must reconcile in full.
+    pub epoch: u64,
+    /// Seq of the latest change.
+    pub seq: u64,
+    records: BTreeMap<RelPath, Record>,
+}
+
+impl Index {
+    /// An empty index with a fresh epoch.
+    pub fn new(epoch: u64) -> Index {
+        Index {
+            epoch,
+            seq: 0,
+            records: BTreeMap::new(),
+        }
+    }
+
+    /// The current entry at `path` (`None` if absent or deleted).
+    pub fn entry(&self, path: &RelPath) -> Option<&Entry> {
+        self.records.get(path).and_then(|r| r.entry.as_ref())
+    }
+
+    /// The record at `path`, tombstones included.
+    pub fn record(&self, path: &RelPath) -> Option<&Record> {
+        self.records.get(path)
+    }
+
+    /// Live entries at and beneath `path`.
+    pub fn live_subtree(&self, path: &RelPath) -> Vec<(RelPath, Entry)> {
+        let (lo, hi) = (format!("{path}/"), format!("{path}0"));
+        let mut out: Vec<(RelPath, Entry)> = self
+            .entry(path)
+            .map(|e| (path.clone(), e.clone()))
+            .into_iter()
+            .collect();
+        out.extend(
+            self.records
+                .range::<str, _>((
+                    std::ops::Bound::Included(lo.as_str()),
+                    std::ops::Bound::Excluded(hi.as_str()),
+                ))
+                .filter_map(|(p, r)| r.entry.clone().map(|e| (p.clone(), e))),
+        );
+        out
+    }
+
+    /// Number of live entries.
+    pub fn live_count(&self) -> usize {
+        self.records.values().filter(|r| r.entry.is_some()).count()
+    }
+
+    /// Records `entry` at `path` if it differs from what the index has; returns the change.
+    pub fn set(&mut self, path: &RelPath, entry: Option<Entry>) -> Option<Change> {
+        self.set_moved(path, entry, None)
+    }
+
+    fn set_moved(
+        &mut self,
+        path: &RelPath,
+        entry: Option<Entry>,
+        moved_from: Option<RelPath>,
+    ) -> Option<Change> {
+        if self.entry(path) == entry.as_ref() {
+            return None;
+        }
+        if entry.is_none() && !self.records.contains_key(path) {
+            return None;
+        }
+        self.seq += 1;
+        self.records.insert(
+            path.clone(),
+            Record {
+                entry: entry.clone(),
+                seq: self.seq,
+                moved_from: moved_from.clone(),
+            },
+        );
+        Some(Change {
+            seq: self.seq,
+            path: path.clone(),
+            entry,
+            moved_from,
+        })
+    }
+
+    /// Records the rename of `from` (and everything beneath it) to `to`: new entries first,
+    /// parents before children, each naming where it came from; then tombstones, children
+    /// first. Clients applying the changes in order can rename instead of downloading.
+    pub fn rename(&mut self, from: &RelPath, to: &RelPath) -> Vec<Change> {
+        let moved = self.live_subtree(from);
+        let mut changes = Vec::new();
+        for (p, e) in &moved {
+            changes.extend(self.set_moved(&p.rebase(from, to), Some(e.clone()), Some(p.clone())));
+        }
+        for (p, _) in moved.iter().rev() {
+            changes.extend(self.set(p, None));
+        }
+        changes
+    }
+
+    /// Every change after `since`, in seq order (each path's current state once).
+    pub fn changes_since(&self, since: u64) -> Vec<Change> {
+        let mut out: Vec<Change> = self
+            .records
+            .iter()
+            .filter(|(_, r)| r.seq > since)
+            .map(|(p, r)| Change {
+                seq: r.seq,
+                path: p.clone(),
+                entry: r.entry.clone(),
+                moved_from: r.moved_from.clone(),
+            })
+            .collect();
+        out.sort_by_key(|c| c.seq);
+        out
+    }
+
+    /// Every live entry, parents before children: what a client with no usable state gets.
+    pub fn full_listing(&self) -> Vec<Change> {
+        let mut out: Vec<Change> = self
+            .records
+            .iter()
+            .filter_map(|(p, r)| {
+                r.entry.as_ref().map(|e| Change {
+                    seq: r.seq,
+                    path: p.clone(),
+                    entry: Some(e.clone()),
+                    moved_from: None,
+                })
+            })
+            .collect();
+        out.sort_by_key(|c| c.path.depth());
+        out
+    }
+
+    /// Paths of all live entries, for comparing with the disk.
+    pub fn live_paths(&self) -> impl Iterator<Item = &RelPath> {
+        self.records
+            .iter()
+            .filter(|(_, r)| r.entry.is_some())
+            .map(|(p, _)| p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::entry::Kind;
+
+    fn file(c: &str) -> Option<Entry> {
+        Some(Entry {
+            kind: Kind::File,
+            size: c.len() as u64,
+            mtime_ns: 1,
+            mode: 0o644,
+            hash: *blake3::hash(c.as_bytes()).as_bytes(),
+        })
+    }
+
+    fn p(s: &str) -> RelPath {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn seqs_tombstones_and_catch_up() {
+        let mut ix = Index::new(7);
+        assert_eq!(ix.set(&p("a"), file("1")).unwrap().seq, 1);
+        assert!(ix.set(&p("a"), file("1")).is_none(), "no change, no seq");
+        assert!(
+            ix.set(&p("never"), None).is_none(),
+            "deleting the unknown is no change"
+        );
+        ix.set(&p("b"), file("2"));
+        ix.set(&p("a"), None);
+        let since1: Vec<(String, bool)> = ix
+            .changes_since(1)
+            .into_iter()
+            .map(|c| (c.path.to_string(), c.entry.is_some()))
+            .collect();
+        assert_eq!(since1, [("b".into(), true), ("a".into(), false)]);
+        assert!(ix.changes_since(3).is_empty());
+        let full: Vec<String> = ix
+            .full_listing()
+            .into_iter()
+            .map(|c| c.path.to_string())
+            .collect();
+        assert_eq!(full, ["b"], "tombstones are not in a full listing");
+    }
+
+    #[test]
+    fn directory_rename_orders_puts_then_deletes() {
+        let mut ix = Index::new(1);
+        ix.set(&p("d"), Some(Entry::dir(0o755)));
+        ix.set(&p("d/x"), file("x"));
+        ix.set(&p("dz"), file("not beneath d"));
+        let ch = ix.rename(&p("d"), &p("e"));
+        let got: Vec<(String, bool, Option<String>)> = ch
+            .iter()
+            .map(|c| {
+                (
+                    c.path.to_string(),
+                    c.entry.is_some(),
+                    c.moved_from.as_ref().map(|m| m.to_string()),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("e".into(), true, Some("d".into())),
+                ("e/x".into(), true, Some("d/x".into())),
+                ("d/x".into(), false, None),
+                ("d".into(), false, None),
+            ]
+        );
+        assert!(ix.entry(&p("dz")).is_some());
+        assert_eq!(ix.changes_since(3).len(), 4);
+    }
+}

@@ -1,0 +1,68 @@
+//! A small stderr logger: one event a line, `TIME LEVEL AGENT: message`. Level from `-v`/`-q`,
+//! overridden by `FERRY_LOG` (error, warn, info, debug, trace).
+
+use std::io::Write;
+use std::sync::OnceLock;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use log::{Level, LevelFilter, Log, Metadata, Record};
+
+struct StderrLogger {
+    agent: String,
+}
+
+static LOGGER: OnceLock<StderrLogger> = OnceLock::new();
+
+/// Installs the logger for this process. `verbosity`: -1 quiet, 0 normal, 1+ verbose.
+pub fn init(agent: &str, verbosity: i8) {
+    let mut level = match verbosity {
+        i8::MIN..=-1 => LevelFilter::Warn,
+        0 => LevelFilter::Info,
+        1 => LevelFilter::Debug,
+        _ => LevelFilter::Trace,
+    };
+    if let Ok(v) = std::env::var("FERRY_LOG") {
+        if let Ok(l) = v.parse() {
+            level = l;
+        }
+    }
+    let logger = LOGGER.get_or_init(|| StderrLogger {
+        agent: agent.to_string(),
+    });
+    if log::set_logger(logger).is_ok() {
+        log::set_max_level(level);
+    }
+}
+
+impl Log for StderrLogger {
+    fn enabled(&self, m: &Metadata<'_>) -> bool {
+        // Only ferry's own events; dependencies' chatter stays out of the log unless tracing.
+        m.target().starts_with("ferry") || log::max_level() >= LevelFilter::Trace
+    }
+
+    fn log(&self, r: &Record<'_>) {
+        if !self.enabled(r.metadata()) {
+            return;
+        }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let (y, mo, d, h, mi, s) = crate::core::plan::civil_utc(now.as_secs() as i64);
+        let level = match r.level() {
+            Level::Error => "ERROR",
+            Level::Warn => "WARN ",
+            Level::Info => "INFO ",
+            Level::Debug => "DEBUG",
+            Level::Trace => "TRACE",
+        };
+        let line = format!(
+            "{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{:03}Z {level} {}: {}\n",
+            now.subsec_millis(),
+            self.agent,
+            r.args()
+        );
+        let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    }
+
+    fn flush(&self) {}
+}
