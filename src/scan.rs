@@ -8,7 +8,6 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, Metadata};
 use std::io;
-use std::ops::Bound;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -132,18 +131,7 @@ impl Tree {
 
     /// `path` and every cached path beneath it.
     fn subtree_keys(&self, path: &RelPath) -> Vec<RelPath> {
-        let mut keys = Vec::new();
-        if self.entries.contains_key(path) {
-            keys.push(path.clone());
-        }
-        // Children sort between "path/" and "path0" ('0' follows '/').
-        let (lo, hi) = (format!("{path}/"), format!("{path}0"));
-        keys.extend(
-            self.entries
-                .range::<str, _>((Bound::Included(lo.as_str()), Bound::Excluded(hi.as_str())))
-                .map(|(k, _)| k.clone()),
-        );
-        keys
+        crate::agent::keys_under(&self.entries, path)
     }
 
     /// Walks the whole tree; returns what changed since the cache.

@@ -17,12 +17,20 @@ const MAGIC: &[u8; 8] = b"ferry\x00\x00\x01";
 
 /// Writes `value` to `path` atomically and durably.
 pub fn save<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
-    let mut bytes = MAGIC.to_vec();
-    bytes = postcard::to_extend(value, bytes).map_err(io::Error::other)?;
+    write_atomic(path, &encode(value)?)
+}
+
+/// Encodes `value` as a snapshot (so the caller can write it off its own thread).
+pub fn encode<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
+    postcard::to_extend(value, MAGIC.to_vec()).map_err(io::Error::other)
+}
+
+/// Writes encoded snapshot bytes to `path` atomically and durably.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
     {
         let mut f = File::create(&tmp)?;
-        f.write_all(&bytes)?;
+        f.write_all(bytes)?;
         f.sync_all()?;
     }
     fs::rename(&tmp, path)?;

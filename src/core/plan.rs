@@ -137,6 +137,25 @@ mod tests {
         Some(Entry::dir(0o755))
     }
 
+    /// name, base, local, remote, expected decision
+    type Row = (
+        &'static str,
+        Option<Entry>,
+        Option<Entry>,
+        Option<Entry>,
+        Decision,
+    );
+
+    /// name, base at source, local at source, local at target, renamed entry, expected
+    type RenameRow<'a> = (
+        &'static str,
+        Option<&'a Entry>,
+        Option<&'a Entry>,
+        Option<&'a Entry>,
+        &'a Entry,
+        bool,
+    );
+
     #[test]
     fn decision_table() {
         let a = file("a", 1);
@@ -144,7 +163,7 @@ mod tests {
         let b = file("b", 2);
         let c = file("c", 3);
         #[rustfmt::skip]
-        let table: &[(&str, Option<Entry>, Option<Entry>, Option<Entry>, Decision)] = &[
+        let table: &[Row] = &[
             // name                              base        local             remote            decision
             ("nothing anywhere",                 None,       None,             None,             InSync),
             ("unchanged file",                   a.clone(),  a.clone(),        a.clone(),        InSync),
@@ -184,7 +203,7 @@ mod tests {
         let a = file("a", 1).unwrap();
         let b = file("b", 1).unwrap();
         #[rustfmt::skip]
-        let table: &[(&str, Option<&Entry>, Option<&Entry>, Option<&Entry>, &Entry, bool)] = &[
+        let table: &[RenameRow<'_>] = &[
             ("clean source, free target",   Some(&a), Some(&a), None,     &a, true),
             ("source edited locally",       Some(&a), Some(&b), None,     &a, false),
             ("source gone locally",         Some(&a), None,     None,     &a, false),

@@ -1,0 +1,146 @@
+//! What the server and client agents share: timeouts, keepalive timings, and turning a burst
+//! of watcher hints into one batch of scanned changes.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io;
+use std::ops::Bound;
+use std::time::{Duration, Instant};
+
+use smol::future::FutureExt;
+
+use crate::core::path::RelPath;
+use crate::core::renames::Changed;
+use crate::scan::Tree;
+use crate::watch::Hint;
+
+/// How often an idle connection sends a `Ping`.
+pub const KEEPALIVE: Duration = Duration::from_secs(15);
+
+/// A connection silent for this long is dead.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(45);
+
+/// Time allowed for the whole handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A burst of hints is gathered until it has been quiet this long...
+const QUIET: Duration = Duration::from_millis(5);
+
+/// ...or this long has passed since its first hint.
+const MAX_GATHER: Duration = Duration::from_millis(100);
+
+/// Runs `fut`, failing with `TimedOut` after `limit`.
+pub async fn timeout<T>(
+    limit: Duration,
+    fut: impl Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    fut.or(async {
+        smol::Timer::after(limit).await;
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer within {} s", limit.as_secs()),
+        ))
+    })
+    .await
+}
+
+/// Runs `fut`, failing with "`what` timed out" after `limit`.
+pub async fn within<T>(
+    limit: Duration,
+    what: &str,
+    fut: impl Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    fut.or(async {
+        smol::Timer::after(limit).await;
+        Err(anyhow::anyhow!(
+            "{what} timed out after {} s",
+            limit.as_secs()
+        ))
+    })
+    .await
+}
+
+/// `path` and every key beneath it in a map ordered by path.
+pub fn keys_under<V>(map: &BTreeMap<RelPath, V>, path: &RelPath) -> Vec<RelPath> {
+    // Children sort between "path/" and "path0" ('0' follows '/').
+    let (lo, hi) = (format!("{path}/"), format!("{path}0"));
+    let mut keys: Vec<RelPath> = map
+        .get_key_value(path)
+        .map(|(k, _)| k.clone())
+        .into_iter()
+        .collect();
+    keys.extend(
+        map.range::<str, _>((Bound::Included(lo.as_str()), Bound::Excluded(hi.as_str())))
+            .map(|(k, _)| k.clone()),
+    );
+    keys
+}
+
+/// Waits for the next hint, then gathers the rest of its burst. `None` when the watcher is gone.
+pub async fn gather_hints(rx: &async_channel::Receiver<Hint>) -> Option<Vec<Hint>> {
+    let first = rx.recv().await.ok()?;
+    let mut hints = vec![first];
+    let start = Instant::now();
+    loop {
+        while let Ok(h) = rx.try_recv() {
+            hints.push(h);
+        }
+        let left = MAX_GATHER.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            break;
+        }
+        let next = async { rx.recv().await.ok() }
+            .or(async {
+                smol::Timer::after(QUIET.min(left)).await;
+                None
+            })
+            .await;
+        match next {
+            Some(h) => hints.push(h),
+            None => break,
+        }
+    }
+    Some(hints)
+}
+
+/// Scans what `hints` point at; returns what changed on disk.
+pub fn scan_hints(tree: &mut Tree, hints: Vec<Hint>) -> Vec<Changed> {
+    if hints.contains(&Hint::Rescan) {
+        return tree.scan_all().unwrap_or_else(|e| {
+            log::error!("cannot scan {}: {e}", tree.root().display());
+            Vec::new()
+        });
+    }
+    let mut paths: Vec<std::path::PathBuf> = hints
+        .into_iter()
+        .filter_map(|h| match h {
+            Hint::Path(p) => Some(p),
+            Hint::Rescan => None,
+        })
+        .collect();
+    paths.sort();
+    paths.dedup();
+    let mut changes = Vec::new();
+    for p in paths {
+        changes.extend(tree.scan_path(&p));
+    }
+    changes
+}
+
+/// Orders paths for applying: creations and updates parents first, then deletions children
+/// first (`is_delete` tells which a path is).
+pub fn apply_order(mut paths: Vec<RelPath>, is_delete: impl Fn(&RelPath) -> bool) -> Vec<RelPath> {
+    paths.sort();
+    paths.dedup();
+    let (mut dels, mut puts): (Vec<RelPath>, Vec<RelPath>) =
+        paths.into_iter().partition(|p| is_delete(p));
+    puts.sort_by(|a, b| a.depth().cmp(&b.depth()).then_with(|| a.cmp(b)));
+    dels.sort_by(|a, b| b.depth().cmp(&a.depth()).then_with(|| a.cmp(b)));
+    puts.extend(dels);
+    puts
+}
+
+/// Lower-case hex of some bytes.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

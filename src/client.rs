@@ -1,0 +1,816 @@
+//! The client agent: keeps a replica of the server's tree. It remembers, per path, the last
+//! state it agreed on with the server (the *base*); every path that changed on either side is
+//! decided by `core::plan` from (base, local, remote), then carried out here.
+//!
+//! Because applying a remote change records the new base and the new local state together, the
+//! watcher event that applying causes finds nothing changed: echoes cannot happen.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context};
+use async_channel::{Receiver, Sender};
+use serde::{Deserialize, Serialize};
+use smol::future::FutureExt;
+use smol::Async;
+
+use crate::agent::{self, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, KEEPALIVE};
+use crate::core::entry::{Entry, Kind};
+use crate::core::path::RelPath;
+use crate::core::plan::{conflict_name, plan, rename_locally, Decision};
+use crate::core::renames::{detect_renames, Changed, Seen};
+use crate::data::{DataConn, DownloadError};
+use crate::fsops;
+use crate::proto::auth::{random, Secret};
+use crate::proto::codec::{read_frame, write_frame, MAX_FRAME, MAX_HANDSHAKE_FRAME};
+use crate::proto::msg::{Change, ClientMsg, Op, Outcome, ServerMsg, PROTOCOL_VERSION};
+use crate::scan::Tree;
+use crate::store;
+use crate::watch::{Hint, WatchConfig, Watcher};
+
+/// Everything the client needs to run.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `HOST:PORT` of the server's control channel.
+    pub server: String,
+    /// The replica.
+    pub root: PathBuf,
+    /// Shared secret.
+    pub secret: Secret,
+    /// This client's name (logs, conflict copies).
+    pub name: String,
+    /// Watcher settings.
+    pub watch: WatchConfig,
+}
+
+/// What the client persists.
+#[derive(Default, Serialize, Deserialize)]
+struct Saved {
+    epoch: u64,
+    last_seq: u64,
+    base: BTreeMap<RelPath, Entry>,
+    local: BTreeMap<RelPath, Seen>,
+}
+
+#[derive(Serialize)]
+struct SavedRef<'a> {
+    epoch: u64,
+    last_seq: u64,
+    base: &'a BTreeMap<RelPath, Entry>,
+    local: &'a BTreeMap<RelPath, Seen>,
+}
+
+/// An error that retrying cannot fix (wrong secret, incompatible server): the client stops.
+#[derive(Debug)]
+struct Fatal(String);
+
+impl std::fmt::Display for Fatal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Fatal {}
+
+const SAVE_DELAY: Duration = Duration::from_millis(500);
+const MIN_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+struct Client {
+    cfg: ClientConfig,
+    tree: Tree,
+    base: BTreeMap<RelPath, Entry>,
+    epoch: u64,
+    last_seq: u64,
+    /// Paths whose local state may differ from the base, not yet handled.
+    dirty: BTreeSet<RelPath>,
+    /// Local renames seen by scans, not yet sent.
+    renames: Vec<(RelPath, RelPath)>,
+    /// Batches of watcher hints.
+    hints: Receiver<Vec<Hint>>,
+    unsaved: bool,
+}
+
+/// One connection to the server.
+struct Session {
+    tx: Sender<ClientMsg>,
+    inbox: Receiver<ServerMsg>,
+    /// Messages that arrived while we waited for a commit result.
+    deferred: VecDeque<ServerMsg>,
+    data: DataConn,
+    next_id: u64,
+    caught_up: bool,
+    /// Paths a full listing named (to tell "unknown to the server" from "listed").
+    listed: Option<HashSet<RelPath>>,
+}
+
+struct Welcome {
+    epoch: u64,
+    ftp_port: u16,
+    ftp_user: String,
+    ftp_pass: String,
+    session: String,
+}
+
+fn state_file(cfg: &ClientConfig) -> PathBuf {
+    fsops::state_dir(&cfg.root).join("client.state")
+}
+
+/// Runs the client until a fatal error.
+pub fn run(cfg: ClientConfig) -> anyhow::Result<()> {
+    smol::block_on(async {
+        let mut client = Client::start(cfg)?;
+        client.run().await
+    })
+}
+
+impl Client {
+    fn start(cfg: ClientConfig) -> anyhow::Result<Client> {
+        if !cfg.root.exists() {
+            std::fs::create_dir_all(&cfg.root)
+                .with_context(|| format!("cannot create {}", cfg.root.display()))?;
+            log::info!("created {}", cfg.root.display());
+        }
+        if !std::fs::metadata(&cfg.root)?.is_dir() {
+            bail!("{} is not a directory", cfg.root.display());
+        }
+        fsops::prepare_state_dir(&cfg.root).context("cannot prepare the state directory")?;
+        let saved: Saved = store::load(&state_file(&cfg))
+            .unwrap_or_else(|e| {
+                log::warn!("{e}; starting afresh (a full reconciliation that deletes nothing)");
+                None
+            })
+            .unwrap_or_default();
+        let (hint_tx, hint_rx) = async_channel::unbounded();
+        let watcher = Watcher::spawn(cfg.watch.clone(), hint_tx)
+            .with_context(|| format!("cannot watch {}", cfg.root.display()))?;
+        let (batch_tx, batch_rx) = async_channel::unbounded();
+        smol::spawn(async move {
+            let _watcher = watcher;
+            while let Some(hints) = agent::gather_hints(&hint_rx).await {
+                if batch_tx.send(hints).await.is_err() {
+                    break;
+                }
+            }
+        })
+        .detach();
+        let mut client = Client {
+            tree: Tree::new(cfg.root.clone(), saved.local),
+            cfg,
+            base: saved.base,
+            epoch: saved.epoch,
+            last_seq: saved.last_seq,
+            dirty: BTreeSet::new(),
+            renames: Vec::new(),
+            hints: batch_rx,
+            unsaved: false,
+        };
+        log::info!("scanning {}", client.cfg.root.display());
+        let changes = client.tree.scan_all()?;
+        client.note_local(changes);
+        Ok(client)
+    }
+
+    async fn run(&mut self) -> anyhow::Result<()> {
+        let mut backoff = MIN_BACKOFF;
+        loop {
+            let result = self.session(&mut backoff).await;
+            self.save();
+            match result {
+                Err(e) if e.downcast_ref::<Fatal>().is_some() => return Err(e),
+                Err(e) => log::warn!("{e:#}"),
+                Ok(()) => {}
+            }
+            // Jitter spreads reconnects of many clients after a server restart.
+            let jitter = 0.5 + f64::from(u32::from_le_bytes(random())) / f64::from(u32::MAX);
+            let wait = backoff.mul_f64(jitter);
+            log::info!("reconnecting in {} ms", wait.as_millis());
+            self.offline_for(wait).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// Keeps noting local changes while disconnected.
+    async fn offline_for(&mut self, wait: Duration) {
+        let deadline = smol::Timer::after(wait);
+        let hints = self.hints.clone();
+        let mut deadline = std::pin::pin!(deadline);
+        loop {
+            let next = async { hints.recv().await.ok() }
+                .or(async {
+                    deadline.as_mut().await;
+                    None
+                })
+                .await;
+            match next {
+                Some(h) => {
+                    let changes = agent::scan_hints(&mut self.tree, h);
+                    self.note_local(changes);
+                }
+                None => return,
+            }
+        }
+    }
+
+    /// Remembers scanned local changes for the next sync.
+    fn note_local(&mut self, changes: Vec<Changed>) {
+        self.renames.extend(detect_renames(&changes));
+        self.dirty.extend(changes.into_iter().map(|c| c.path));
+        self.unsaved = true;
+    }
+
+    fn save(&mut self) {
+        let saved = SavedRef {
+            epoch: self.epoch,
+            last_seq: self.last_seq,
+            base: &self.base,
+            local: self.tree.entries(),
+        };
+        match store::save(&state_file(&self.cfg), &saved) {
+            Ok(()) => self.unsaved = false,
+            Err(e) => log::error!("cannot save state: {e}"),
+        }
+    }
+
+    async fn connect(&self) -> anyhow::Result<(Async<TcpStream>, SocketAddr)> {
+        let server = self.cfg.server.clone();
+        let addrs: Vec<SocketAddr> = smol::unblock(move || server.to_socket_addrs())
+            .await
+            .with_context(|| format!("cannot resolve server address {}", self.cfg.server))?
+            .collect();
+        let mut last = anyhow!("{} resolved to no address", self.cfg.server);
+        for addr in addrs {
+            match agent::timeout(HANDSHAKE_TIMEOUT, Async::<TcpStream>::connect(addr)).await {
+                Ok(s) => {
+                    let _ = s.get_ref().set_nodelay(true);
+                    return Ok((s, addr));
+                }
+                Err(e) => last = anyhow!("cannot connect to {addr}: {e}"),
+            }
+        }
+        Err(last)
+    }
+
+    async fn handshake(&self, stream: &Async<TcpStream>) -> anyhow::Result<Welcome> {
+        let mut s = stream;
+        let cnonce = random::<32>();
+        let secret = &self.cfg.secret;
+        write_frame(
+            &mut s,
+            &ClientMsg::Hello {
+                version: PROTOCOL_VERSION,
+                name: self.cfg.name.clone(),
+                nonce: cnonce,
+            },
+        )
+        .await?;
+        let snonce = match read_frame(&mut s, MAX_HANDSHAKE_FRAME).await? {
+            ServerMsg::Challenge { nonce, .. } => nonce,
+            ServerMsg::Refused { reason } => {
+                bail!(Fatal(format!("the server refused us: {reason}")))
+            }
+            other => bail!("unexpected {other:?} instead of Challenge"),
+        };
+        let proof = secret.client_proof(&snonce, &cnonce, &self.cfg.name);
+        write_frame(&mut s, &ClientMsg::Auth { proof }).await?;
+        match read_frame(&mut s, MAX_HANDSHAKE_FRAME).await? {
+            ServerMsg::Welcome {
+                proof,
+                epoch,
+                ftp_port,
+                ftp_user,
+                ftp_pass,
+                session,
+            } => {
+                if !secret.verify_server(&cnonce, &snonce, &proof) {
+                    bail!(Fatal(
+                        "the server could not prove it knows the secret: wrong server, or a different secret file".into()
+                    ));
+                }
+                Ok(Welcome {
+                    epoch,
+                    ftp_port,
+                    ftp_user,
+                    ftp_pass,
+                    session,
+                })
+            }
+            ServerMsg::Refused { reason } => bail!(Fatal(format!(
+                "the server refused us: {reason} (check --secret-file)"
+            ))),
+            other => bail!("unexpected {other:?} instead of Welcome"),
+        }
+    }
+
+    /// One connection's life: handshake, catch-up, then live sync until it breaks.
+    async fn session(&mut self, backoff: &mut Duration) -> anyhow::Result<()> {
+        let (stream, addr) = self.connect().await?;
+        let welcome =
+            agent::within(HANDSHAKE_TIMEOUT, "the handshake", self.handshake(&stream)).await?;
+        let data = DataConn::connect(
+            SocketAddr::new(addr.ip(), welcome.ftp_port),
+            &welcome.ftp_user,
+            &welcome.ftp_pass,
+            &welcome.session,
+        )
+        .await?;
+        log::info!("connected to {addr}");
+        *backoff = MIN_BACKOFF;
+        let full = welcome.epoch != self.epoch || self.last_seq == 0;
+        if welcome.epoch != self.epoch {
+            if self.epoch != 0 {
+                log::warn!("the server's index is new: reconciling in full (nothing is deleted for being absent)");
+            }
+            self.epoch = welcome.epoch;
+            self.last_seq = 0;
+            // A base agreed with another index proves nothing now.
+            self.base.clear();
+        }
+
+        let stream = Arc::new(stream);
+        let (tx, out_rx) = async_channel::unbounded::<ClientMsg>();
+        let (in_tx, inbox) = async_channel::unbounded::<ServerMsg>();
+        let _writer = {
+            let stream = stream.clone();
+            smol::spawn(async move {
+                let mut s = &*stream;
+                loop {
+                    let next = async { out_rx.recv().await.ok() }
+                        .or(async {
+                            smol::Timer::after(KEEPALIVE).await;
+                            Some(ClientMsg::Ping)
+                        })
+                        .await;
+                    let Some(msg) = next else { break };
+                    if write_frame(&mut s, &msg).await.is_err() {
+                        break;
+                    }
+                }
+            })
+        };
+        let _reader = {
+            let stream = stream.clone();
+            smol::spawn(async move {
+                let mut s = &*stream;
+                loop {
+                    match agent::timeout(
+                        IDLE_TIMEOUT,
+                        read_frame::<_, ServerMsg>(&mut s, MAX_FRAME),
+                    )
+                    .await
+                    {
+                        Ok(m) => {
+                            if in_tx.send(m).await.is_err() {
+                                break;
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                            log::warn!("the server closed the connection");
+                            break;
+                        }
+                        Err(e) => {
+                            log::warn!("control channel: {e}");
+                            break;
+                        }
+                    }
+                }
+            })
+        };
+        let mut s = Session {
+            tx,
+            inbox,
+            deferred: VecDeque::new(),
+            data,
+            next_id: 0,
+            caught_up: false,
+            listed: full.then(HashSet::new),
+        };
+        s.send(ClientMsg::Subscribe {
+            epoch: self.epoch,
+            since: self.last_seq,
+        })
+        .await?;
+        let result = self.live(&mut s).await;
+        let _ = stream.get_ref().shutdown(Shutdown::Both);
+        s.data.quit().await;
+        result
+    }
+
+    async fn live(&mut self, s: &mut Session) -> anyhow::Result<()> {
+        enum Wake {
+            Msg(Option<ServerMsg>),
+            Hints(Option<Vec<Hint>>),
+            Save,
+        }
+        loop {
+            let hints = self.hints.clone();
+            let unsaved = self.unsaved;
+            let wake = if let Some(m) = s.deferred.pop_front() {
+                Wake::Msg(Some(m))
+            } else {
+                async { Wake::Msg(s.inbox.recv().await.ok()) }
+                    .or(async { Wake::Hints(hints.recv().await.ok()) })
+                    .or(async {
+                        if unsaved {
+                            smol::Timer::after(SAVE_DELAY).await;
+                            Wake::Save
+                        } else {
+                            std::future::pending().await
+                        }
+                    })
+                    .await
+            };
+            match wake {
+                Wake::Msg(None) => bail!("lost the connection to the server"),
+                Wake::Msg(Some(m)) => self.on_message(s, m).await?,
+                Wake::Hints(None) => bail!(Fatal("the watcher stopped".into())),
+                Wake::Hints(Some(h)) => {
+                    let changes = agent::scan_hints(&mut self.tree, h);
+                    self.note_local(changes);
+                    if s.caught_up {
+                        self.sync_local(s).await?;
+                    }
+                }
+                Wake::Save => self.save(),
+            }
+        }
+    }
+
+    async fn on_message(&mut self, s: &mut Session, msg: ServerMsg) -> anyhow::Result<()> {
+        match msg {
+            ServerMsg::Changes(changes) => {
+                for c in changes {
+                    self.on_change(s, c).await?;
+                }
+                if s.caught_up {
+                    self.sync_local(s).await?;
+                }
+            }
+            ServerMsg::CaughtUp { seq, full } => {
+                if let Some(listed) = s.listed.take() {
+                    // Known here, never listed by the server: unknown there, not deleted.
+                    self.base.retain(|p, _| listed.contains(p));
+                }
+                self.last_seq = self.last_seq.max(seq);
+                s.caught_up = true;
+                log::info!(
+                    "caught up with the server at seq {seq}{}",
+                    if full { " (full reconciliation)" } else { "" }
+                );
+                // Everything that differs from the base was changed here while away.
+                let tree = &self.tree;
+                let differing: Vec<RelPath> = tree
+                    .entries()
+                    .iter()
+                    .filter(|(p, s)| self.base.get(*p) != Some(&s.entry))
+                    .map(|(p, _)| p.clone())
+                    .chain(self.base.keys().filter(|p| tree.get(p).is_none()).cloned())
+                    .collect();
+                self.dirty.extend(differing);
+                self.sync_local(s).await?;
+                self.save();
+            }
+            ServerMsg::CommitResult { id, .. } => log::debug!("late result of commit {id}"),
+            ServerMsg::Ping => {}
+            other => bail!("protocol error: unexpected {other:?}"),
+        }
+        Ok(())
+    }
+
+    async fn on_change(&mut self, s: &mut Session, c: Change) -> anyhow::Result<()> {
+        if let Some(listed) = &mut s.listed {
+            listed.insert(c.path.clone());
+        }
+        self.resolve(s, &c.path, c.entry, c.moved_from.as_ref(), 0)
+            .await?;
+        self.last_seq = self.last_seq.max(c.seq);
+        self.unsaved = true;
+        Ok(())
+    }
+
+    /// Sends what changed here: renames first, then every dirty path (parents before
+    /// children, deletes children first).
+    async fn sync_local(&mut self, s: &mut Session) -> anyhow::Result<()> {
+        for (from, to) in std::mem::take(&mut self.renames) {
+            let Some(base_from) = self.base.get(&from).cloned() else {
+                continue;
+            };
+            if self.base.contains_key(&to)
+                || self.tree.get(&to).is_none()
+                || self.tree.get(&from).is_some()
+            {
+                continue;
+            }
+            let op = Op::Rename { to: to.clone() };
+            if let Outcome::Done { .. } = s.commit(&from, op, Some(base_from)).await? {
+                for p in agent::keys_under(&self.base, &from) {
+                    if let Some(e) = self.base.remove(&p) {
+                        self.base.insert(p.rebase(&from, &to), e);
+                    }
+                }
+                log::info!("sent rename {from} -> {to}");
+            }
+        }
+        let dirty = std::mem::take(&mut self.dirty);
+        let tree = &self.tree;
+        let ordered = agent::apply_order(dirty.into_iter().collect(), |p| tree.get(p).is_none());
+        for path in ordered {
+            let remote = self.base.get(&path).cloned();
+            self.resolve(s, &path, remote, None, 0).await?;
+        }
+        Ok(())
+    }
+
+    /// Decides and carries out what to do with `path`, given what the server has (`remote`).
+    /// Errors are transport failures (the session ends); a local problem with one path is
+    /// logged and sync goes on.
+    async fn resolve(
+        &mut self,
+        s: &mut Session,
+        path: &RelPath,
+        remote: Option<Entry>,
+        moved_from: Option<&RelPath>,
+        depth: u8,
+    ) -> anyhow::Result<()> {
+        let (local, beneath) = self.tree.refresh(path);
+        self.note_beneath(path, beneath);
+        let local = local.map(|s| s.entry);
+        if let (Some(from), Some(r)) = (moved_from, &remote) {
+            let (local_from, beneath) = self.tree.refresh(from);
+            self.note_beneath(from, beneath);
+            let base_from = self.base.get(from);
+            if rename_locally(
+                base_from,
+                local_from.as_ref().map(|s| &s.entry),
+                local.as_ref(),
+                r,
+            ) {
+                match fsops::rename_noreplace(&self.cfg.root, from, path) {
+                    Ok(created) => {
+                        self.note_created(created);
+                        self.tree.rename_subtree(from, path);
+                        self.base.remove(from);
+                        self.base.insert(path.clone(), r.clone());
+                        log::info!("applied rename {from} -> {path}");
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        log::debug!("local rename {from} -> {path} failed ({e}); fetching instead")
+                    }
+                }
+            }
+        }
+        let base = self.base.get(path).cloned();
+        match plan(base.as_ref(), local.as_ref(), remote.as_ref()) {
+            Decision::InSync => {}
+            Decision::RecordBase => self.set_base(path, remote),
+            Decision::AdoptRemoteMeta => {
+                let r = remote.expect("AdoptRemoteMeta has a remote entry");
+                match fsops::set_meta(&self.cfg.root, path, &r) {
+                    Ok(seen) => {
+                        self.tree.set(path, Some(seen));
+                        self.base.insert(path.clone(), r);
+                        log::info!("applied metadata of {path}");
+                    }
+                    Err(e) => log::error!("cannot set metadata of {path}: {e}"),
+                }
+            }
+            Decision::TakeRemote => self.take_remote(s, path, remote).await?,
+            Decision::SendLocal => {
+                let outcome = self.send_local(s, path, local, remote).await?;
+                if let Some(current) = outcome {
+                    if depth < 2 {
+                        // The server moved on meanwhile: decide again against what it has.
+                        Box::pin(self.resolve(s, path, current, None, depth + 1)).await?;
+                    } else {
+                        self.dirty.insert(path.clone());
+                    }
+                }
+            }
+            Decision::Conflict => {
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64);
+                let copy = conflict_name(path, now, &self.cfg.name);
+                match fsops::rename_noreplace(&self.cfg.root, path, &copy) {
+                    Ok(_) => {
+                        self.tree.rename_subtree(path, &copy);
+                        self.dirty.insert(copy.clone());
+                        for (p, _) in self
+                            .tree
+                            .entries()
+                            .iter()
+                            .filter(|(p, _)| p.starts_with(&copy))
+                        {
+                            self.dirty.insert(p.clone());
+                        }
+                        log::warn!("conflict on {path}: the server's version keeps the name; this replica's is kept as {copy}");
+                        self.take_remote(s, path, remote).await?;
+                    }
+                    Err(e) => log::error!(
+                        "conflict on {path}: cannot keep the local version as {copy}: {e}"
+                    ),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn set_base(&mut self, path: &RelPath, entry: Option<Entry>) {
+        match entry {
+            Some(e) => {
+                self.base.insert(path.clone(), e);
+            }
+            None => {
+                self.base.remove(path);
+            }
+        }
+        self.unsaved = true;
+    }
+
+    /// Changes a refresh found beneath a path (a directory replaced by a file) are local
+    /// changes to send.
+    fn note_beneath(&mut self, path: &RelPath, changes: Vec<Changed>) {
+        for c in changes {
+            if &c.path != path {
+                self.dirty.insert(c.path);
+            }
+        }
+    }
+
+    /// Parent directories we had to create are new here; they go to the server like any
+    /// local change (usually they exist there, and the commit is a no-op).
+    fn note_created(&mut self, created: Vec<(RelPath, Seen)>) {
+        for (p, seen) in created {
+            self.tree.set(&p, Some(seen));
+            self.dirty.insert(p);
+        }
+    }
+
+    /// Makes the local path what the server has.
+    async fn take_remote(
+        &mut self,
+        s: &mut Session,
+        path: &RelPath,
+        remote: Option<Entry>,
+    ) -> anyhow::Result<()> {
+        let root = self.cfg.root.clone();
+        match remote {
+            None => match fsops::remove(&root, path) {
+                Ok(fsops::Removed::Gone) => {
+                    self.tree.set(path, None);
+                    self.set_base(path, None);
+                    log::info!("applied delete {path}");
+                }
+                Ok(fsops::Removed::NotEmpty) => {
+                    // Something new was made inside here: keep the directory (and send it).
+                    self.set_base(path, None);
+                    self.dirty.insert(path.clone());
+                    log::info!("kept {path}: it holds new entries");
+                }
+                Err(e) => log::error!("cannot delete {path}: {e}"),
+            },
+            Some(e) if e.kind == Kind::Dir => match fsops::make_dir(&root, path, e.mode) {
+                Ok((seen, created)) => {
+                    self.note_created(created);
+                    self.tree.set(path, Some(seen));
+                    self.set_base(path, Some(e));
+                    log::info!("applied mkdir {path}");
+                }
+                Err(err) => log::error!("cannot create directory {path}: {err}"),
+            },
+            Some(e) => {
+                let tmp = fsops::tmp_path(&root);
+                let downloaded = match s.data.download(path, &e, tmp).await {
+                    Ok(d) => d,
+                    Err(DownloadError::Changed(why)) => {
+                        // A newer change for this path is on its way.
+                        log::debug!("{why}");
+                        return Ok(());
+                    }
+                    Err(DownloadError::Local(err)) => {
+                        log::error!("cannot download {path}: {err:#}");
+                        return Ok(());
+                    }
+                    Err(DownloadError::Transport(err)) => return Err(err),
+                };
+                let rel = path.clone();
+                let entry = e.clone();
+                let installed = smol::unblock(move || {
+                    fsops::install_file(&root, downloaded.file, &downloaded.path, &rel, &entry)
+                        .inspect_err(|_| {
+                            let _ = std::fs::remove_file(&downloaded.path);
+                        })
+                })
+                .await;
+                match installed {
+                    Ok((seen, created)) => {
+                        self.note_created(created);
+                        self.tree.set(path, Some(seen));
+                        log::info!("applied {path} ({} bytes)", e.size);
+                        self.set_base(path, Some(e));
+                    }
+                    Err(err) => log::error!("cannot put {path} in place: {err}"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the local state of `path` to the server, whose current entry is `server_has`.
+    /// Returns the server's entry if it refused because it had moved on.
+    async fn send_local(
+        &mut self,
+        s: &mut Session,
+        path: &RelPath,
+        local: Option<Entry>,
+        server_has: Option<Entry>,
+    ) -> anyhow::Result<Option<Option<Entry>>> {
+        let (op, what) = match &local {
+            Some(e) if e.kind == Kind::File => {
+                if server_has.as_ref().is_some_and(|r| r.same_content(e)) {
+                    (
+                        Op::Put {
+                            staged: None,
+                            entry: e.clone(),
+                        },
+                        "metadata".to_string(),
+                    )
+                } else {
+                    s.next_id += 1;
+                    let name = format!("u{}", s.next_id);
+                    let src = self.tree.abs(path);
+                    let file = match std::fs::File::open(&src) {
+                        Ok(f) => f,
+                        Err(err) => {
+                            log::debug!("{path} vanished before upload: {err}");
+                            self.dirty.insert(path.clone());
+                            return Ok(None);
+                        }
+                    };
+                    s.data.upload(file, &name).await?;
+                    (
+                        Op::Put {
+                            staged: Some(name),
+                            entry: e.clone(),
+                        },
+                        format!("{} bytes", e.size),
+                    )
+                }
+            }
+            Some(e) => (Op::Mkdir { mode: e.mode }, "mkdir".to_string()),
+            None => (Op::Delete, "delete".to_string()),
+        };
+        match s.commit(path, op, server_has).await? {
+            Outcome::Done { .. } => {
+                self.set_base(path, local);
+                log::info!("sent {path} ({what})");
+                Ok(None)
+            }
+            Outcome::Conflict { current } => Ok(Some(current)),
+            Outcome::Failed { reason } => {
+                log::warn!("the server refused {path}: {reason}");
+                Ok(None)
+            }
+        }
+    }
+}
+
+impl Session {
+    async fn send(&self, msg: ClientMsg) -> anyhow::Result<()> {
+        self.tx
+            .send(msg)
+            .await
+            .map_err(|_| anyhow!("lost the connection to the server"))
+    }
+
+    /// Sends a commit and waits for its result, keeping other messages for later.
+    async fn commit(
+        &mut self,
+        path: &RelPath,
+        op: Op,
+        base: Option<Entry>,
+    ) -> anyhow::Result<Outcome> {
+        self.next_id += 1;
+        let id = self.next_id;
+        self.send(ClientMsg::Commit {
+            id,
+            path: path.clone(),
+            op,
+            base,
+        })
+        .await?;
+        loop {
+            match self.inbox.recv().await {
+                Ok(ServerMsg::CommitResult { id: got, outcome }) if got == id => {
+                    return Ok(outcome)
+                }
+                Ok(other) => self.deferred.push_back(other),
+                Err(_) => bail!("lost the connection to the server while committing {path}"),
+            }
+        }
+    }
+}

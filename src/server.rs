@@ -1,0 +1,791 @@
+//! The server agent: owns the authoritative tree and index, accepts commits from clients,
+//! notices changes other programs make in its tree, and broadcasts every accepted change.
+//!
+//! One actor task owns all state (index, tree cache, client table) and handles one `Event` at
+//! a time, so a commit's check of the base and its rename into place can never interleave with
+//! another change to the same path. Connection tasks only speak the protocol.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use async_channel::{Receiver, Sender};
+use serde::{Deserialize, Serialize};
+use smol::future::FutureExt;
+use smol::Async;
+
+use crate::agent::{self, hex, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, KEEPALIVE};
+use crate::core::entry::{Entry, Kind};
+use crate::core::index::Index;
+use crate::core::path::RelPath;
+use crate::core::renames::{detect_renames, Changed, Seen};
+use crate::fsops;
+use crate::ftpd::{self, FtpCredentials};
+use crate::proto::auth::{random, Secret};
+use crate::proto::codec::{read_frame, write_frame, MAX_FRAME, MAX_HANDSHAKE_FRAME};
+use crate::proto::msg::{Change, ClientMsg, Op, Outcome, ServerMsg, PROTOCOL_VERSION};
+use crate::scan::Tree;
+use crate::store;
+use crate::watch::{Hint, WatchConfig, Watcher};
+
+/// Everything the server needs to run.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The tree it owns.
+    pub root: PathBuf,
+    /// Control channel address.
+    pub listen: SocketAddr,
+    /// Embedded FTP server address.
+    pub ftp_listen: SocketAddr,
+    /// Shared secret.
+    pub secret: Secret,
+    /// Watcher settings.
+    pub watch: WatchConfig,
+    /// Written with the bound addresses once the server accepts connections.
+    pub ready_file: Option<PathBuf>,
+}
+
+/// Seqs are reserved in steps of this many, durably, before any is handed out: after a crash
+/// the server resumes above the reservation, so no seq is ever given to two changes.
+const SEQ_RESERVATION: u64 = 1000;
+
+/// A client whose outgoing queue grows past this many frames is too slow and is dropped (it
+/// reconnects and catches up from its last seq).
+const MAX_QUEUED_FRAMES: usize = 10_000;
+
+/// Changes per `Changes` frame.
+const BATCH: usize = 512;
+
+/// How long after a change the index snapshot is written.
+const SAVE_DELAY: Duration = Duration::from_millis(500);
+
+/// What the server persists.
+#[derive(Serialize, Deserialize)]
+struct Saved {
+    index: Index,
+    local: BTreeMap<RelPath, Seen>,
+}
+
+/// Borrowed form of `Saved`, to encode without cloning.
+#[derive(Serialize)]
+struct SavedRef<'a> {
+    index: &'a Index,
+    local: &'a BTreeMap<RelPath, Seen>,
+}
+
+enum Event {
+    Connected {
+        id: u64,
+        name: String,
+        session: String,
+        tx: Sender<ServerMsg>,
+        stream: Arc<Async<TcpStream>>,
+    },
+    Msg {
+        id: u64,
+        msg: ClientMsg,
+    },
+    Gone {
+        id: u64,
+    },
+    Hints(Vec<Hint>),
+    Save,
+}
+
+struct ClientHandle {
+    name: String,
+    session: String,
+    tx: Sender<ServerMsg>,
+    stream: Arc<Async<TcpStream>>,
+    subscribed: bool,
+}
+
+/// What connection tasks share.
+struct Shared {
+    secret: Secret,
+    epoch: u64,
+    ftp_port: u16,
+    creds: FtpCredentials,
+}
+
+struct Server {
+    root: PathBuf,
+    index: Index,
+    tree: Tree,
+    clients: HashMap<u64, ClientHandle>,
+    events: Sender<Event>,
+    /// Seqs up to this are durably reserved.
+    reserved: u64,
+    save_pending: bool,
+}
+
+fn state_file(root: &Path) -> PathBuf {
+    fsops::state_dir(root).join("server.state")
+}
+
+fn seq_file(root: &Path) -> PathBuf {
+    fsops::state_dir(root).join("server.seq")
+}
+
+fn staging_dir(root: &Path) -> PathBuf {
+    fsops::state_dir(root).join("staging")
+}
+
+/// Runs the server until it fails.
+pub fn run(cfg: ServerConfig) -> anyhow::Result<()> {
+    smol::block_on(serve(cfg))
+}
+
+async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
+    let root = cfg.root.clone();
+    let meta = std::fs::metadata(&root)
+        .with_context(|| format!("server root {} is not accessible", root.display()))?;
+    if !meta.is_dir() {
+        bail!("server root {} is not a directory", root.display());
+    }
+    fsops::prepare_state_dir(&root).context("cannot prepare the state directory")?;
+    let _ = std::fs::remove_dir_all(staging_dir(&root));
+    std::fs::create_dir_all(staging_dir(&root))?;
+
+    let saved: Option<Saved> = store::load(&state_file(&root)).unwrap_or_else(|e| {
+        log::warn!("{e}; starting a new index (clients will reconcile in full, deleting nothing)");
+        None
+    });
+    let (mut index, local) = match saved {
+        Some(s) => (s.index, s.local),
+        None => {
+            let epoch = u64::from_le_bytes(random()) | 1;
+            log::info!("new index, epoch {epoch:016x}");
+            (Index::new(epoch), BTreeMap::new())
+        }
+    };
+    let reserved: u64 = store::load(&seq_file(&root))?.unwrap_or(0);
+    index.seq = index.seq.max(reserved);
+
+    let (hint_tx, hint_rx) = async_channel::unbounded();
+    let _watcher = Watcher::spawn(cfg.watch.clone(), hint_tx)
+        .with_context(|| format!("cannot watch {}", root.display()))?;
+
+    let (events_tx, events_rx) = async_channel::unbounded();
+    let mut server = Server {
+        root: root.clone(),
+        index,
+        tree: Tree::new(root.clone(), local),
+        clients: HashMap::new(),
+        events: events_tx.clone(),
+        reserved,
+        save_pending: false,
+    };
+    log::info!("scanning {}", root.display());
+    server.startup_scan()?;
+
+    let creds = FtpCredentials::new();
+    let ftp = ftpd::start(root.clone(), cfg.ftp_listen, creds.clone())?;
+    let listener = Async::<TcpListener>::bind(cfg.listen).with_context(|| {
+        format!(
+            "cannot listen on {} (in use? try another --listen)",
+            cfg.listen
+        )
+    })?;
+    let control = listener.get_ref().local_addr()?;
+    log::info!(
+        "serving {} on control {control}, FTP {}, watcher {}, {} entries, epoch {:016x}",
+        root.display(),
+        ftp.addr,
+        cfg.watch.backend.name(),
+        server.index.live_count(),
+        server.index.epoch
+    );
+    if let Some(ready) = &cfg.ready_file {
+        let text = format!("control={control}\nftp={}\n", ftp.addr);
+        store::write_atomic(ready, text.as_bytes())
+            .with_context(|| format!("cannot write ready file {}", ready.display()))?;
+    }
+
+    let shared = Arc::new(Shared {
+        secret: cfg.secret.clone(),
+        epoch: server.index.epoch,
+        ftp_port: ftp.addr.port(),
+        creds,
+    });
+    smol::spawn(accept_loop(listener, shared, events_tx.clone())).detach();
+    smol::spawn(forward_hints(hint_rx, events_tx)).detach();
+    while let Ok(ev) = events_rx.recv().await {
+        server.handle(ev).await;
+    }
+    Ok(())
+}
+
+async fn forward_hints(rx: Receiver<Hint>, events: Sender<Event>) {
+    while let Some(hints) = agent::gather_hints(&rx).await {
+        if events.send(Event::Hints(hints)).await.is_err() {
+            break;
+        }
+    }
+    log::error!("the watcher stopped; changes made directly in the tree are no longer seen");
+}
+
+async fn accept_loop(listener: Async<TcpListener>, shared: Arc<Shared>, events: Sender<Event>) {
+    let mut next_id = 0u64;
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                next_id += 1;
+                let _ = stream.get_ref().set_nodelay(true);
+                smol::spawn(connection(
+                    stream,
+                    peer,
+                    next_id,
+                    shared.clone(),
+                    events.clone(),
+                ))
+                .detach();
+            }
+            Err(e) => {
+                log::warn!("accept failed: {e}");
+                smol::Timer::after(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Reads the handshake; returns the client's name, session and FTP user.
+async fn handshake(
+    stream: &Async<TcpStream>,
+    shared: &Shared,
+    id: u64,
+) -> anyhow::Result<(String, String, String)> {
+    let mut s = stream;
+    let ClientMsg::Hello {
+        version,
+        name,
+        nonce: cnonce,
+    } = read_frame(&mut s, MAX_HANDSHAKE_FRAME).await?
+    else {
+        bail!("expected Hello as the first frame");
+    };
+    let refuse = |reason: String| ServerMsg::Refused { reason };
+    if version != PROTOCOL_VERSION {
+        let why = format!("protocol version {version}; this server speaks {PROTOCOL_VERSION}");
+        write_frame(&mut s, &refuse(why.clone())).await?;
+        bail!(why);
+    }
+    if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_control()) {
+        write_frame(&mut s, &refuse("bad client name".into())).await?;
+        bail!("bad client name {name:?}");
+    }
+    let snonce = random::<32>();
+    write_frame(
+        &mut s,
+        &ServerMsg::Challenge {
+            version: PROTOCOL_VERSION,
+            nonce: snonce,
+        },
+    )
+    .await?;
+    let ClientMsg::Auth { proof } = read_frame(&mut s, MAX_HANDSHAKE_FRAME).await? else {
+        bail!("expected Auth after Challenge");
+    };
+    if !shared.secret.verify_client(&snonce, &cnonce, &name, &proof) {
+        write_frame(
+            &mut s,
+            &refuse("authentication failed: wrong secret".into()),
+        )
+        .await?;
+        bail!("client {name:?} failed authentication (wrong secret)");
+    }
+    let session = format!("{id}-{}", hex(&random::<6>()));
+    let user = format!("ferry-{session}");
+    let pass = hex(&random::<16>());
+    shared.creds.insert(&user, &pass, &session);
+    write_frame(
+        &mut s,
+        &ServerMsg::Welcome {
+            proof: shared.secret.server_proof(&cnonce, &snonce),
+            epoch: shared.epoch,
+            ftp_port: shared.ftp_port,
+            ftp_user: user.clone(),
+            ftp_pass: pass,
+            session: session.clone(),
+        },
+    )
+    .await?;
+    Ok((name, session, user))
+}
+
+async fn connection(
+    stream: Async<TcpStream>,
+    peer: SocketAddr,
+    id: u64,
+    shared: Arc<Shared>,
+    events: Sender<Event>,
+) {
+    let stream = Arc::new(stream);
+    let hs = handshake(&stream, &shared, id);
+    let (name, session, user) = match agent::within(HANDSHAKE_TIMEOUT, "the handshake", hs).await {
+        Ok(v) => v,
+        Err(e) => {
+            log::warn!("{peer}: refused: {e}");
+            return;
+        }
+    };
+    log::info!("{name} connected from {peer}");
+    let (tx, rx) = async_channel::unbounded();
+    let _ = events
+        .send(Event::Connected {
+            id,
+            name: name.clone(),
+            session,
+            tx,
+            stream: stream.clone(),
+        })
+        .await;
+    let writer = {
+        let stream = stream.clone();
+        smol::spawn(async move {
+            let mut s = &*stream;
+            loop {
+                let next = async { rx.recv().await.ok() }
+                    .or(async {
+                        smol::Timer::after(KEEPALIVE).await;
+                        Some(ServerMsg::Ping)
+                    })
+                    .await;
+                let Some(msg) = next else { break };
+                if write_frame(&mut s, &msg).await.is_err() {
+                    break;
+                }
+            }
+            let _ = stream.get_ref().shutdown(Shutdown::Both);
+        })
+    };
+    let mut s = &*stream;
+    loop {
+        match agent::timeout(IDLE_TIMEOUT, read_frame::<_, ClientMsg>(&mut s, MAX_FRAME)).await {
+            Ok(msg) => {
+                if events.send(Event::Msg { id, msg }).await.is_err() {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                log::info!("{name} disconnected");
+                break;
+            }
+            Err(e) => {
+                log::warn!("{name} ({peer}): {e}; closing the connection");
+                break;
+            }
+        }
+    }
+    shared.creds.remove(&user);
+    let _ = events.send(Event::Gone { id }).await;
+    let _ = stream.get_ref().shutdown(Shutdown::Both);
+    writer.await;
+}
+
+impl Server {
+    /// Brings the index up to date with the disk after a start: every difference is a change
+    /// made while the server was down.
+    fn startup_scan(&mut self) -> anyhow::Result<()> {
+        let changes = self
+            .tree
+            .scan_all()
+            .with_context(|| format!("cannot scan {}", self.root.display()))?;
+        let mut out = self.ingest(changes);
+        // Entries the index has but the cache lost track of.
+        let missing: Vec<RelPath> = self
+            .index
+            .live_paths()
+            .filter(|p| self.tree.get(p).is_none())
+            .cloned()
+            .collect();
+        for p in agent::apply_order(missing, |_| true) {
+            out.extend(self.index.set(&p, None));
+        }
+        self.publish(out);
+        self.save_now();
+        Ok(())
+    }
+
+    async fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::Connected {
+                id,
+                name,
+                session,
+                tx,
+                stream,
+            } => {
+                self.clients.insert(
+                    id,
+                    ClientHandle {
+                        name,
+                        session,
+                        tx,
+                        stream,
+                        subscribed: false,
+                    },
+                );
+            }
+            Event::Gone { id } => {
+                if let Some(c) = self.clients.remove(&id) {
+                    let _ = std::fs::remove_dir_all(staging_dir(&self.root).join(&c.session));
+                }
+            }
+            Event::Msg { id, msg } => self.on_message(id, msg).await,
+            Event::Hints(hints) => {
+                let changes = agent::scan_hints(&mut self.tree, hints);
+                let out = self.ingest(changes);
+                self.publish(out);
+            }
+            Event::Save => {
+                self.save_pending = false;
+                self.save_now();
+            }
+        }
+    }
+
+    async fn on_message(&mut self, id: u64, msg: ClientMsg) {
+        match msg {
+            ClientMsg::Subscribe { epoch, since } => {
+                let (changes, full) = if epoch == self.index.epoch && since <= self.index.seq {
+                    (self.index.changes_since(since), false)
+                } else {
+                    (self.index.full_listing(), true)
+                };
+                let Some(c) = self.clients.get_mut(&id) else {
+                    return;
+                };
+                log::debug!(
+                    "{} subscribed after seq {since}: sending {} changes{}",
+                    c.name,
+                    changes.len(),
+                    if full { " (full listing)" } else { "" }
+                );
+                for chunk in changes.chunks(BATCH) {
+                    let _ = c.tx.try_send(ServerMsg::Changes(chunk.to_vec()));
+                }
+                let _ = c.tx.try_send(ServerMsg::CaughtUp {
+                    seq: self.index.seq,
+                    full,
+                });
+                c.subscribed = true;
+            }
+            ClientMsg::Commit {
+                id: cid,
+                path,
+                op,
+                base,
+            } => {
+                let Some(c) = self.clients.get(&id) else {
+                    return;
+                };
+                let (name, session) = (c.name.clone(), c.session.clone());
+                let (outcome, changes) = self.commit(&name, &session, &path, op, base).await;
+                if let Outcome::Failed { reason } = &outcome {
+                    log::warn!("{name}: commit of {path} failed: {reason}");
+                }
+                if let Some(c) = self.clients.get(&id) {
+                    let _ = c.tx.try_send(ServerMsg::CommitResult { id: cid, outcome });
+                }
+                self.publish(changes);
+            }
+            ClientMsg::Ping => {}
+            other => {
+                let name = self.clients.get(&id).map_or("?".into(), |c| c.name.clone());
+                log::warn!("{name}: unexpected {other:?} after the handshake; closing");
+                self.drop_client(id);
+            }
+        }
+    }
+
+    fn drop_client(&mut self, id: u64) {
+        if let Some(c) = self.clients.remove(&id) {
+            let _ = c.stream.get_ref().shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Turns scanned disk changes into index changes (renames recognised as such).
+    fn ingest(&mut self, changes: Vec<Changed>) -> Vec<Change> {
+        let mut out = Vec::new();
+        for (from, to) in detect_renames(&changes) {
+            if self.index.entry(&from).is_some() && self.index.entry(&to).is_none() {
+                out.extend(self.index.rename(&from, &to));
+            }
+        }
+        let paths: Vec<RelPath> = changes.into_iter().map(|c| c.path).collect();
+        let tree = &self.tree;
+        for p in agent::apply_order(paths, |p| tree.get(p).is_none()) {
+            let disk = self.tree.get(&p).map(|s| s.entry.clone());
+            out.extend(self.index.set(&p, disk));
+        }
+        out
+    }
+
+    /// Makes changes durable enough (seq reservation), logs them and broadcasts them.
+    fn publish(&mut self, changes: Vec<Change>) {
+        if changes.is_empty() {
+            return;
+        }
+        if self.index.seq > self.reserved {
+            self.reserved = self.index.seq + SEQ_RESERVATION;
+            if let Err(e) = store::save(&seq_file(&self.root), &self.reserved) {
+                log::error!(
+                    "cannot reserve seqs in {}: {e}",
+                    seq_file(&self.root).display()
+                );
+            }
+        }
+        for c in &changes {
+            let what = match (&c.entry, &c.moved_from) {
+                (None, _) => "delete".to_string(),
+                (Some(_), Some(from)) => format!("rename from {from}"),
+                (Some(e), None) if e.kind == Kind::Dir => "mkdir".to_string(),
+                (Some(e), None) => format!("{} bytes", e.size),
+            };
+            log::info!("committed {} ({what}) as seq {}", c.path, c.seq);
+        }
+        let mut slow = Vec::new();
+        for chunk in changes.chunks(BATCH) {
+            for (id, c) in &self.clients {
+                if c.subscribed {
+                    if c.tx.len() > MAX_QUEUED_FRAMES {
+                        slow.push(*id);
+                    } else {
+                        let _ = c.tx.try_send(ServerMsg::Changes(chunk.to_vec()));
+                    }
+                }
+            }
+        }
+        for id in slow {
+            log::warn!("a client is not keeping up; dropping it so it reconnects and catches up");
+            self.drop_client(id);
+        }
+        if !self.save_pending {
+            self.save_pending = true;
+            let events = self.events.clone();
+            smol::spawn(async move {
+                smol::Timer::after(SAVE_DELAY).await;
+                let _ = events.send(Event::Save).await;
+            })
+            .detach();
+        }
+    }
+
+    fn save_now(&mut self) {
+        let saved = SavedRef {
+            index: &self.index,
+            local: self.tree.entries(),
+        };
+        let result =
+            store::encode(&saved).and_then(|b| store::write_atomic(&state_file(&self.root), &b));
+        if let Err(e) = result {
+            log::error!("cannot save the index: {e}");
+        }
+    }
+
+    /// Picks up a change made directly on disk at `path` before a commit is checked against it.
+    fn refresh(&mut self, path: &RelPath) -> Vec<Change> {
+        let (_, changes) = self.tree.refresh(path);
+        self.ingest(changes)
+    }
+
+    fn done(&self, path: &RelPath) -> Outcome {
+        Outcome::Done {
+            seq: self.index.record(path).map_or(self.index.seq, |r| r.seq),
+        }
+    }
+
+    /// Applies one client commit if its base still holds. Returns the outcome and the changes.
+    async fn commit(
+        &mut self,
+        name: &str,
+        session: &str,
+        path: &RelPath,
+        op: Op,
+        base: Option<Entry>,
+    ) -> (Outcome, Vec<Change>) {
+        let mut changes = self.refresh(path);
+        let current = self.index.entry(path).cloned();
+        let conflict = |current: Option<Entry>| Outcome::Conflict { current };
+        // RACE: a program writing `path` between this check and the rename below is
+        // overwritten; its write is then the older one and a later edit wins again.
+        let result: anyhow::Result<Outcome> = match op {
+            Op::Put { staged, entry } => {
+                if current.as_ref() == Some(&entry) {
+                    return (self.done(path), changes);
+                }
+                if current != base {
+                    return (conflict(current), changes);
+                }
+                if current.as_ref().is_some_and(Entry::is_dir)
+                    && self.index.live_subtree(path).len() > 1
+                {
+                    return (conflict(current), changes);
+                }
+                match staged {
+                    None => self.put_meta(path, current.as_ref(), &entry, &mut changes),
+                    Some(name) => {
+                        self.put_staged(session, &name, path, entry, &mut changes)
+                            .await
+                    }
+                }
+            }
+            Op::Mkdir { mode } => {
+                if current
+                    .as_ref()
+                    .is_some_and(|c| c.is_dir() && c.mode == mode)
+                {
+                    return (self.done(path), changes);
+                }
+                if current != base {
+                    return (conflict(current), changes);
+                }
+                fsops::make_dir(&self.root, path, mode)
+                    .map(|(seen, created)| {
+                        self.record(path, seen, created, &mut changes);
+                        self.done(path)
+                    })
+                    .map_err(Into::into)
+            }
+            Op::Delete => {
+                if current.is_none() {
+                    return (self.done(path), changes);
+                }
+                if current != base {
+                    return (conflict(current), changes);
+                }
+                match fsops::remove(&self.root, path) {
+                    Ok(fsops::Removed::Gone) => {
+                        self.tree.set(path, None);
+                        changes.extend(self.index.set(path, None));
+                        Ok(self.done(path))
+                    }
+                    Ok(fsops::Removed::NotEmpty) => Ok(Outcome::Failed {
+                        reason: format!("{path} is not empty on the server"),
+                    }),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Op::Rename { to } => {
+                changes.extend(self.refresh(&to));
+                if current.is_none() || current != base {
+                    return (conflict(current), changes);
+                }
+                if self.index.entry(&to).is_some() || to.starts_with(path) {
+                    return (
+                        Outcome::Failed {
+                            reason: format!("cannot rename {path} to {to}: the target exists"),
+                        },
+                        changes,
+                    );
+                }
+                match fsops::rename_noreplace(&self.root, path, &to) {
+                    Ok(created) => {
+                        for (p, seen) in created {
+                            self.tree.set(&p, Some(seen.clone()));
+                            changes.extend(self.index.set(&p, Some(seen.entry)));
+                        }
+                        self.tree.rename_subtree(path, &to);
+                        changes.extend(self.index.rename(path, &to));
+                        Ok(self.done(&to))
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            }
+        };
+        let outcome = result.unwrap_or_else(|e| Outcome::Failed {
+            reason: format!("{e:#}"),
+        });
+        if matches!(outcome, Outcome::Done { .. }) {
+            log::debug!("{name}: commit of {path} accepted");
+        }
+        (outcome, changes)
+    }
+
+    fn record(
+        &mut self,
+        path: &RelPath,
+        seen: Seen,
+        created: Vec<(RelPath, Seen)>,
+        changes: &mut Vec<Change>,
+    ) {
+        for (p, s) in created {
+            self.tree.set(&p, Some(s.clone()));
+            changes.extend(self.index.set(&p, Some(s.entry)));
+        }
+        self.tree.set(path, Some(seen.clone()));
+        changes.extend(self.index.set(path, Some(seen.entry)));
+    }
+
+    fn put_meta(
+        &mut self,
+        path: &RelPath,
+        current: Option<&Entry>,
+        entry: &Entry,
+        changes: &mut Vec<Change>,
+    ) -> anyhow::Result<Outcome> {
+        if !current.is_some_and(|c| c.same_content(entry)) {
+            return Ok(Outcome::Failed {
+                reason: format!("{path}: metadata-only update, but the server holds other bytes"),
+            });
+        }
+        let seen = fsops::set_meta(&self.root, path, entry)?;
+        self.record(path, seen, Vec::new(), changes);
+        Ok(self.done(path))
+    }
+
+    async fn put_staged(
+        &mut self,
+        session: &str,
+        staged: &str,
+        path: &RelPath,
+        entry: Entry,
+        changes: &mut Vec<Change>,
+    ) -> anyhow::Result<Outcome> {
+        if staged.is_empty()
+            || staged.len() > 64
+            || !staged
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            bail!("bad staged file name {staged:?}");
+        }
+        let staged_path = staging_dir(&self.root).join(session).join(staged);
+        let root = self.root.clone();
+        let rel = path.clone();
+        let staged = staged.to_string();
+        // Hashing and fsync are slow: off the executor's threads.
+        let installed = smol::unblock(move || -> anyhow::Result<Option<fsops::Installed>> {
+            let file = std::fs::File::open(&staged_path)
+                .with_context(|| format!("staged upload {staged} is missing"))?;
+            let mut hasher = blake3::Hasher::new();
+            hasher.update_reader(&file)?;
+            let size = file.metadata()?.len();
+            if size != entry.size || *hasher.finalize().as_bytes() != entry.hash {
+                let _ = std::fs::remove_file(&staged_path);
+                return Ok(None);
+            }
+            Ok(Some(fsops::install_file(
+                &root,
+                file,
+                &staged_path,
+                &rel,
+                &entry,
+            )?))
+        })
+        .await?;
+        match installed {
+            None => Ok(Outcome::Failed {
+                reason: format!("{path}: uploaded bytes do not match their size and hash"),
+            }),
+            Some((seen, created)) => {
+                self.record(path, seen, created, changes);
+                Ok(self.done(path))
+            }
+        }
+    }
+}
