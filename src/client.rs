@@ -217,6 +217,9 @@ impl Client {
 
     /// Remembers scanned local changes for the next sync.
     fn note_local(&mut self, changes: Vec<Changed>) {
+        if changes.is_empty() {
+            return;
+        }
         self.renames.extend(detect_renames(&changes));
         self.dirty.extend(changes.into_iter().map(|c| c.path));
         self.unsaved = true;
@@ -514,12 +517,20 @@ impl Client {
                 log::info!("sent rename {from} -> {to}");
             }
         }
-        let dirty = std::mem::take(&mut self.dirty);
-        let tree = &self.tree;
-        let ordered = agent::apply_order(dirty.into_iter().collect(), |p| tree.get(p).is_none());
-        for path in ordered {
-            let remote = self.base.get(&path).cloned();
-            self.resolve(s, &path, remote, None, 0).await?;
+        // Handling a path can dirty others (a conflict copy, a parent we had to create):
+        // go round until nothing is left, a bounded number of times.
+        for _ in 0..4 {
+            if self.dirty.is_empty() {
+                break;
+            }
+            let dirty = std::mem::take(&mut self.dirty);
+            let tree = &self.tree;
+            let ordered =
+                agent::apply_order(dirty.into_iter().collect(), |p| tree.get(p).is_none());
+            for path in ordered {
+                let remote = self.base.get(&path).cloned();
+                self.resolve(s, &path, remote, None, 0).await?;
+            }
         }
         Ok(())
     }

@@ -22,5 +22,4 @@ pub mod scan;
 #[cfg(feature = "server")]
 pub mod server;
 pub mod store;
-#[path = "/tmp/stubs/watch_stub.rs"]
 pub mod watch;

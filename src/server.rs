@@ -539,6 +539,18 @@ impl Server {
                 );
             }
         }
+        // A first scan of a big tree is summarised, not logged file by file.
+        let detail = if changes.len() > 100 {
+            log::info!(
+                "committed {} changes (seq {} to {})",
+                changes.len(),
+                changes[0].seq,
+                self.index.seq
+            );
+            log::Level::Debug
+        } else {
+            log::Level::Info
+        };
         for c in &changes {
             let what = match (&c.entry, &c.moved_from) {
                 (None, _) => "delete".to_string(),
@@ -546,7 +558,7 @@ impl Server {
                 (Some(e), None) if e.kind == Kind::Dir => "mkdir".to_string(),
                 (Some(e), None) => format!("{} bytes", e.size),
             };
-            log::info!("committed {} ({what}) as seq {}", c.path, c.seq);
+            log::log!(detail, "committed {} ({what}) as seq {}", c.path, c.seq);
         }
         let mut slow = Vec::new();
         for chunk in changes.chunks(BATCH) {

@@ -1,0 +1,820 @@
+//! The inotify watcher (Linux default): one watch per directory, events turned into hints on a
+//! dedicated thread doing blocking reads.
+//!
+//! inotify is not recursive, names events by (watch descriptor, name) rather than by path, and
+//! keeps a watch on a directory's inode when the directory is renamed; so this module keeps a
+//! two-way map between watch descriptors and relative paths, adds watches for directories as
+//! they appear, rewrites the map when a watched directory moves inside the tree, and drops the
+//! watches of one that moves out. Where the kernel's watch limit runs out, the directories left
+//! unwatched are polled instead (see [`Fallback`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsStr;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{self, AtomicBool};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use inotify::{Event, EventMask, Inotify, WatchDescriptor, WatchMask, Watches};
+
+use super::poll::{diff, nap, Snapshot, Walker};
+use super::{Hint, WatchConfig};
+use crate::core::path::STATE_DIR;
+
+/// How long a directory's MOVED_FROM waits for the MOVED_TO with its cookie. The kernel queues
+/// the two back to back within one rename, but a read can fall between them.
+const PAIR_GRACE: Duration = Duration::from_millis(20);
+
+/// Room for a few hundred events per read.
+const BUF_LEN: usize = 64 * 1024;
+
+/// What every directory watch asks for. No IN_MODIFY: a file is hinted when the writer closes
+/// it, so half-written files are not uploaded. IN_ONLYDIR makes a watch on something that
+/// turned out not to be a directory fail instead of watching a file.
+fn watch_mask() -> WatchMask {
+    WatchMask::CLOSE_WRITE
+        | WatchMask::MOVED_FROM
+        | WatchMask::MOVED_TO
+        | WatchMask::CREATE
+        | WatchMask::DELETE
+        | WatchMask::DELETE_SELF
+        | WatchMask::MOVE_SELF
+        | WatchMask::ATTRIB
+        | WatchMask::ONLYDIR
+}
+
+/// A running inotify watcher. Dropping it raises the stop flag and removes the root's watch,
+/// whose IN_IGNORED event wakes the thread out of its blocking read.
+#[derive(Debug)]
+pub(crate) struct InotifyWatcher {
+    stop: Arc<AtomicBool>,
+    watches: Watches,
+    root_wd: WatchDescriptor,
+    fallback: Arc<Fallback>,
+    /// The inotify descriptor, for tests to count its watches in /proc/self/fdinfo.
+    #[cfg(test)]
+    fd: std::os::fd::RawFd,
+}
+
+impl Drop for InotifyWatcher {
+    fn drop(&mut self) {
+        self.stop.store(true, atomic::Ordering::Release);
+        // Fails if the root is gone (its watch went with it); the thread then lingers until its
+        // next event, as documented on `Watcher`.
+        let _ = self.watches.remove(self.root_wd.clone());
+        self.fallback.wake();
+    }
+}
+
+/// Starts watching `cfg.root`; returns once every directory is watched (or, past the watch
+/// limit, snapshotted for polling).
+pub(crate) fn spawn(
+    cfg: &WatchConfig,
+    tx: async_channel::Sender<Hint>,
+) -> io::Result<InotifyWatcher> {
+    spawn_limited(cfg, tx, None)
+}
+
+/// `spawn`, with `fake_limit` pretending the kernel allows only that many watches (tests).
+fn spawn_limited(
+    cfg: &WatchConfig,
+    tx: async_channel::Sender<Hint>,
+    fake_limit: Option<usize>,
+) -> io::Result<InotifyWatcher> {
+    let inotify = Inotify::init()?;
+    let mut state = State::new(cfg, &inotify, tx.clone(), fake_limit);
+    let (stop, fallback) = (state.fallback.stop.clone(), state.fallback.clone());
+    // The root's own watch must work; failures below it are logged and survived.
+    let root_wd = state.add_watch(Path::new(""))?;
+    state.add_tree(Path::new(""));
+    let watches = inotify.watches();
+    #[cfg(test)]
+    let inotify_fd = std::os::fd::AsRawFd::as_raw_fd(&inotify);
+    let thread_stop = stop.clone();
+    if let Err(e) = thread::Builder::new()
+        .name("ferry-inotify".into())
+        .spawn(move || state.run(inotify, &thread_stop, &tx))
+    {
+        // The fallback poller may be running already.
+        stop.store(true, atomic::Ordering::Release);
+        fallback.wake();
+        return Err(e);
+    }
+    Ok(InotifyWatcher {
+        stop,
+        #[cfg(test)]
+        fd: inotify_fd,
+        watches,
+        root_wd,
+        fallback,
+    })
+}
+
+/// The watcher thread's state.
+struct State {
+    root: PathBuf,
+    watches: Watches,
+    /// Each watch and the directory (relative to the root) it is on now.
+    by_wd: HashMap<WatchDescriptor, PathBuf>,
+    /// The same, by path; ordered so a directory's subtree is one contiguous range.
+    by_path: BTreeMap<PathBuf, WatchDescriptor>,
+    /// Directories seen leaving (MOVED_FROM) whose arrival (MOVED_TO) is not yet seen, by cookie.
+    pending: HashMap<u32, (PathBuf, Instant)>,
+    fallback: Arc<Fallback>,
+    /// For the fallback's first snapshots, taken before the directory is hinted.
+    walker: Walker,
+    warned_limit: bool,
+    fake_limit: Option<usize>,
+    /// Hints held back while a directory's MOVED_FROM waits for its pair, so that by the time a
+    /// later hint is sent the watches of a directory moved out are gone.
+    out: Vec<Hint>,
+}
+
+impl State {
+    fn new(
+        cfg: &WatchConfig,
+        inotify: &Inotify,
+        tx: async_channel::Sender<Hint>,
+        fake_limit: Option<usize>,
+    ) -> State {
+        let fallback = Arc::new(Fallback {
+            root: cfg.root.clone(),
+            interval: cfg.poll_interval,
+            tx,
+            stop: Arc::new(AtomicBool::new(false)),
+            subtrees: Mutex::new(BTreeMap::new()),
+            thread: OnceLock::new(),
+        });
+        State {
+            root: cfg.root.clone(),
+            watches: inotify.watches(),
+            by_wd: HashMap::new(),
+            by_path: BTreeMap::new(),
+            pending: HashMap::new(),
+            fallback,
+            walker: Walker::new(cfg.root.clone()),
+            warned_limit: false,
+            fake_limit,
+            out: Vec::new(),
+        }
+    }
+
+    fn run(mut self, mut inotify: Inotify, stop: &AtomicBool, tx: &async_channel::Sender<Hint>) {
+        let mut buf = vec![0; BUF_LEN];
+        loop {
+            // While a MOVED_FROM waits for its pair, read without blocking so it can time out.
+            let read = if self.pending.is_empty() {
+                inotify.read_events_blocking(&mut buf)
+            } else {
+                inotify.read_events(&mut buf)
+            };
+            if stop.load(atomic::Ordering::Acquire) {
+                return;
+            }
+            match read {
+                Ok(events) => {
+                    for ev in events {
+                        self.handle(ev);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    thread::sleep(Duration::from_millis(1));
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::error!("reading inotify events failed: {e}; the watcher stops");
+                    let _ = tx.send_blocking(Hint::Rescan);
+                    return;
+                }
+            }
+            self.expire_pending();
+            if self.pending.is_empty() {
+                for h in self.out.drain(..) {
+                    if tx.send_blocking(h).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, ev: Event<&OsStr>) {
+        let mask = ev.mask;
+        if mask.contains(EventMask::Q_OVERFLOW) {
+            log::warn!("inotify queue overflowed; rescanning everything");
+            self.out.push(Hint::Rescan);
+            self.rebuild();
+            return;
+        }
+        if mask.contains(EventMask::IGNORED) {
+            self.forget_wd(&ev.wd);
+            return;
+        }
+        // Unknown: a watch already dropped (moved out, rebuilt) whose events were queued.
+        let Some(dir) = self.by_wd.get(&ev.wd).cloned() else {
+            return;
+        };
+        let Some(name) = ev.name else {
+            // About the watched directory itself. Its parent reports it by name, except for the
+            // root, which has no parent watch.
+            if dir.as_os_str().is_empty()
+                && mask.intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF)
+            {
+                log::warn!(
+                    "the synced root {} was moved or deleted",
+                    self.root.display()
+                );
+                self.out.push(Hint::Rescan);
+            }
+            return;
+        };
+        if dir.as_os_str().is_empty() && name == STATE_DIR {
+            return;
+        }
+        let rel = dir.join(name);
+        let is_dir = mask.contains(EventMask::ISDIR);
+        if mask.contains(EventMask::MOVED_FROM) {
+            if is_dir {
+                self.pending
+                    .insert(ev.cookie, (rel.clone(), Instant::now()));
+            }
+            self.out.push(Hint::Path(rel));
+        } else if mask.contains(EventMask::MOVED_TO) {
+            if is_dir {
+                match self.pending.remove(&ev.cookie) {
+                    Some((old, _)) => self.moved_within(&old, &rel),
+                    None => self.add_tree(&rel),
+                }
+            }
+            self.out.push(Hint::Path(rel));
+        } else if mask.contains(EventMask::CREATE) {
+            // Watch first, hint second: the scanner's walk then finds whatever landed in the
+            // directory before its watch existed, and the watch reports everything after.
+            if is_dir {
+                self.add_tree(&rel);
+                self.out.push(Hint::Path(rel));
+            } else if self.created_without_close(&rel) {
+                self.out.push(Hint::Path(rel));
+            }
+        } else if mask.intersects(EventMask::CLOSE_WRITE | EventMask::DELETE | EventMask::ATTRIB) {
+            self.out.push(Hint::Path(rel));
+        }
+    }
+
+    /// Whether a new non-directory gets no IN_CLOSE_WRITE to hint it later: symlinks, fifos,
+    /// sockets, devices, and hard links to existing files (`ln a b`: nothing is opened). A new
+    /// regular file waits for its writer's close instead.
+    fn created_without_close(&self, rel: &Path) -> bool {
+        match std::fs::symlink_metadata(self.root.join(rel)) {
+            Ok(m) => !m.is_file() || m.nlink() > 1,
+            // Gone already: its IN_DELETE follows.
+            Err(_) => false,
+        }
+    }
+
+    /// Adds a watch on `rel` (a directory relative to the root) and records it.
+    fn add_watch(&mut self, rel: &Path) -> io::Result<WatchDescriptor> {
+        if let Some(limit) = self.fake_limit {
+            if self.by_wd.len() >= limit && !self.by_path.contains_key(rel) {
+                return Err(io::Error::from(io::ErrorKind::StorageFull));
+            }
+        }
+        let mut mask = watch_mask();
+        // The root may be a symlink to the real tree; below it, symlinks are entries, not
+        // directories to enter.
+        if !rel.as_os_str().is_empty() {
+            mask |= WatchMask::DONT_FOLLOW;
+        }
+        let wd = self.watches.add(self.root.join(rel), mask)?;
+        // The same inode watched again returns the same descriptor: keep one path for it.
+        if let Some(prev) = self.by_wd.insert(wd.clone(), rel.to_path_buf()) {
+            if prev != rel && self.by_path.get(&prev) == Some(&wd) {
+                self.by_path.remove(&prev);
+            }
+        }
+        self.by_path.insert(rel.to_path_buf(), wd.clone());
+        Ok(wd)
+    }
+
+    /// Watches `top` and every directory under it, each before listing it so nothing created
+    /// meanwhile slips between. Directories past the watch limit go to the fallback poller.
+    fn add_tree(&mut self, top: &Path) {
+        let mut stack = vec![top.to_path_buf()];
+        while let Some(dir) = stack.pop() {
+            match self.add_watch(&dir) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::StorageFull => {
+                    self.warn_limit();
+                    self.fallback.cover(&mut self.walker, &dir);
+                    continue;
+                }
+                // Gone again, or replaced by a non-directory: its own event tells.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                    ) =>
+                {
+                    continue
+                }
+                Err(e) => {
+                    log::warn!(
+                        "cannot watch {}: {e}; changes in it are seen only on a rescan",
+                        self.root.join(&dir).display()
+                    );
+                    continue;
+                }
+            }
+            let Ok(read) = std::fs::read_dir(self.root.join(&dir)) else {
+                continue;
+            };
+            for ent in read.flatten() {
+                let name = ent.file_name();
+                if dir.as_os_str().is_empty() && name == STATE_DIR {
+                    continue;
+                }
+                // `DirEntry::file_type` does not follow symlinks.
+                if ent.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(dir.join(name));
+                }
+            }
+        }
+    }
+
+    /// A directory moved from `old` to `new` inside the tree. Its watches went with it, so only
+    /// their paths change, for it and every descendant.
+    fn moved_within(&mut self, old: &Path, new: &Path) {
+        let moved: Vec<(PathBuf, WatchDescriptor)> = self
+            .by_path
+            .range(old.to_path_buf()..)
+            .take_while(|(p, _)| p.starts_with(old))
+            .map(|(p, wd)| (p.clone(), wd.clone()))
+            .collect();
+        // Whatever was watched at `new` was replaced (rename over an empty directory); its
+        // IN_IGNORED will clean `by_wd`.
+        let replaced: Vec<PathBuf> = self
+            .by_path
+            .range(new.to_path_buf()..)
+            .take_while(|(p, _)| p.starts_with(new))
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in replaced {
+            self.by_path.remove(&p);
+        }
+        for (p, _) in &moved {
+            self.by_path.remove(p);
+        }
+        for (p, wd) in &moved {
+            let np = new.join(p.strip_prefix(old).unwrap_or(Path::new("")));
+            self.by_wd.insert(wd.clone(), np.clone());
+            self.by_path.insert(np, wd.clone());
+        }
+        self.fallback.moved(&mut self.walker, old, new);
+        if moved.is_empty() {
+            // It was never watched (limit, permissions): try now, as for a directory moved in.
+            self.add_tree(new);
+        }
+    }
+
+    /// A directory left the tree: stop watching it and everything under it.
+    fn moved_out(&mut self, old: &Path) {
+        let gone: Vec<(PathBuf, WatchDescriptor)> = self
+            .by_path
+            .range(old.to_path_buf()..)
+            .take_while(|(p, _)| p.starts_with(old))
+            .map(|(p, wd)| (p.clone(), wd.clone()))
+            .collect();
+        for (p, wd) in gone {
+            self.by_path.remove(&p);
+            self.by_wd.remove(&wd);
+            // May already be gone (deleted out there): nothing to undo then.
+            let _ = self.watches.remove(wd);
+        }
+        self.fallback.forget(old);
+    }
+
+    /// Treats directories whose MOVED_TO did not follow within the grace as moved out. If the
+    /// MOVED_TO does come later it is handled as a directory moved in: watched afresh.
+    fn expire_pending(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<u32> = self
+            .pending
+            .iter()
+            .filter(|(_, (_, t))| now.duration_since(*t) >= PAIR_GRACE)
+            .map(|(c, _)| *c)
+            .collect();
+        for cookie in expired {
+            if let Some((old, _)) = self.pending.remove(&cookie) {
+                self.moved_out(&old);
+            }
+        }
+    }
+
+    fn forget_wd(&mut self, wd: &WatchDescriptor) {
+        if let Some(p) = self.by_wd.remove(wd) {
+            if self.by_path.get(&p) == Some(wd) {
+                self.by_path.remove(&p);
+            }
+        }
+    }
+
+    /// After lost events the map may be wrong anywhere: re-watch the whole tree from scratch
+    /// (re-adding a watched inode returns its existing descriptor) and drop watches on
+    /// directories no longer found in it.
+    fn rebuild(&mut self) {
+        let old = std::mem::take(&mut self.by_wd);
+        self.by_path.clear();
+        self.pending.clear();
+        self.fallback.clear();
+        self.add_tree(Path::new(""));
+        for wd in old.into_keys() {
+            if !self.by_wd.contains_key(&wd) {
+                let _ = self.watches.remove(wd);
+            }
+        }
+    }
+
+    fn warn_limit(&mut self) {
+        if self.warned_limit {
+            return;
+        }
+        self.warned_limit = true;
+        let now = std::fs::read_to_string("/proc/sys/fs/inotify/max_user_watches")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "?".into());
+        log::warn!(
+            "inotify watch limit reached (fs.inotify.max_user_watches = {now}): directories \
+             past it under {} are polled every {:?} instead, which is slower to notice \
+             changes. Raise it with `sysctl fs.inotify.max_user_watches=524288` (and put \
+             `fs.inotify.max_user_watches=524288` in /etc/sysctl.d/ to keep it) and restart.",
+            self.root.display(),
+            self.fallback.interval
+        );
+    }
+}
+
+/// Subtrees inotify could not watch (watch limit), polled on their own thread.
+#[derive(Debug)]
+struct Fallback {
+    root: PathBuf,
+    interval: Duration,
+    tx: async_channel::Sender<Hint>,
+    stop: Arc<AtomicBool>,
+    /// Each unwatched subtree (relative to the root) and what its last walk found.
+    subtrees: Mutex<BTreeMap<PathBuf, Snapshot>>,
+    /// The polling thread, started by the first subtree; `None` if it could not start.
+    thread: OnceLock<Option<thread::Thread>>,
+}
+
+impl Fallback {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<PathBuf, Snapshot>> {
+        // A panic elsewhere leaves the map usable: it holds only snapshots.
+        self.subtrees.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts polling `rel`. Its first snapshot is taken here, before the caller hints `rel`
+    /// or returns from `spawn`, so no change after that is missed.
+    fn cover(self: &Arc<Self>, walker: &mut Walker, rel: &Path) {
+        let Ok(snap) = walker.snapshot(rel) else {
+            return;
+        };
+        {
+            let mut subtrees = self.lock();
+            // A subtree already polled inside `rel` is now part of it.
+            subtrees.retain(|p, _| !p.starts_with(rel));
+            subtrees.insert(rel.to_path_buf(), snap);
+        }
+        self.thread.get_or_init(|| {
+            let me = self.clone();
+            match thread::Builder::new()
+                .name("ferry-inotify-poll".into())
+                .spawn(move || me.run())
+            {
+                Ok(h) => Some(h.thread().clone()),
+                Err(e) => {
+                    log::error!("cannot start polling unwatched directories: {e}");
+                    None
+                }
+            }
+        });
+    }
+
+    /// Stops polling `rel` and what is under it.
+    fn forget(&self, rel: &Path) {
+        self.lock().retain(|p, _| !p.starts_with(rel));
+    }
+
+    /// Polled subtrees under `old` are now under `new`.
+    fn moved(self: &Arc<Self>, walker: &mut Walker, old: &Path, new: &Path) {
+        let under: Vec<PathBuf> = self
+            .lock()
+            .keys()
+            .filter(|p| p.starts_with(old))
+            .cloned()
+            .collect();
+        if under.is_empty() {
+            return;
+        }
+        self.forget(old);
+        for p in under {
+            self.cover(
+                walker,
+                &new.join(p.strip_prefix(old).unwrap_or(Path::new(""))),
+            );
+        }
+    }
+
+    fn clear(&self) {
+        self.lock().clear();
+    }
+
+    fn wake(&self) {
+        if let Some(Some(t)) = self.thread.get() {
+            t.unpark();
+        }
+    }
+
+    fn run(self: Arc<Self>) {
+        let mut walker = Walker::new(self.root.clone());
+        while nap(&self.stop, self.interval.max(Duration::from_millis(10))) && !self.tx.is_closed()
+        {
+            let tops: Vec<PathBuf> = self.lock().keys().cloned().collect();
+            for top in tops {
+                // Walked without the lock: the inotify thread must not wait on a big walk.
+                let walked = walker.snapshot(&top);
+                let mut hints = Vec::new();
+                {
+                    let mut subtrees = self.lock();
+                    match walked {
+                        Ok(new) => {
+                            // Forgotten or moved meanwhile: that walk is moot.
+                            if let Some(old) = subtrees.get_mut(&top) {
+                                diff(old, &new, |p| hints.push(p.to_path_buf()));
+                                *old = new;
+                            }
+                        }
+                        // Deleted or moved: the watched parent reported it.
+                        Err(_) => {
+                            subtrees.remove(&top);
+                        }
+                    }
+                }
+                for p in hints {
+                    if self.tx.send_blocking(Hint::Path(p)).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use super::*;
+    use crate::watch::testutil::{
+        assert_closes, assert_hinted, assert_none_under, Hints, TempTree,
+    };
+    use crate::watch::Backend;
+
+    fn start_limited(t: &TempTree, limit: Option<usize>) -> (InotifyWatcher, Hints) {
+        let (tx, rx) = async_channel::unbounded();
+        let cfg = WatchConfig {
+            root: t.root.clone(),
+            backend: Backend::Inotify,
+            poll_interval: Duration::from_millis(50),
+        };
+        let w = spawn_limited(&cfg, tx, limit).unwrap();
+        (w, Hints::new(rx, &t.root))
+    }
+
+    fn start(t: &TempTree) -> (InotifyWatcher, Hints) {
+        start_limited(t, None)
+    }
+
+    #[test]
+    fn files_create_overwrite_link_rename_delete() {
+        let t = TempTree::new("ino-files");
+        let (_w, mut h) = start(&t);
+
+        let seen = h.step(|| fs::write(t.path("f"), b"one").unwrap());
+        assert_hinted(&seen, &["f"]);
+
+        let seen = h.step(|| fs::write(t.path("f"), b"two!").unwrap());
+        assert_hinted(&seen, &["f"]);
+
+        // No open, so no close: the IN_CREATE of a hard link is all there is.
+        let seen = h.step(|| fs::hard_link(t.path("f"), t.path("hard")).unwrap());
+        assert_hinted(&seen, &["hard"]);
+
+        let seen = h.step(|| fs::rename(t.path("f"), t.path("g")).unwrap());
+        assert_hinted(&seen, &["f", "g"]);
+
+        let seen = h.step(|| fs::remove_file(t.path("g")).unwrap());
+        assert_hinted(&seen, &["g"]);
+    }
+
+    #[test]
+    fn new_nested_dirs_are_watched_before_hinted() {
+        let t = TempTree::new("ino-mkdirp");
+        let (_w, mut h) = start(&t);
+
+        // Created faster than the watcher can add watches: whatever is hinted must cover the
+        // file, itself or through an ancestor the scanner walks.
+        let seen = h.step(|| {
+            fs::create_dir_all(t.path("a/b/c")).unwrap();
+            fs::write(t.path("a/b/c/f"), b"x").unwrap();
+        });
+        let covered = ["a/b/c/f", "a/b/c", "a/b", "a"]
+            .iter()
+            .any(|p| seen.contains(Path::new(p)));
+        assert!(covered, "nothing covers a/b/c/f: {seen:?}");
+
+        // And the deepest directory is watched now.
+        let seen = h.step(|| fs::write(t.path("a/b/c/g"), b"y").unwrap());
+        assert_hinted(&seen, &["a/b/c/g"]);
+    }
+
+    #[test]
+    fn renamed_dir_reports_new_paths() {
+        let t = TempTree::new("ino-mvdir");
+        fs::create_dir_all(t.path("a/x/y")).unwrap();
+        let (_w, mut h) = start(&t);
+
+        // The write right after the rename arrives on the watch of `y`, whose path must be
+        // rewritten by then.
+        let seen = h.step(|| {
+            fs::rename(t.path("a"), t.path("b")).unwrap();
+            fs::write(t.path("b/x/y/f"), b"z").unwrap();
+        });
+        assert_hinted(&seen, &["a", "b", "b/x/y/f"]);
+        assert_none_under(&seen, "a/x");
+
+        let seen = h.step(|| fs::write(t.path("b/x/g"), b"z").unwrap());
+        assert_hinted(&seen, &["b/x/g"]);
+        assert_none_under(&seen, "a");
+    }
+
+    #[test]
+    fn dir_moved_out_stops_hints() {
+        let t = TempTree::new("ino-mvout");
+        fs::create_dir_all(t.path("d/sub")).unwrap();
+        let (w, mut h) = start(&t);
+        let watched = || w_count(&w);
+        let before = watched();
+
+        let seen = h.step(|| fs::rename(t.path("d"), t.outside.join("d")).unwrap());
+        assert_hinted(&seen, &["d"]);
+
+        let seen = h.step(|| {
+            fs::write(t.outside.join("d/late"), b"1").unwrap();
+            fs::write(t.outside.join("d/sub/late"), b"2").unwrap();
+        });
+        assert_none_under(&seen, "d");
+        // And the kernel watches are released, not just ignored.
+        assert_eq!(watched(), before - 2);
+    }
+
+    /// How many watches the kernel holds for this watcher's inotify instance.
+    fn w_count(w: &InotifyWatcher) -> usize {
+        let info = fs::read_to_string(format!("/proc/self/fdinfo/{}", w.fd)).unwrap();
+        info.lines()
+            .filter(|l| l.starts_with("inotify wd:"))
+            .count()
+    }
+
+    #[test]
+    fn state_dir_is_never_watched() {
+        let t = TempTree::new("ino-state");
+        fs::create_dir_all(t.path(".ferry/old")).unwrap();
+        let (_w, mut h) = start(&t);
+
+        let seen = h.step(|| {
+            fs::write(t.path(".ferry/index"), b"i").unwrap();
+            fs::write(t.path(".ferry/old/x"), b"x").unwrap();
+            fs::create_dir(t.path(".ferry/new")).unwrap();
+        });
+        let seen2 = h.step(|| fs::write(t.path(".ferry/new/y"), b"y").unwrap());
+        assert_none_under(&seen, ".ferry");
+        assert_none_under(&seen2, ".ferry");
+
+        // Created after the watcher started, it is skipped too.
+        let t = TempTree::new("ino-state-late");
+        let (_w, mut h) = start(&t);
+        let seen = h.step(|| {
+            fs::create_dir(t.path(".ferry")).unwrap();
+            fs::write(t.path(".ferry/x"), b"x").unwrap();
+        });
+        let seen2 = h.step(|| fs::write(t.path(".ferry/y"), b"y").unwrap());
+        assert_none_under(&seen, ".ferry");
+        assert_none_under(&seen2, ".ferry");
+    }
+
+    #[test]
+    fn symlinks_are_hinted_not_followed() {
+        let t = TempTree::new("ino-symlink");
+        let (_w, mut h) = start(&t);
+        let seen = h.step(|| std::os::unix::fs::symlink(&t.outside, t.path("link")).unwrap());
+        assert_hinted(&seen, &["link"]);
+        let seen = h.step(|| fs::write(t.outside.join("x"), b"x").unwrap());
+        assert_none_under(&seen, "link");
+    }
+
+    // A sentinel proves only that the watcher reporting it caught up, so these tests put them
+    // where the fallback poller walks when a step waits for it (last in order: subtrees are
+    // polled sorted), and at the root when a step waits for inotify events.
+
+    #[test]
+    fn watch_limit_falls_back_to_polling() {
+        let t = TempTree::new("ino-limit");
+        fs::create_dir_all(t.path("deep/er")).unwrap();
+        fs::create_dir(t.path("zpolled")).unwrap();
+        // Room for the root's watch only.
+        let (_w, mut h) = start_limited(&t, Some(1));
+
+        h.sentinels_in("zpolled");
+        let seen = h.step(|| fs::write(t.path("deep/er/f"), b"1").unwrap());
+        assert_hinted(&seen, &["deep/er/f"]);
+
+        // A directory created past the limit: hinted, then polled.
+        h.sentinels_in("");
+        let seen = h.step(|| fs::create_dir(t.path("fresh")).unwrap());
+        assert_hinted(&seen, &["fresh"]);
+        h.sentinels_in("zpolled");
+        let seen = h.step(|| fs::write(t.path("fresh/g"), b"2").unwrap());
+        assert_hinted(&seen, &["fresh/g"]);
+
+        // A polled directory renamed: polled under its new name.
+        h.sentinels_in("");
+        let seen = h.step(|| fs::rename(t.path("deep"), t.path("moved")).unwrap());
+        assert_hinted(&seen, &["deep", "moved"]);
+        h.sentinels_in("zpolled");
+        let seen = h.step(|| fs::write(t.path("moved/er/h"), b"3").unwrap());
+        assert_hinted(&seen, &["moved/er/h"]);
+        assert_none_under(&seen, "deep");
+    }
+
+    #[test]
+    fn polled_subtree_follows_its_renamed_watched_parent() {
+        let t = TempTree::new("ino-limit-parent");
+        fs::create_dir_all(t.path("w/deep")).unwrap();
+        // The root and `w` are watched, `w/deep` is polled.
+        let (_w, mut h) = start_limited(&t, Some(2));
+
+        h.sentinels_in("w/deep");
+        let seen = h.step(|| fs::write(t.path("w/deep/f"), b"1").unwrap());
+        assert_hinted(&seen, &["w/deep/f"]);
+
+        h.sentinels_in("");
+        let seen = h.step(|| fs::rename(t.path("w"), t.path("v")).unwrap());
+        assert_hinted(&seen, &["w", "v"]);
+
+        // Sentinels in v/deep are only ever reported if v/deep is polled.
+        h.sentinels_in("v/deep");
+        let seen = h.step(|| fs::write(t.path("v/deep/g"), b"2").unwrap());
+        assert_hinted(&seen, &["v/deep/g"]);
+        assert_none_under(&seen, "w");
+    }
+
+    #[test]
+    fn overflow_rebuild_finds_moved_dirs() {
+        let t = TempTree::new("ino-rebuild");
+        fs::create_dir_all(t.path("a/b")).unwrap();
+        let (tx, _rx) = async_channel::unbounded();
+        let cfg = WatchConfig {
+            root: t.root.clone(),
+            backend: Backend::Inotify,
+            poll_interval: Duration::from_millis(50),
+        };
+        let inotify = Inotify::init().unwrap();
+        let mut state = State::new(&cfg, &inotify, tx, None);
+        state.add_tree(Path::new(""));
+        fs::rename(t.path("a"), t.path("z")).unwrap();
+        fs::create_dir(t.path("n")).unwrap();
+        // What lost events leave behind: a map that knows nothing of the rename or the new dir.
+        state.rebuild();
+        let paths: Vec<&Path> = state.by_path.keys().map(|p| p.as_path()).collect();
+        assert_eq!(
+            paths,
+            [
+                Path::new(""),
+                Path::new("n"),
+                Path::new("z"),
+                Path::new("z/b")
+            ]
+        );
+    }
+
+    #[test]
+    fn drop_stops_the_thread() {
+        let t = TempTree::new("ino-drop");
+        let (w, h) = start(&t);
+        drop(w);
+        assert_closes(&h.rx);
+    }
+}
