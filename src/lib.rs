@@ -14,7 +14,6 @@ pub mod core;
 pub mod data;
 pub mod fsops;
 #[cfg(feature = "server")]
-#[path = "/tmp/stubs/ftpd_stub.rs"]
 pub mod ftpd;
 pub mod logger;
 pub mod proto;

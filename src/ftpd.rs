@@ -1,0 +1,404 @@
+//! The FTP server embedded in the server agent: libunftp on its own thread with a small tokio
+//! runtime (the rest of ferry runs on smol; tokio stays inside this module).
+//!
+//! Why libunftp: a maintained FTP(S) server library whose storage back-end and authenticator
+//! are traits, so confinement is ours to write rather than configuration to get right. We wrap
+//! its local-filesystem back-end (`unftp-sbe-fs`, which opens everything beneath the root
+//! through cap-std, so no path or symlink resolves outside it) in `Confined`:
+//!
+//! - a session may read (RETR, SIZE, MDTM, with REST) any path that is a valid `RelPath` —
+//!   never anything in `.ferry/` — and the files in its own staging directory;
+//! - it may write (STOR, REST+STOR) and delete only `.ferry/staging/<its session>/<name>`;
+//! - listings, MKD, RMD and renames are refused everywhere: clients learn the tree from the
+//!   control channel, not from FTP.
+//!
+//! Credentials are per control session (`FtpCredentials`): inserted when a client authenticates
+//! on the control channel, removed when that session ends.
+
+use std::collections::HashMap;
+use std::fmt::{self, Debug, Display};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use async_trait::async_trait;
+use unftp_core::auth::{
+    AuthenticationError, Authenticator, Credentials, Principal, UserDetail, UserDetailError,
+    UserDetailProvider,
+};
+use unftp_core::storage::{
+    Error, ErrorKind, Fileinfo, Result as StorageResult, StorageBackend, FEATURE_RESTART,
+};
+use unftp_sbe_fs::{Filesystem, Meta};
+
+use crate::core::path::{RelPath, STATE_DIR};
+
+/// Per-session FTP credentials, shared between the control channel and the FTP server.
+#[derive(Clone, Default, Debug)]
+pub struct FtpCredentials {
+    /// user → (BLAKE3 of the password, session name)
+    inner: Arc<Mutex<HashMap<String, (blake3::Hash, String)>>>,
+}
+
+impl FtpCredentials {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Lets `user` log in with `pass`; its uploads go to `.ferry/staging/<session>/`.
+    pub fn insert(&self, user: &str, pass: &str, session: &str) {
+        self.lock().insert(
+            user.to_string(),
+            (blake3::hash(pass.as_bytes()), session.to_string()),
+        );
+    }
+
+    /// Revokes `user` (new logins fail).
+    pub fn remove(&self, user: &str) {
+        self.lock().remove(user);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (blake3::Hash, String)>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The session of `user` if `pass` is right. blake3::Hash compares in constant time.
+    fn check(&self, user: &str, pass: &str) -> Option<String> {
+        let table = self.lock();
+        let (hash, session) = table.get(user)?;
+        (*hash == blake3::hash(pass.as_bytes())).then(|| session.clone())
+    }
+
+    fn session(&self, user: &str) -> Option<String> {
+        self.lock().get(user).map(|(_, s)| s.clone())
+    }
+}
+
+/// The running FTP server.
+#[derive(Debug)]
+pub struct EmbeddedFtp {
+    /// The address it accepts connections on.
+    pub addr: SocketAddr,
+    _thread: std::thread::JoinHandle<()>,
+}
+
+/// Starts the FTP server for `root` on `listen` (port 0 picks a free port; `addr` tells
+/// which). Returns once it accepts connections.
+pub fn start(
+    root: PathBuf,
+    listen: SocketAddr,
+    creds: FtpCredentials,
+) -> anyhow::Result<EmbeddedFtp> {
+    let listener = std::net::TcpListener::bind(listen).with_context(|| {
+        format!("cannot listen for FTP on {listen} (in use? try another --ftp-listen)")
+    })?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    // Open the root once here so a bad root is reported now, not per connection.
+    Filesystem::new(root.clone())
+        .with_context(|| format!("the FTP server cannot open {}", root.display()))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the FTP server's runtime")?;
+    let thread = std::thread::Builder::new()
+        .name("ftp".into())
+        .spawn(move || runtime.block_on(serve(listener, root, creds)))?;
+    Ok(EmbeddedFtp {
+        addr,
+        _thread: thread,
+    })
+}
+
+async fn serve(listener: std::net::TcpListener, root: PathBuf, creds: FtpCredentials) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            log::error!("the FTP server cannot use its socket: {e}");
+            return;
+        }
+    };
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("FTP accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        // Replies are small and answered at once: don't let Nagle hold them back.
+        let _ = stream.set_nodelay(true);
+        let server = match build(&root, &creds) {
+            Ok(s) => s,
+            Err(e) => {
+                log::error!("FTP session from {peer} not served: {e}");
+                continue;
+            }
+        };
+        tokio::spawn(async move {
+            if let Err(e) = server.service(stream).await {
+                log::debug!("FTP session from {peer} ended: {e:?}");
+            }
+        });
+    }
+}
+
+/// One libunftp server per connection: `Server::service` consumes it, and building one is
+/// cheap (a few `Arc`s and a directory handle).
+fn build(
+    root: &Path,
+    creds: &FtpCredentials,
+) -> anyhow::Result<libunftp::Server<Confined, SessionUser>> {
+    let root = root.to_path_buf();
+    let fs_root = root.clone();
+    libunftp::ServerBuilder::with_user_detail_provider(
+        Box::new(move || Confined {
+            fs: Filesystem::new(fs_root.clone()).expect("the root was opened at start"),
+            root: fs_root.clone(),
+        }),
+        Arc::new(Users(creds.clone())),
+    )
+    .authenticator(Arc::new(Auth(creds.clone())))
+    .greeting("ferry")
+    .idle_session_timeout(300)
+    .build()
+    .map_err(|e| anyhow::anyhow!("cannot configure the FTP server: {e}"))
+}
+
+/// A logged-in FTP user: which session's staging area it may write.
+#[derive(Debug, Clone)]
+pub struct SessionUser {
+    session: String,
+}
+
+impl Display for SessionUser {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "session {}", self.session)
+    }
+}
+
+impl UserDetail for SessionUser {}
+
+#[derive(Debug)]
+struct Auth(FtpCredentials);
+
+#[async_trait]
+impl Authenticator for Auth {
+    async fn authenticate(
+        &self,
+        user: &str,
+        creds: &Credentials,
+    ) -> Result<Principal, AuthenticationError> {
+        let pass = creds
+            .password
+            .as_deref()
+            .ok_or(AuthenticationError::BadPassword)?;
+        match self.0.check(user, pass) {
+            Some(_) => Ok(Principal {
+                username: user.to_string(),
+            }),
+            None => Err(AuthenticationError::BadPassword),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Users(FtpCredentials);
+
+#[async_trait]
+impl UserDetailProvider for Users {
+    type User = SessionUser;
+
+    async fn provide_user_detail(&self, p: &Principal) -> Result<SessionUser, UserDetailError> {
+        match self.0.session(&p.username) {
+            Some(session) => Ok(SessionUser { session }),
+            None => Err(UserDetailError::UserNotFound {
+                username: p.username.clone(),
+            }),
+        }
+    }
+}
+
+/// What a path names, for one session.
+#[derive(Debug, PartialEq, Eq)]
+enum Place {
+    /// A path in the synced tree (read-only over FTP).
+    Tree,
+    /// A file in the session's own staging directory (read, write, delete).
+    OwnStaging,
+    /// The root directory itself (only as a working directory).
+    Root,
+}
+
+/// Classifies an FTP path, or `None` if the session may not touch it at all.
+fn place(user: &SessionUser, path: &Path) -> Option<Place> {
+    let s = path.to_str()?;
+    let s = s.strip_prefix('/').unwrap_or(s);
+    if s.is_empty() || s == "." {
+        return Some(Place::Root);
+    }
+    let staging = format!("{STATE_DIR}/staging/{}/", user.session);
+    if let Some(name) = s.strip_prefix(&staging) {
+        let ok = !name.is_empty()
+            && name.len() <= 64
+            && name != "."
+            && name != ".."
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        return ok.then_some(Place::OwnStaging);
+    }
+    RelPath::new(s).ok().map(|_| Place::Tree)
+}
+
+fn denied() -> Error {
+    Error::from(ErrorKind::PermissionDenied)
+}
+
+/// unftp-sbe-fs with ferry's confinement rules in front of it.
+#[derive(Debug)]
+struct Confined {
+    fs: Filesystem,
+    root: PathBuf,
+}
+
+#[async_trait]
+impl StorageBackend<SessionUser> for Confined {
+    type Metadata = Meta;
+
+    fn supported_features(&self) -> u32 {
+        FEATURE_RESTART
+    }
+
+    async fn metadata<P: AsRef<Path> + Send + Debug>(
+        &self,
+        user: &SessionUser,
+        path: P,
+    ) -> StorageResult<Meta> {
+        match place(user, path.as_ref()) {
+            Some(Place::Tree | Place::OwnStaging) => self.fs.metadata(user, path).await,
+            _ => Err(denied()),
+        }
+    }
+
+    async fn list<P: AsRef<Path> + Send + Debug>(
+        &self,
+        _user: &SessionUser,
+        _path: P,
+    ) -> StorageResult<Vec<Fileinfo<PathBuf, Meta>>> {
+        Err(denied())
+    }
+
+    async fn get<P: AsRef<Path> + Send + Debug>(
+        &self,
+        user: &SessionUser,
+        path: P,
+        start_pos: u64,
+    ) -> StorageResult<Box<dyn tokio::io::AsyncRead + Send + Sync + Unpin>> {
+        match place(user, path.as_ref()) {
+            Some(Place::Tree | Place::OwnStaging) => self.fs.get(user, path, start_pos).await,
+            _ => Err(denied()),
+        }
+    }
+
+    async fn put<
+        P: AsRef<Path> + Send + Debug,
+        R: tokio::io::AsyncRead + Send + Sync + Unpin + 'static,
+    >(
+        &self,
+        user: &SessionUser,
+        input: R,
+        path: P,
+        start_pos: u64,
+    ) -> StorageResult<u64> {
+        if place(user, path.as_ref()) != Some(Place::OwnStaging) {
+            return Err(denied());
+        }
+        let dir = self
+            .root
+            .join(STATE_DIR)
+            .join("staging")
+            .join(&user.session);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::new(ErrorKind::LocalError, e))?;
+        self.fs.put(user, input, path, start_pos).await
+    }
+
+    async fn del<P: AsRef<Path> + Send + Debug>(
+        &self,
+        user: &SessionUser,
+        path: P,
+    ) -> StorageResult<()> {
+        match place(user, path.as_ref()) {
+            Some(Place::OwnStaging) => self.fs.del(user, path).await,
+            _ => Err(denied()),
+        }
+    }
+
+    async fn mkd<P: AsRef<Path> + Send + Debug>(
+        &self,
+        _user: &SessionUser,
+        _path: P,
+    ) -> StorageResult<()> {
+        Err(denied())
+    }
+
+    async fn rename<P: AsRef<Path> + Send + Debug>(
+        &self,
+        _user: &SessionUser,
+        _from: P,
+        _to: P,
+    ) -> StorageResult<()> {
+        Err(denied())
+    }
+
+    async fn rmd<P: AsRef<Path> + Send + Debug>(
+        &self,
+        _user: &SessionUser,
+        _path: P,
+    ) -> StorageResult<()> {
+        Err(denied())
+    }
+
+    async fn cwd<P: AsRef<Path> + Send + Debug>(
+        &self,
+        user: &SessionUser,
+        path: P,
+    ) -> StorageResult<()> {
+        match place(user, path.as_ref()) {
+            Some(Place::Root) => Ok(()),
+            _ => Err(denied()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn places_table() {
+        let u = SessionUser {
+            session: "7-ab".into(),
+        };
+        #[rustfmt::skip]
+        let table: &[(&str, Option<Place>)] = &[
+            ("/",                              Some(Place::Root)),
+            ("/a/b.txt",                       Some(Place::Tree)),
+            ("a/b.txt",                        Some(Place::Tree)),
+            ("/.ferry/staging/7-ab/u1",        Some(Place::OwnStaging)),
+            ("/.ferry/staging/7-ab/../x",      None),
+            ("/.ferry/staging/7-ab/a/b",       None),
+            ("/.ferry/staging/8-cd/u1",        None),
+            ("/.ferry/server.state",           None),
+            ("/../etc/passwd",                 None),
+            ("/a/../../b",                     None),
+            ("/a//b",                          None),
+        ];
+        for (path, want) in table {
+            assert_eq!(place(&u, Path::new(path)), *want, "{path}");
+        }
+    }
+}
