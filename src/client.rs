@@ -275,7 +275,7 @@ impl Client {
             ServerMsg::Refused { reason } => {
                 bail!(Fatal(format!("the server refused us: {reason}")))
             }
-            other => bail!("unexpected {other:?} instead of Challenge"),
+            other => bail!("unexpected {} instead of Challenge", other.kind()),
         };
         let proof = secret.client_proof(&snonce, &cnonce, &self.cfg.name);
         write_frame(&mut s, &ClientMsg::Auth { proof }).await?;
@@ -304,7 +304,7 @@ impl Client {
             ServerMsg::Refused { reason } => bail!(Fatal(format!(
                 "the server refused us: {reason} (check --secret-file)"
             ))),
-            other => bail!("unexpected {other:?} instead of Welcome"),
+            other => bail!("unexpected {} instead of Welcome", other.kind()),
         }
     }
 
@@ -478,7 +478,10 @@ impl Client {
             }
             ServerMsg::CommitResult { id, .. } => log::debug!("late result of commit {id}"),
             ServerMsg::Ping => {}
-            other => bail!("protocol error: unexpected {other:?}"),
+            other => bail!(
+                "protocol error: unexpected {} from the server",
+                other.kind()
+            ),
         }
         Ok(())
     }

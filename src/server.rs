@@ -496,7 +496,10 @@ impl Server {
             ClientMsg::Ping => {}
             other => {
                 let name = self.clients.get(&id).map_or("?".into(), |c| c.name.clone());
-                log::warn!("{name}: unexpected {other:?} after the handshake; closing");
+                log::warn!(
+                    "{name}: unexpected {} after the handshake; closing",
+                    other.kind()
+                );
                 self.drop_client(id);
             }
         }

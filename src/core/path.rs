@@ -26,7 +26,7 @@ pub struct RelPath(String);
 /// Why a path was refused; the message names the path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BadPath {
-    /// The refused path, escaped so control characters stay visible in logs.
+    /// The refused path (shown escaped, so control characters stay visible in logs).
     pub path: String,
     /// What is wrong with it.
     pub reason: &'static str,
@@ -46,10 +46,7 @@ impl RelPath {
         let s = s.into();
         match check(&s) {
             Ok(()) => Ok(RelPath(s)),
-            Err(reason) => Err(BadPath {
-                path: s.escape_debug().to_string(),
-                reason,
-            }),
+            Err(reason) => Err(BadPath { path: s, reason }),
         }
     }
 

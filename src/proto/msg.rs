@@ -55,8 +55,6 @@ pub enum ClientMsg {
     },
     /// Keepalive.
     Ping,
-    /// Answer to the server's `Ping`.
-    Pong,
 }
 
 /// A change a client asks the server to make.
@@ -134,8 +132,6 @@ pub enum ServerMsg {
     },
     /// Keepalive.
     Ping,
-    /// Answer to the client's `Ping`.
-    Pong,
 }
 
 /// One accepted change to the server's tree.
@@ -170,4 +166,32 @@ pub enum Outcome {
         /// Why.
         reason: String,
     },
+}
+
+impl ClientMsg {
+    /// The message's kind, for logs (without its contents).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientMsg::Hello { .. } => "Hello",
+            ClientMsg::Auth { .. } => "Auth",
+            ClientMsg::Subscribe { .. } => "Subscribe",
+            ClientMsg::Commit { .. } => "Commit",
+            ClientMsg::Ping => "Ping",
+        }
+    }
+}
+
+impl ServerMsg {
+    /// The message's kind, for logs (without its contents).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ServerMsg::Challenge { .. } => "Challenge",
+            ServerMsg::Welcome { .. } => "Welcome",
+            ServerMsg::Refused { .. } => "Refused",
+            ServerMsg::Changes(_) => "Changes",
+            ServerMsg::CaughtUp { .. } => "CaughtUp",
+            ServerMsg::CommitResult { .. } => "CommitResult",
+            ServerMsg::Ping => "Ping",
+        }
+    }
 }

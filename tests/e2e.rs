@@ -1,0 +1,13 @@
+//! End-to-end tests: real `ferry` server and client processes on 127.0.0.1, real FTP, real
+//! inotify and polling, real files in temporary trees. One test binary, one module per topic.
+
+mod e2e {
+    pub mod util;
+
+    mod conflict;
+    mod echo;
+    mod hostile;
+    mod restart;
+    mod startup;
+    mod sync;
+}

@@ -1,0 +1,83 @@
+//! The server dies (SIGKILL) while clients run; edits made meanwhile on both sides all arrive
+//! once it is back.
+
+use super::util::*;
+
+#[test]
+fn server_restart_with_edits_on_both_sides() {
+    let mut cl = Cluster::start(
+        "restart",
+        &[
+            ("a", Watch::Inotify),
+            ("b", Watch::Poll),
+            ("c", Watch::Inotify),
+        ],
+    );
+    let (a, b, s) = (cl.root("a"), cl.root("b"), cl.server_root());
+    write(&a, "keep.txt", "v1");
+    write(&a, "edit-on-client.txt", "v1");
+    write(&a, "delete-on-client.txt", "doomed");
+    write(&a, "edit-on-server.txt", "v1");
+    cl.wait_converged("the first files are everywhere", |_| {
+        has(&b, "edit-on-server.txt", b"v1")
+    });
+
+    cl.kill_server();
+    write(&a, "new-on-client.txt", "made while the server was down");
+    write(&a, "edit-on-client.txt", "v2 from a");
+    std::fs::remove_file(a.join("delete-on-client.txt")).unwrap();
+    write(
+        &s,
+        "new-on-server.txt",
+        "made on the NAS while ferry was down",
+    );
+    write(&s, "edit-on-server.txt", "v2 from the NAS");
+    cl.start_server();
+
+    cl.wait_converged("every edit made during the outage is everywhere", |cl| {
+        cl.roots().iter().all(|r| {
+            has(r, "new-on-client.txt", b"made while the server was down")
+                && has(r, "edit-on-client.txt", b"v2 from a")
+                && !r.join("delete-on-client.txt").exists()
+                && has(
+                    r,
+                    "new-on-server.txt",
+                    b"made on the NAS while ferry was down",
+                )
+                && has(r, "edit-on-server.txt", b"v2 from the NAS")
+                && has(r, "keep.txt", b"v1")
+        })
+    });
+}
+
+#[test]
+fn client_restart_catches_up_both_ways() {
+    let mut cl = Cluster::start(
+        "client-restart",
+        &[("a", Watch::Inotify), ("b", Watch::Poll)],
+    );
+    let (a, b) = (cl.root("a"), cl.root("b"));
+    write(&b, "f.txt", "v1");
+    write(&b, "gone.txt", "x");
+    cl.wait_converged("the first files are everywhere", |_| {
+        has(&a, "gone.txt", b"x")
+    });
+
+    cl.kill_client("b");
+    write(&a, "f.txt", "v2 while b was down");
+    std::fs::remove_file(a.join("gone.txt")).unwrap();
+    write(&b, "offline.txt", "written while b was stopped");
+    std::fs::rename(b.join("f.txt"), b.join("f-renamed-offline.txt")).unwrap_or(());
+    cl.start_client("b");
+
+    // b renamed f.txt offline while a edited it: the edit survives (modify beats delete) and
+    // b's rename arrives as a new name.
+    cl.wait_converged("offline edits on both sides converge", |cl| {
+        cl.roots().iter().all(|r| {
+            has(r, "offline.txt", b"written while b was stopped")
+                && !r.join("gone.txt").exists()
+                && has(r, "f.txt", b"v2 while b was down")
+                && has(r, "f-renamed-offline.txt", b"v1")
+        })
+    });
+}

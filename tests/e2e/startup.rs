@@ -1,0 +1,90 @@
+//! Agents refuse to start, or to keep trying, when their configuration cannot work, and say
+//! what to do.
+
+use std::process::Command;
+
+use super::util::*;
+
+fn run(args: &[&str]) -> (bool, String) {
+    let out = Command::new(ferry()).args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn missing_or_short_secret_is_a_clear_error() {
+    let d = TempDir::new("secret");
+    let root = d.0.join("root");
+    let missing = d.0.join("no-such-secret");
+    let (ok, err) = run(&[
+        "client",
+        "--server",
+        "127.0.0.1:9",
+        "--root",
+        root.to_str().unwrap(),
+        "--secret-file",
+        missing.to_str().unwrap(),
+        "--name",
+        "x",
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("no-such-secret") && err.contains("cannot read secret file"),
+        "{err}"
+    );
+
+    let short = d.0.join("short");
+    std::fs::write(&short, "short\n").unwrap();
+    let (ok, err) = run(&[
+        "server",
+        "--root",
+        root.to_str().unwrap(),
+        "--secret-file",
+        short.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--ftp-listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("short") && err.contains("at least 16"),
+        "{err}"
+    );
+}
+
+#[test]
+fn wrong_secret_is_refused_and_the_client_stops() {
+    let cl = Cluster::start("wrong-secret", &[]);
+    let wrong = cl.dir.0.join("wrong");
+    std::fs::write(&wrong, "a-different-secret-entirely").unwrap();
+    let root = cl.dir.0.join("intruder");
+    let (ok, err) = run(&[
+        "client",
+        "--server",
+        cl.control(),
+        "--root",
+        root.to_str().unwrap(),
+        "--secret-file",
+        wrong.to_str().unwrap(),
+        "--name",
+        "intruder",
+    ]);
+    assert!(!ok, "a client with the wrong secret must stop");
+    assert!(err.contains("wrong secret"), "{err}");
+    let log = std::fs::read_to_string(cl.dir.0.join("server.log")).unwrap();
+    assert!(log.contains("failed authentication"), "{log}");
+}
+
+#[test]
+fn version_prints_target_and_default_watcher() {
+    let out = Command::new(ferry()).arg("--version").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        text.contains("ferry ") && text.contains("default watcher"),
+        "{text}"
+    );
+}

@@ -1,0 +1,435 @@
+//! The harness: temporary trees, agent processes that die with the test, whole-tree
+//! comparison, and bounded waits (never a bare sleep as synchronisation).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long any wait may take before the test fails. Generous: tests check behaviour, not
+/// speed, and a slow machine must not fail them.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Poll interval given to poll-watcher clients.
+pub const POLL_MS: &str = "200";
+
+/// The `ferry` binary under test.
+pub fn ferry() -> &'static str {
+    env!("CARGO_BIN_EXE_ferry")
+}
+
+/// A per-test directory, removed when the test passes (kept for inspection when it fails).
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("ferry-e2e-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped, so none outlives its test.
+pub struct Proc {
+    child: Child,
+}
+
+impl Proc {
+    pub fn spawn(args: &[&str], log: &Path) -> Proc {
+        let err = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = Command::new(ferry())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .expect("ferry starts");
+        Proc { child }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).unwrap();
+    }
+
+    /// Exit status if it has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One node of a tree snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Node {
+    Dir,
+    File {
+        size: u64,
+        hash: String,
+        mtime_ns: i64,
+    },
+}
+
+/// Every entry under `root` except `.ferry`, by relative path.
+pub fn snapshot(root: &Path) -> BTreeMap<String, Node> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Node>) {
+        let Ok(rd) = fs::read_dir(dir) else { return };
+        for e in rd.flatten() {
+            let path = e.path();
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            if rel == ".ferry" {
+                continue;
+            }
+            let Ok(meta) = fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if meta.is_dir() {
+                out.insert(rel, Node::Dir);
+                walk(root, &path, out);
+            } else if meta.is_file() {
+                let Ok(bytes) = fs::read(&path) else { continue };
+                out.insert(
+                    rel,
+                    Node::File {
+                        size: meta.len(),
+                        hash: blake3::hash(&bytes).to_hex()[..16].to_string(),
+                        mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+                    },
+                );
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+/// A readable difference between two snapshots, empty if equal.
+pub fn diff(a: &BTreeMap<String, Node>, b: &BTreeMap<String, Node>) -> String {
+    let mut out = String::new();
+    for (k, v) in a {
+        match b.get(k) {
+            None => out += &format!("  only in first:  {k} {v:?}\n"),
+            Some(w) if w != v => out += &format!("  differs: {k}\n    {v:?}\n    {w:?}\n"),
+            _ => {}
+        }
+    }
+    for (k, v) in b {
+        if !a.contains_key(k) {
+            out += &format!("  only in second: {k} {v:?}\n");
+        }
+    }
+    out
+}
+
+/// Polls `f` every 20 ms until it holds; panics with `what` (and `explain()`) at the deadline.
+pub fn wait_until(what: &str, mut f: impl FnMut() -> bool, explain: impl Fn() -> String) {
+    let end = Instant::now() + DEADLINE;
+    while Instant::now() < end {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("timed out waiting until {what}\n{}", explain());
+}
+
+/// Writes a file, creating its parents.
+pub fn write(root: &Path, rel: &str, bytes: impl AsRef<[u8]>) {
+    let p = root.join(rel);
+    fs::create_dir_all(p.parent().unwrap()).unwrap();
+    fs::write(p, bytes).unwrap();
+}
+
+/// Reads a file, `None` if it is missing.
+pub fn read(root: &Path, rel: &str) -> Option<Vec<u8>> {
+    fs::read(root.join(rel)).ok()
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so big files need no RNG crate.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A client's watcher.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Watch {
+    Inotify,
+    Poll,
+}
+
+struct ClientProc {
+    name: String,
+    watch: Watch,
+    root: PathBuf,
+    proc: Option<Proc>,
+}
+
+/// A server and its clients, each with its own tree in the test's directory.
+pub struct Cluster {
+    pub dir: TempDir,
+    secret: PathBuf,
+    server: Option<Proc>,
+    control: String,
+    ftp: String,
+    clients: Vec<ClientProc>,
+}
+
+impl Cluster {
+    /// Starts a server (empty tree unless `seed` fills it first) and the named clients.
+    pub fn start(test: &str, clients: &[(&str, Watch)]) -> Cluster {
+        Cluster::start_with(test, clients, |_| {})
+    }
+
+    /// Like `start`, with `seed` run on the server's tree before anything starts.
+    pub fn start_with(test: &str, clients: &[(&str, Watch)], seed: impl FnOnce(&Path)) -> Cluster {
+        let dir = TempDir::new(test);
+        let secret = dir.0.join("secret");
+        fs::write(&secret, "0123456789abcdef-test-secret\n").unwrap();
+        fs::create_dir_all(dir.0.join("server")).unwrap();
+        seed(&dir.0.join("server"));
+        let mut c = Cluster {
+            dir,
+            secret,
+            server: None,
+            control: "127.0.0.1:0".into(),
+            ftp: "127.0.0.1:0".into(),
+            clients: Vec::new(),
+        };
+        c.start_server();
+        for (name, watch) in clients {
+            c.clients.push(ClientProc {
+                name: name.to_string(),
+                watch: *watch,
+                root: c.dir.0.join(name),
+                proc: None,
+            });
+            c.start_client(name);
+        }
+        c
+    }
+
+    pub fn secret(&self) -> &Path {
+        &self.secret
+    }
+
+    pub fn server_root(&self) -> PathBuf {
+        self.dir.0.join("server")
+    }
+
+    pub fn root(&self, client: &str) -> PathBuf {
+        self.client(client).root.clone()
+    }
+
+    /// The control address clients connect to.
+    pub fn control(&self) -> &str {
+        &self.control
+    }
+
+    fn client(&self, name: &str) -> &ClientProc {
+        self.clients
+            .iter()
+            .find(|c| c.name == name)
+            .expect("known client")
+    }
+
+    fn client_mut(&mut self, name: &str) -> &mut ClientProc {
+        self.clients
+            .iter_mut()
+            .find(|c| c.name == name)
+            .expect("known client")
+    }
+
+    /// Starts (or restarts, on the same ports) the server.
+    pub fn start_server(&mut self) {
+        let ready = self.dir.0.join("server.ready");
+        let _ = fs::remove_file(&ready);
+        let root = self.server_root();
+        let args = [
+            "server",
+            "--root",
+            root.to_str().unwrap(),
+            "--listen",
+            &self.control,
+            "--ftp-listen",
+            &self.ftp,
+            "--secret-file",
+            self.secret.to_str().unwrap(),
+            "--ready-file",
+            ready.to_str().unwrap(),
+            "-v",
+        ];
+        let log = self.dir.0.join("server.log");
+        let mut server = Proc::spawn(&args, &log);
+        let end = Instant::now() + DEADLINE;
+        while !ready.exists() && server.exited().is_none() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.server = Some(server);
+        let text =
+            fs::read_to_string(&ready).unwrap_or_else(|_| panic!("server died\n{}", self.logs()));
+        for line in text.lines() {
+            if let Some(a) = line.strip_prefix("control=") {
+                self.control = a.to_string();
+            }
+            if let Some(a) = line.strip_prefix("ftp=") {
+                self.ftp = a.to_string();
+            }
+        }
+    }
+
+    /// SIGKILLs the server.
+    pub fn kill_server(&mut self) {
+        self.server = None;
+    }
+
+    /// Starts (or restarts) a client.
+    pub fn start_client(&mut self, name: &str) {
+        let control = self.control.clone();
+        let secret = self.secret.clone();
+        let log = self.dir.0.join(format!("{name}.log"));
+        let c = self.client_mut(name);
+        let root = c.root.to_str().unwrap().to_string();
+        let mut args = vec![
+            "client",
+            "--server",
+            &control,
+            "--root",
+            &root,
+            "--secret-file",
+            secret.to_str().unwrap(),
+            "--name",
+            name,
+            "-v",
+        ];
+        if c.watch == Watch::Poll {
+            args.extend(["--watcher", "poll", "--poll-interval-ms", POLL_MS]);
+        } else {
+            args.extend(["--watcher", "inotify"]);
+        }
+        c.proc = Some(Proc::spawn(&args, &log));
+    }
+
+    /// SIGKILLs a client.
+    pub fn kill_client(&mut self, name: &str) {
+        self.client_mut(name).proc = None;
+    }
+
+    /// Freezes or thaws a client (SIGSTOP / SIGCONT).
+    pub fn signal_client(&self, name: &str, sig: nix::sys::signal::Signal) {
+        self.client(name).proc.as_ref().unwrap().signal(sig);
+    }
+
+    /// All roots: the server's first, then each client's.
+    pub fn roots(&self) -> Vec<PathBuf> {
+        let mut r = vec![self.server_root()];
+        r.extend(self.clients.iter().map(|c| c.root.clone()));
+        r
+    }
+
+    /// Every agent's log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        let mut names = vec!["server".to_string()];
+        names.extend(self.clients.iter().map(|c| c.name.clone()));
+        for n in names {
+            let log = fs::read_to_string(self.dir.0.join(format!("{n}.log"))).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            out += &format!("---- {n}.log (last {} lines)\n", tail.len());
+            for l in tail.iter().rev() {
+                out += l;
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// True if all trees are identical (names, kinds, sizes, hashes, file mtimes).
+    pub fn converged(&self) -> bool {
+        let roots = self.roots();
+        let first = snapshot(&roots[0]);
+        roots[1..].iter().all(|r| snapshot(r) == first)
+    }
+
+    /// Explains how the trees differ.
+    pub fn tree_diff(&self) -> String {
+        let roots = self.roots();
+        let first = snapshot(&roots[0]);
+        let mut out = String::new();
+        for r in &roots[1..] {
+            let d = diff(&first, &snapshot(r));
+            if !d.is_empty() {
+                out += &format!("server vs {}:\n{d}", r.display());
+            }
+        }
+        out
+    }
+
+    /// Waits until every tree is identical and `check` holds.
+    pub fn wait_converged(&self, what: &str, check: impl Fn(&Cluster) -> bool) {
+        wait_until(
+            what,
+            || self.converged() && check(self),
+            || format!("{}\n{}", self.tree_diff(), self.logs()),
+        );
+    }
+
+    /// Lines in all logs that record a change sent, applied or committed.
+    pub fn change_events(&self) -> usize {
+        let mut n = 0;
+        for e in fs::read_dir(&self.dir.0).unwrap().flatten() {
+            if e.path().extension().is_some_and(|x| x == "log") {
+                let text = fs::read_to_string(e.path()).unwrap_or_default();
+                n += text
+                    .lines()
+                    .filter(|l| {
+                        l.split(|c: char| !c.is_alphanumeric())
+                            .any(|w| w == "sent" || w == "applied" || w == "committed")
+                    })
+                    .count();
+            }
+        }
+        n
+    }
+}
+
+/// True if `root/rel` holds exactly `bytes`.
+pub fn has(root: &Path, rel: &str, bytes: &[u8]) -> bool {
+    read(root, rel).as_deref() == Some(bytes)
+}
