@@ -33,6 +33,7 @@ enum Cmd {
 /// Run the server agent: own a tree and serve it to clients.
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "server")]
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
 struct ServerArgs {
     /// the directory to serve
     #[argh(option)]
@@ -156,6 +157,7 @@ fn watch_config(root: &Path, watcher: &str, poll_ms: u64) -> anyhow::Result<Watc
     })
 }
 
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
 fn parse_addr(flag: &str, s: &str) -> anyhow::Result<SocketAddr> {
     s.parse()
         .with_context(|| format!("{flag} {s:?} is not an IP:PORT address (e.g. 0.0.0.0:7700)"))

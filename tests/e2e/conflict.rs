@@ -9,11 +9,7 @@ use super::util::*;
 fn concurrent_edits_keep_both_versions() {
     let cl = Cluster::start(
         "conflict",
-        &[
-            ("a", Watch::Inotify),
-            ("b", Watch::Poll),
-            ("c", Watch::Inotify),
-        ],
+        &[("a", Watch::Auto), ("b", Watch::Poll), ("c", Watch::Auto)],
     );
     let (a, b) = (cl.root("a"), cl.root("b"));
     write(&a, "doc.txt", "original");

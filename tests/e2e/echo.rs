@@ -8,11 +8,7 @@ use super::util::*;
 fn idle_after_burst_makes_no_transfers() {
     let cl = Cluster::start(
         "echo",
-        &[
-            ("a", Watch::Inotify),
-            ("b", Watch::Poll),
-            ("c", Watch::Inotify),
-        ],
+        &[("a", Watch::Auto), ("b", Watch::Poll), ("c", Watch::Auto)],
     );
     let (a, b, c, s) = (cl.root("a"), cl.root("b"), cl.root("c"), cl.server_root());
     for i in 0..20 {

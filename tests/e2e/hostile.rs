@@ -79,7 +79,7 @@ fn commit_with_path(evil: &[u8]) -> Vec<u8> {
 
 #[test]
 fn hostile_frames_are_refused_and_honest_clients_keep_syncing() {
-    let cl = Cluster::start("hostile", &[("a", Watch::Inotify), ("b", Watch::Poll)]);
+    let cl = Cluster::start("hostile", &[("a", Watch::Auto), ("b", Watch::Poll)]);
     let (a, b) = (cl.root("a"), cl.root("b"));
     let outside = cl.dir.0.clone();
 

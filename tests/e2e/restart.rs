@@ -7,11 +7,7 @@ use super::util::*;
 fn server_restart_with_edits_on_both_sides() {
     let mut cl = Cluster::start(
         "restart",
-        &[
-            ("a", Watch::Inotify),
-            ("b", Watch::Poll),
-            ("c", Watch::Inotify),
-        ],
+        &[("a", Watch::Auto), ("b", Watch::Poll), ("c", Watch::Auto)],
     );
     let (a, b, s) = (cl.root("a"), cl.root("b"), cl.server_root());
     write(&a, "keep.txt", "v1");
@@ -52,10 +48,7 @@ fn server_restart_with_edits_on_both_sides() {
 
 #[test]
 fn client_restart_catches_up_both_ways() {
-    let mut cl = Cluster::start(
-        "client-restart",
-        &[("a", Watch::Inotify), ("b", Watch::Poll)],
-    );
+    let mut cl = Cluster::start("client-restart", &[("a", Watch::Auto), ("b", Watch::Poll)]);
     let (a, b) = (cl.root("a"), cl.root("b"));
     write(&b, "f.txt", "v1");
     write(&b, "gone.txt", "x");

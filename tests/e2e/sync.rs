@@ -5,11 +5,7 @@ use std::fs;
 
 use super::util::*;
 
-const THREE: &[(&str, Watch)] = &[
-    ("a", Watch::Inotify),
-    ("b", Watch::Poll),
-    ("c", Watch::Inotify),
-];
+const THREE: &[(&str, Watch)] = &[("a", Watch::Auto), ("b", Watch::Poll), ("c", Watch::Auto)];
 
 #[test]
 fn file_and_directory_operations_propagate() {

@@ -190,7 +190,10 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
 /// A client's watcher.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Watch {
-    Inotify,
+    /// The compile-time default: inotify, or poll when built with `poll-default` (so that
+    /// suite run is all-poll while the plain run mixes both).
+    Auto,
+    /// The poll watcher, always.
     Poll,
 }
 
@@ -341,7 +344,7 @@ impl Cluster {
         if c.watch == Watch::Poll {
             args.extend(["--watcher", "poll", "--poll-interval-ms", POLL_MS]);
         } else {
-            args.extend(["--watcher", "inotify"]);
+            args.extend(["--watcher", "auto"]);
         }
         c.proc = Some(Proc::spawn(&args, &log));
     }
