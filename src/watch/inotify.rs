@@ -8,19 +8,19 @@
 //! watches of one that moves out. Where the kernel's watch limit runs out, the directories left
 //! unwatched are polled instead (see [`Fallback`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::OsStr;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{self, AtomicBool};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use inotify::{Event, EventMask, Inotify, WatchDescriptor, WatchMask, Watches};
 
-use super::poll::{diff, nap, Snapshot, Walker};
+use super::poll::{hint_every, path_hints, PollWatcher};
 use super::{Hint, WatchConfig};
 use crate::core::path::STATE_DIR;
 
@@ -65,12 +65,12 @@ impl Drop for InotifyWatcher {
         // Fails if the root is gone (its watch went with it); the thread then lingers until its
         // next event, as documented on `Watcher`.
         let _ = self.watches.remove(self.root_wd.clone());
-        self.fallback.wake();
+        self.fallback.halt();
     }
 }
 
 /// Starts watching `cfg.root`; returns once every directory is watched (or, past the watch
-/// limit, snapshotted for polling).
+/// limit, handed to the fallback poller).
 pub(crate) fn spawn(
     cfg: &WatchConfig,
     tx: async_channel::Sender<Hint>,
@@ -86,7 +86,7 @@ fn spawn_limited(
 ) -> io::Result<InotifyWatcher> {
     let inotify = Inotify::init()?;
     let mut state = State::new(cfg, &inotify, tx.clone(), fake_limit);
-    let (stop, fallback) = (state.fallback.stop.clone(), state.fallback.clone());
+    let (stop, fallback) = (Arc::new(AtomicBool::new(false)), state.fallback.clone());
     // The root's own watch must work; failures below it are logged and survived.
     let root_wd = state.add_watch(Path::new(""))?;
     state.add_tree(Path::new(""));
@@ -99,8 +99,7 @@ fn spawn_limited(
         .spawn(move || state.run(inotify, &thread_stop, &tx))
     {
         // The fallback poller may be running already.
-        stop.store(true, atomic::Ordering::Release);
-        fallback.wake();
+        fallback.halt();
         return Err(e);
     }
     Ok(InotifyWatcher {
@@ -124,8 +123,6 @@ struct State {
     /// Directories seen leaving (MOVED_FROM) whose arrival (MOVED_TO) is not yet seen, by cookie.
     pending: HashMap<u32, (PathBuf, Instant)>,
     fallback: Arc<Fallback>,
-    /// For the fallback's first snapshots, taken before the directory is hinted.
-    walker: Walker,
     warned_limit: bool,
     fake_limit: Option<usize>,
     /// Hints held back while a directory's MOVED_FROM waits for its pair, so that by the time a
@@ -141,12 +138,10 @@ impl State {
         fake_limit: Option<usize>,
     ) -> State {
         let fallback = Arc::new(Fallback {
-            root: cfg.root.clone(),
             interval: cfg.poll_interval,
             tx,
-            stop: Arc::new(AtomicBool::new(false)),
-            subtrees: Mutex::new(BTreeMap::new()),
-            thread: OnceLock::new(),
+            subtrees: Arc::new(Mutex::new(BTreeSet::new())),
+            poller: Mutex::new(None),
         });
         State {
             root: cfg.root.clone(),
@@ -155,7 +150,6 @@ impl State {
             by_path: BTreeMap::new(),
             pending: HashMap::new(),
             fallback,
-            walker: Walker::new(cfg.root.clone()),
             warned_limit: false,
             fake_limit,
             out: Vec::new(),
@@ -308,7 +302,7 @@ impl State {
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::StorageFull => {
                     self.warn_limit();
-                    self.fallback.cover(&mut self.walker, &dir);
+                    self.fallback.cover(&dir);
                     continue;
                 }
                 // Gone again, or replaced by a non-directory: its own event tells.
@@ -372,7 +366,7 @@ impl State {
             self.by_wd.insert(wd.clone(), np.clone());
             self.by_path.insert(np, wd.clone());
         }
-        self.fallback.moved(&mut self.walker, old, new);
+        self.fallback.moved(old, new);
         if moved.is_empty() {
             // It was never watched (limit, permissions): try now, as for a directory moved in.
             self.add_tree(new);
@@ -456,119 +450,78 @@ impl State {
     }
 }
 
-/// Subtrees inotify could not watch (watch limit), polled on their own thread.
+/// Subtrees inotify could not watch (watch limit): each is handed to the scanner every
+/// interval, which walks it against its cache (see `poll` for why the scanner, not a snapshot
+/// kept here, decides what changed).
 #[derive(Debug)]
 struct Fallback {
-    root: PathBuf,
     interval: Duration,
     tx: async_channel::Sender<Hint>,
-    stop: Arc<AtomicBool>,
-    /// Each unwatched subtree (relative to the root) and what its last walk found.
-    subtrees: Mutex<BTreeMap<PathBuf, Snapshot>>,
-    /// The polling thread, started by the first subtree; `None` if it could not start.
-    thread: OnceLock<Option<thread::Thread>>,
+    /// Tops of the unwatched subtrees, relative to the root.
+    subtrees: Arc<Mutex<BTreeSet<PathBuf>>>,
+    /// The polling thread, started by the first subtree; dropping it stops it.
+    poller: Mutex<Option<PollWatcher>>,
 }
 
 impl Fallback {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<PathBuf, Snapshot>> {
-        // A panic elsewhere leaves the map usable: it holds only snapshots.
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<PathBuf>> {
+        // A panic elsewhere leaves the set usable: it holds only paths.
         self.subtrees.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Starts polling `rel`. Its first snapshot is taken here, before the caller hints `rel`
-    /// or returns from `spawn`, so no change after that is missed.
-    fn cover(self: &Arc<Self>, walker: &mut Walker, rel: &Path) {
-        let Ok(snap) = walker.snapshot(rel) else {
-            return;
-        };
+    /// Starts polling `rel` (the caller hints it once now, so nothing before is missed).
+    fn cover(&self, rel: &Path) {
         {
             let mut subtrees = self.lock();
             // A subtree already polled inside `rel` is now part of it.
-            subtrees.retain(|p, _| !p.starts_with(rel));
-            subtrees.insert(rel.to_path_buf(), snap);
+            subtrees.retain(|p| !p.starts_with(rel));
+            subtrees.insert(rel.to_path_buf());
         }
-        self.thread.get_or_init(|| {
-            let me = self.clone();
-            match thread::Builder::new()
-                .name("ferry-inotify-poll".into())
-                .spawn(move || me.run())
-            {
-                Ok(h) => Some(h.thread().clone()),
-                Err(e) => {
-                    log::error!("cannot start polling unwatched directories: {e}");
-                    None
-                }
+        let mut poller = self.poller.lock().unwrap_or_else(|e| e.into_inner());
+        if poller.is_none() {
+            let subtrees = self.subtrees.clone();
+            let tops = move || {
+                path_hints(
+                    subtrees
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .iter()
+                        .cloned(),
+                )
+            };
+            match hint_every(self.interval, self.tx.clone(), tops, "ferry-inotify-poll") {
+                Ok(p) => *poller = Some(p),
+                Err(e) => log::error!("cannot start polling unwatched directories: {e}"),
             }
-        });
+        }
+    }
+
+    /// Stops the polling thread for good.
+    fn halt(&self) {
+        self.poller.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 
     /// Stops polling `rel` and what is under it.
     fn forget(&self, rel: &Path) {
-        self.lock().retain(|p, _| !p.starts_with(rel));
+        self.lock().retain(|p| !p.starts_with(rel));
     }
 
     /// Polled subtrees under `old` are now under `new`.
-    fn moved(self: &Arc<Self>, walker: &mut Walker, old: &Path, new: &Path) {
-        let under: Vec<PathBuf> = self
-            .lock()
-            .keys()
+    fn moved(&self, old: &Path, new: &Path) {
+        let mut subtrees = self.lock();
+        let under: Vec<PathBuf> = subtrees
+            .iter()
             .filter(|p| p.starts_with(old))
             .cloned()
             .collect();
-        if under.is_empty() {
-            return;
-        }
-        self.forget(old);
         for p in under {
-            self.cover(
-                walker,
-                &new.join(p.strip_prefix(old).unwrap_or(Path::new(""))),
-            );
+            subtrees.remove(&p);
+            subtrees.insert(new.join(p.strip_prefix(old).unwrap_or(Path::new(""))));
         }
     }
 
     fn clear(&self) {
         self.lock().clear();
-    }
-
-    fn wake(&self) {
-        if let Some(Some(t)) = self.thread.get() {
-            t.unpark();
-        }
-    }
-
-    fn run(self: Arc<Self>) {
-        let mut walker = Walker::new(self.root.clone());
-        while nap(&self.stop, self.interval.max(Duration::from_millis(10))) && !self.tx.is_closed()
-        {
-            let tops: Vec<PathBuf> = self.lock().keys().cloned().collect();
-            for top in tops {
-                // Walked without the lock: the inotify thread must not wait on a big walk.
-                let walked = walker.snapshot(&top);
-                let mut hints = Vec::new();
-                {
-                    let mut subtrees = self.lock();
-                    match walked {
-                        Ok(new) => {
-                            // Forgotten or moved meanwhile: that walk is moot.
-                            if let Some(old) = subtrees.get_mut(&top) {
-                                diff(old, &new, |p| hints.push(p.to_path_buf()));
-                                *old = new;
-                            }
-                        }
-                        // Deleted or moved: the watched parent reported it.
-                        Err(_) => {
-                            subtrees.remove(&top);
-                        }
-                    }
-                }
-                for p in hints {
-                    if self.tx.send_blocking(Hint::Path(p)).is_err() {
-                        return;
-                    }
-                }
-            }
-        }
     }
 }
 
@@ -729,34 +682,51 @@ mod tests {
     // where the fallback poller walks when a step waits for it (last in order: subtrees are
     // polled sorted), and at the root when a step waits for inotify events.
 
+    /// True once `rel` has been hinted twice: the fallback hands it over every interval.
+    fn polled(h: &Hints, rel: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut times = 0;
+        while let Some(hint) = h.next(deadline.saturating_duration_since(Instant::now())) {
+            if hint == Hint::Path(PathBuf::from(rel)) {
+                times += 1;
+                if times == 2 {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// Hints seen over a few polling intervals, after what was already queued is dropped.
+    fn quiet_window(h: &Hints) -> BTreeSet<PathBuf> {
+        while h.rx.try_recv().is_ok() {}
+        let mut seen = BTreeSet::new();
+        let end = Instant::now() + Duration::from_millis(300);
+        while let Some(Hint::Path(p)) = h.next(end.saturating_duration_since(Instant::now())) {
+            seen.insert(p);
+        }
+        seen
+    }
+
     #[test]
     fn watch_limit_falls_back_to_polling() {
         let t = TempTree::new("ino-limit");
         fs::create_dir_all(t.path("deep/er")).unwrap();
-        fs::create_dir(t.path("zpolled")).unwrap();
-        // Room for the root's watch only.
-        let (_w, mut h) = start_limited(&t, Some(1));
+        // Room for the root's watch only: `deep` goes to the poller, whole.
+        let (_w, h) = start_limited(&t, Some(1));
+        assert!(
+            polled(&h, "deep"),
+            "the unwatched subtree is handed to the scanner"
+        );
 
-        h.sentinels_in("zpolled");
-        let seen = h.step(|| fs::write(t.path("deep/er/f"), b"1").unwrap());
-        assert_hinted(&seen, &["deep/er/f"]);
+        // A directory created past the limit: polled too.
+        fs::create_dir(t.path("fresh")).unwrap();
+        assert!(polled(&h, "fresh"));
 
-        // A directory created past the limit: hinted, then polled.
-        h.sentinels_in("");
-        let seen = h.step(|| fs::create_dir(t.path("fresh")).unwrap());
-        assert_hinted(&seen, &["fresh"]);
-        h.sentinels_in("zpolled");
-        let seen = h.step(|| fs::write(t.path("fresh/g"), b"2").unwrap());
-        assert_hinted(&seen, &["fresh/g"]);
-
-        // A polled directory renamed: polled under its new name.
-        h.sentinels_in("");
-        let seen = h.step(|| fs::rename(t.path("deep"), t.path("moved")).unwrap());
-        assert_hinted(&seen, &["deep", "moved"]);
-        h.sentinels_in("zpolled");
-        let seen = h.step(|| fs::write(t.path("moved/er/h"), b"3").unwrap());
-        assert_hinted(&seen, &["moved/er/h"]);
-        assert_none_under(&seen, "deep");
+        // A polled directory renamed: polled under its new name only.
+        fs::rename(t.path("deep"), t.path("moved")).unwrap();
+        assert!(polled(&h, "moved"));
+        assert_none_under(&quiet_window(&h), "deep");
     }
 
     #[test]
@@ -764,21 +734,12 @@ mod tests {
         let t = TempTree::new("ino-limit-parent");
         fs::create_dir_all(t.path("w/deep")).unwrap();
         // The root and `w` are watched, `w/deep` is polled.
-        let (_w, mut h) = start_limited(&t, Some(2));
+        let (_w, h) = start_limited(&t, Some(2));
+        assert!(polled(&h, "w/deep"));
 
-        h.sentinels_in("w/deep");
-        let seen = h.step(|| fs::write(t.path("w/deep/f"), b"1").unwrap());
-        assert_hinted(&seen, &["w/deep/f"]);
-
-        h.sentinels_in("");
-        let seen = h.step(|| fs::rename(t.path("w"), t.path("v")).unwrap());
-        assert_hinted(&seen, &["w", "v"]);
-
-        // Sentinels in v/deep are only ever reported if v/deep is polled.
-        h.sentinels_in("v/deep");
-        let seen = h.step(|| fs::write(t.path("v/deep/g"), b"2").unwrap());
-        assert_hinted(&seen, &["v/deep/g"]);
-        assert_none_under(&seen, "w");
+        fs::rename(t.path("w"), t.path("v")).unwrap();
+        assert!(polled(&h, "v/deep"));
+        assert_none_under(&quiet_window(&h), "w");
     }
 
     #[test]

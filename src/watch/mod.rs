@@ -10,8 +10,8 @@
 //! * [`inotify`] (Linux default): recursive inotify watches, events turned into hints on a
 //!   dedicated thread. When the kernel's watch limit runs out, the directories it could not
 //!   watch are polled instead.
-//! * [`poll`] (Android default, and `--watcher poll` anywhere): walks the tree every
-//!   `poll_interval` and diffs `lstat` results against the previous walk.
+//! * [`poll`] (Android default, and `--watcher poll` anywhere): every `poll_interval` it hands
+//!   the whole tree to the scanner, whose cache is the snapshot the walk is diffed against.
 //!
 //! Why Android polls: the shared storage apps write to (`/sdcard`, `/storage/emulated/0`) is not
 //! a plain filesystem but a FUSE daemon (sdcardfs before Android 11) presenting one lower
@@ -20,7 +20,7 @@
 //! view, the media provider or MTP writing to the lower filesystem directly, FUSE passthrough)
 //! raise no event on it. So an inotify-based sync would silently miss exactly the files a phone
 //! user cares about, like the photos the camera app saves. `lstat` sees every writer's result.
-//! Polling costs a walk per interval, which is why the poll snapshot is kept small.
+//! Polling costs a walk (an `lstat` per entry) per interval; only what moved is read.
 
 use std::io;
 use std::path::PathBuf;
@@ -202,8 +202,6 @@ pub(crate) mod testutil {
     pub(crate) struct Hints {
         pub rx: async_channel::Receiver<Hint>,
         root: PathBuf,
-        /// Where sentinels are written, relative to the root.
-        sentinel_dir: PathBuf,
         syncs: usize,
     }
 
@@ -212,15 +210,8 @@ pub(crate) mod testutil {
             Hints {
                 rx,
                 root: root.to_path_buf(),
-                sentinel_dir: PathBuf::new(),
                 syncs: 0,
             }
-        }
-
-        /// Writes sentinels in `rel` instead: a sentinel only proves the watcher that reports it
-        /// has caught up, so to wait for a poller, it must be in what that poller walks.
-        pub(crate) fn sentinels_in(&mut self, rel: &str) {
-            self.sentinel_dir = PathBuf::from(rel);
         }
 
         /// The next hint, or `None` if none comes within `timeout`. Panics if the watcher is gone.
@@ -236,7 +227,7 @@ pub(crate) mod testutil {
         /// Writes a new sentinel file at the root and collects hints until its own arrives.
         fn sync_once(&mut self, into: &mut BTreeSet<PathBuf>) {
             self.syncs += 1;
-            let name = self.sentinel_dir.join(format!("sync-{}", self.syncs));
+            let name = PathBuf::from(format!("sync-{}", self.syncs));
             std::fs::write(self.root.join(&name), b"sync").unwrap();
             let deadline = Instant::now() + PATIENCE;
             loop {
@@ -348,8 +339,16 @@ mod tests {
             };
             let w = Watcher::spawn(cfg, tx).unwrap();
             let mut hints = testutil::Hints::new(rx, &t.root);
-            let seen = hints.step(|| std::fs::write(t.path("hello"), b"hi").unwrap());
-            testutil::assert_hinted(&seen, &["hello"]);
+            match backend {
+                Backend::Inotify => {
+                    let seen = hints.step(|| std::fs::write(t.path("hello"), b"hi").unwrap());
+                    testutil::assert_hinted(&seen, &["hello"]);
+                }
+                // The poll backend hands the whole tree to the scanner every interval.
+                Backend::Poll => {
+                    assert_eq!(hints.next(Duration::from_secs(10)), Some(Hint::Rescan));
+                }
+            }
             drop(w);
             testutil::assert_closes(&hints.rx);
         }
