@@ -286,12 +286,27 @@ fn demo(dir: &Path) -> anyhow::Result<()> {
          \nPress Ctrl-C to stop.\n",
         dir.display()
     );
-    loop {
+    // Ctrl-C or `kill` ends the demo through `Agents`' drop, which stops its agents: the
+    // signals are blocked here and taken by a thread (children were spawned before, so they
+    // keep the default handling).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut signals = nix::sys::signal::SigSet::empty();
+    signals.add(nix::sys::signal::Signal::SIGINT);
+    signals.add(nix::sys::signal::Signal::SIGTERM);
+    signals.thread_block()?;
+    let flag = stop.clone();
+    std::thread::spawn(move || {
+        let _ = signals.wait();
+        flag.store(true, std::sync::atomic::Ordering::Release);
+    });
+    while !stop.load(std::sync::atomic::Ordering::Acquire) {
         for c in &mut agents.0 {
             if let Some(status) = c.try_wait()? {
                 bail!("a demo agent exited ({status}); stopping the demo");
             }
         }
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(Duration::from_millis(200));
     }
+    println!("stopping the demo");
+    Ok(())
 }
