@@ -76,6 +76,35 @@ pub fn keys_under<V>(map: &BTreeMap<RelPath, V>, path: &RelPath) -> Vec<RelPath>
     keys
 }
 
+/// Spawns the task that writes `rx`'s messages to `stream`, sending `ping` whenever the
+/// connection has been idle for `KEEPALIVE`. When `rx` closes or a write fails, it shuts the
+/// socket down, which ends the reader too.
+pub fn spawn_writer<M: serde::Serialize + Send + Sync + 'static>(
+    stream: std::sync::Arc<smol::Async<std::net::TcpStream>>,
+    rx: async_channel::Receiver<M>,
+    ping: impl Fn() -> M + Send + Sync + 'static,
+) -> smol::Task<()> {
+    smol::spawn(async move {
+        let mut s = &*stream;
+        loop {
+            let next = async { rx.recv().await.ok() }
+                .or(async {
+                    smol::Timer::after(KEEPALIVE).await;
+                    Some(ping())
+                })
+                .await;
+            let Some(msg) = next else { break };
+            if crate::proto::codec::write_frame(&mut s, &msg)
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        let _ = stream.get_ref().shutdown(std::net::Shutdown::Both);
+    })
+}
+
 /// Waits for the next hint, then gathers the rest of its burst. `None` when the watcher is gone.
 pub async fn gather_hints(rx: &async_channel::Receiver<Hint>) -> Option<Vec<Hint>> {
     let first = rx.recv().await.ok()?;

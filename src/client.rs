@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use smol::future::FutureExt;
 use smol::Async;
 
-use crate::agent::{self, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, KEEPALIVE};
+use crate::agent::{self, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT};
 use crate::core::entry::{Entry, Kind};
 use crate::core::path::RelPath;
 use crate::core::plan::{conflict_name, plan, rename_locally, Decision};
@@ -336,24 +336,7 @@ impl Client {
         let stream = Arc::new(stream);
         let (tx, out_rx) = async_channel::unbounded::<ClientMsg>();
         let (in_tx, inbox) = async_channel::unbounded::<ServerMsg>();
-        let _writer = {
-            let stream = stream.clone();
-            smol::spawn(async move {
-                let mut s = &*stream;
-                loop {
-                    let next = async { out_rx.recv().await.ok() }
-                        .or(async {
-                            smol::Timer::after(KEEPALIVE).await;
-                            Some(ClientMsg::Ping)
-                        })
-                        .await;
-                    let Some(msg) = next else { break };
-                    if write_frame(&mut s, &msg).await.is_err() {
-                        break;
-                    }
-                }
-            })
-        };
+        let _writer = agent::spawn_writer(stream.clone(), out_rx, || ClientMsg::Ping);
         let _reader = {
             let stream = stream.clone();
             smol::spawn(async move {

@@ -14,10 +14,9 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use async_channel::{Receiver, Sender};
 use serde::{Deserialize, Serialize};
-use smol::future::FutureExt;
 use smol::Async;
 
-use crate::agent::{self, hex, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, KEEPALIVE};
+use crate::agent::{self, hex, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT};
 use crate::core::entry::{Entry, Kind};
 use crate::core::index::Index;
 use crate::core::path::RelPath;
@@ -343,25 +342,7 @@ async fn connection(
             stream: stream.clone(),
         })
         .await;
-    let writer = {
-        let stream = stream.clone();
-        smol::spawn(async move {
-            let mut s = &*stream;
-            loop {
-                let next = async { rx.recv().await.ok() }
-                    .or(async {
-                        smol::Timer::after(KEEPALIVE).await;
-                        Some(ServerMsg::Ping)
-                    })
-                    .await;
-                let Some(msg) = next else { break };
-                if write_frame(&mut s, &msg).await.is_err() {
-                    break;
-                }
-            }
-            let _ = stream.get_ref().shutdown(Shutdown::Both);
-        })
-    };
+    let writer = agent::spawn_writer(stream.clone(), rx, || ServerMsg::Ping);
     let mut s = &*stream;
     loop {
         match agent::timeout(IDLE_TIMEOUT, read_frame::<_, ClientMsg>(&mut s, MAX_FRAME)).await {
