@@ -105,6 +105,21 @@ struct Session {
     caught_up: bool,
     /// Paths a full listing named (to tell "unknown to the server" from "listed").
     listed: Option<HashSet<RelPath>>,
+    /// Changes applied here during the catch-up, for its summary.
+    applied: usize,
+}
+
+impl Session {
+    /// Per-file events are logged at info once live; during a catch-up (maybe a first sync of
+    /// a big tree) they go to debug and a summary follows.
+    fn applied(&mut self) -> log::Level {
+        self.applied += 1;
+        if self.caught_up {
+            log::Level::Info
+        } else {
+            log::Level::Debug
+        }
+    }
 }
 
 struct Welcome {
@@ -373,6 +388,7 @@ impl Client {
             next_id: 0,
             caught_up: false,
             listed: full.then(HashSet::new),
+            applied: 0,
         };
         s.send(ClientMsg::Subscribe {
             epoch: self.epoch,
@@ -443,8 +459,9 @@ impl Client {
                 self.last_seq = self.last_seq.max(seq);
                 s.caught_up = true;
                 log::info!(
-                    "caught up with the server at seq {seq}{}",
-                    if full { " (full reconciliation)" } else { "" }
+                    "caught up with the server at seq {seq}{}: {} changes applied here",
+                    if full { " (full reconciliation)" } else { "" },
+                    s.applied
                 );
                 // Everything that differs from the base was changed here while away.
                 let tree = &self.tree;
@@ -551,7 +568,7 @@ impl Client {
                         self.tree.rename_subtree(from, path);
                         self.base.remove(from);
                         self.base.insert(path.clone(), r.clone());
-                        log::info!("applied rename {from} -> {path}");
+                        log::log!(s.applied(), "applied rename {from} -> {path}");
                         return Ok(());
                     }
                     Err(e) => {
@@ -570,7 +587,7 @@ impl Client {
                     Ok(seen) => {
                         self.tree.set(path, Some(seen));
                         self.base.insert(path.clone(), r);
-                        log::info!("applied metadata of {path}");
+                        log::log!(s.applied(), "applied metadata of {path}");
                     }
                     Err(e) => log::error!("cannot set metadata of {path}: {e}"),
                 }
@@ -660,7 +677,7 @@ impl Client {
                 Ok(fsops::Removed::Gone) => {
                     self.tree.set(path, None);
                     self.set_base(path, None);
-                    log::info!("applied delete {path}");
+                    log::log!(s.applied(), "applied delete {path}");
                 }
                 Ok(fsops::Removed::NotEmpty) => {
                     // Something new was made inside here: keep the directory (and send it).
@@ -675,7 +692,7 @@ impl Client {
                     self.note_created(created);
                     self.tree.set(path, Some(seen));
                     self.set_base(path, Some(e));
-                    log::info!("applied mkdir {path}");
+                    log::log!(s.applied(), "applied mkdir {path}");
                 }
                 Err(err) => log::error!("cannot create directory {path}: {err}"),
             },
@@ -707,7 +724,7 @@ impl Client {
                     Ok((seen, created)) => {
                         self.note_created(created);
                         self.tree.set(path, Some(seen));
-                        log::info!("applied {path} ({} bytes)", e.size);
+                        log::log!(s.applied(), "applied {path} ({} bytes)", e.size);
                         self.set_base(path, Some(e));
                     }
                     Err(err) => log::error!("cannot put {path} in place: {err}"),
