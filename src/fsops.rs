@@ -217,15 +217,45 @@ pub fn rename_noreplace(
 ) -> io::Result<Vec<(RelPath, Seen)>> {
     ensure_parents_exist_or_gone(root, from)?;
     let created = ensure_parents(root, to)?;
+    rename_exclusive(&root.join(from.as_str()), &root.join(to.as_str()))?;
+    Ok(created)
+}
+
+/// `rename` that fails with `AlreadyExists` instead of replacing `to`.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn rename_exclusive(from: &Path, to: &Path) -> io::Result<()> {
     nix::fcntl::renameat2(
         nix::fcntl::AT_FDCWD,
-        &root.join(from.as_str()),
+        from,
         nix::fcntl::AT_FDCWD,
-        &root.join(to.as_str()),
+        to,
         nix::fcntl::RenameFlags::RENAME_NOREPLACE,
     )
-    .map_err(io::Error::from)?;
-    Ok(created)
+    .map_err(io::Error::from)
+}
+
+/// `rename` that fails with `AlreadyExists` instead of replacing `to`. musl and bionic builds
+/// get no `renameat2` from nix, so: a file is hard-linked to `to` (which refuses an existing
+/// target) and then unlinked; a directory, or a file on a filesystem without hard links
+/// (Android's shared storage), is checked for then renamed.
+/// RACE: in the checked case, an entry created at `to` in between is replaced if it is an
+/// empty directory (rename refuses files over directories and non-empty directories).
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn rename_exclusive(from: &Path, to: &Path) -> io::Result<()> {
+    if !fs::symlink_metadata(from)?.is_dir() {
+        match fs::hard_link(from, to) {
+            Ok(()) => return fs::remove_file(from),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(e),
+            Err(_) => {} // no hard links here: fall back to check-then-rename
+        }
+    }
+    if fs::symlink_metadata(to).is_ok() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists", to.display()),
+        ));
+    }
+    fs::rename(from, to)
 }
 
 #[cfg(test)]

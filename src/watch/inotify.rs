@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use inotify::{Event, EventMask, Inotify, WatchDescriptor, WatchMask, Watches};
 
-use super::poll::{hint_every, path_hints, PollWatcher};
+use super::poll::{hint_every, PollWatcher};
 use super::{Hint, WatchConfig};
 use crate::core::path::STATE_DIR;
 
@@ -481,13 +481,8 @@ impl Fallback {
         if poller.is_none() {
             let subtrees = self.subtrees.clone();
             let tops = move || {
-                path_hints(
-                    subtrees
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .iter()
-                        .cloned(),
-                )
+                let subtrees = subtrees.lock().unwrap_or_else(|e| e.into_inner());
+                subtrees.iter().cloned().map(Hint::Path).collect()
             };
             match hint_every(self.interval, self.tx.clone(), tops, "ferry-inotify-poll") {
                 Ok(p) => *poller = Some(p),

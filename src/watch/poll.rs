@@ -12,7 +12,6 @@
 //! (size, mtime, inode or mode changed), which is the cheap diff this backend needs.
 
 use std::io;
-use std::path::PathBuf;
 use std::sync::atomic::{self, AtomicBool};
 use std::sync::Arc;
 use std::thread;
@@ -87,11 +86,6 @@ pub(crate) fn hint_every(
         stop,
         thread: handle.thread().clone(),
     })
-}
-
-/// Paths as hints.
-pub(crate) fn path_hints(paths: impl IntoIterator<Item = PathBuf>) -> Vec<Hint> {
-    paths.into_iter().map(Hint::Path).collect()
 }
 
 #[cfg(test)]
