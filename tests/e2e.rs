@@ -5,6 +5,7 @@ mod e2e {
     pub mod util;
 
     mod conflict;
+    mod cross;
     mod echo;
     mod hostile;
     mod restart;

@@ -34,7 +34,7 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        if !std::thread::panicking() {
+        if !std::thread::panicking() && std::env::var_os("FERRY_KEEP_TMP").is_none() {
             let _ = fs::remove_dir_all(&self.0);
         }
     }
@@ -47,12 +47,18 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(args: &[&str], log: &Path) -> Proc {
+        Proc::spawn_with(&[ferry().to_string()], args, log)
+    }
+
+    /// Runs `program` (a binary, maybe behind a runner such as `qemu-arm -L ...`) with `args`.
+    pub fn spawn_with(program: &[String], args: &[&str], log: &Path) -> Proc {
         let err = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .unwrap();
-        let child = Command::new(ferry())
+        let child = Command::new(&program[0])
+            .args(&program[1..])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -201,6 +207,8 @@ struct ClientProc {
     name: String,
     watch: Watch,
     root: PathBuf,
+    /// The command that runs this client's ferry (the native binary when empty).
+    program: Vec<String>,
     proc: Option<Proc>,
 }
 
@@ -237,15 +245,21 @@ impl Cluster {
         };
         c.start_server();
         for (name, watch) in clients {
-            c.clients.push(ClientProc {
-                name: name.to_string(),
-                watch: *watch,
-                root: c.dir.0.join(name),
-                proc: None,
-            });
-            c.start_client(name);
+            c.add_client(name, *watch, Vec::new());
         }
         c
+    }
+
+    /// Adds and starts a client run by `program` (the native binary when empty).
+    pub fn add_client(&mut self, name: &str, watch: Watch, program: Vec<String>) {
+        self.clients.push(ClientProc {
+            name: name.to_string(),
+            watch,
+            root: self.dir.0.join(name),
+            program,
+            proc: None,
+        });
+        self.start_client(name);
     }
 
     pub fn secret(&self) -> &Path {
@@ -346,7 +360,11 @@ impl Cluster {
         } else {
             args.extend(["--watcher", "auto"]);
         }
-        c.proc = Some(Proc::spawn(&args, &log));
+        c.proc = Some(if c.program.is_empty() {
+            Proc::spawn(&args, &log)
+        } else {
+            Proc::spawn_with(&c.program.clone(), &args, &log)
+        });
     }
 
     /// SIGKILLs a client.
