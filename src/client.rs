@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context};
 use async_channel::{Receiver, Sender};
@@ -407,20 +407,28 @@ impl Client {
             Hints(Option<Vec<Hint>>),
             Save,
         }
+        // When the state must be saved by: SAVE_DELAY after it first became unsaved, however
+        // busy the connection stays.
+        let mut save_at: Option<Instant> = None;
         loop {
             let hints = self.hints.clone();
-            let unsaved = self.unsaved;
+            if !self.unsaved {
+                save_at = None;
+            } else if save_at.is_none() {
+                save_at = Some(Instant::now() + SAVE_DELAY);
+            }
             let wake = if let Some(m) = s.deferred.pop_front() {
                 Wake::Msg(Some(m))
             } else {
                 async { Wake::Msg(s.inbox.recv().await.ok()) }
                     .or(async { Wake::Hints(hints.recv().await.ok()) })
                     .or(async {
-                        if unsaved {
-                            smol::Timer::after(SAVE_DELAY).await;
-                            Wake::Save
-                        } else {
-                            std::future::pending().await
+                        match save_at {
+                            Some(at) => {
+                                smol::Timer::at(at).await;
+                                Wake::Save
+                            }
+                            None => std::future::pending().await,
                         }
                     })
                     .await
