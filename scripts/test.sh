@@ -10,6 +10,9 @@ run() {
     "$@"
 }
 
+for script in scripts/*.sh targets/android-termux/ferry-start targets/android-termux/install.sh; do
+    run bash -n "$script"  # syntax of the deploy and build scripts
+done
 run cargo fmt --all -- --check
 run cargo clippy --all-targets -- -D warnings
 run cargo clippy --all-targets --no-default-features -- -D warnings
