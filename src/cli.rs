@@ -47,6 +47,15 @@ struct ServerArgs {
     /// file holding the shared secret (at least 16 bytes)
     #[argh(option)]
     secret_file: PathBuf,
+    /// use this external FTP server (IP:PORT, root = --root) instead of the embedded one
+    #[argh(option)]
+    ftp_external: Option<String>,
+    /// with --ftp-external: the FTP account clients log in with
+    #[argh(option)]
+    ftp_user: Option<String>,
+    /// with --ftp-external: file holding that account's password
+    #[argh(option)]
+    ftp_password_file: Option<PathBuf>,
     /// watcher backend: auto, inotify or poll (default auto)
     #[argh(option, default = "\"auto\".into()")]
     watcher: String,
@@ -167,10 +176,28 @@ fn parse_addr(flag: &str, s: &str) -> anyhow::Result<SocketAddr> {
 fn run_server(a: ServerArgs) -> anyhow::Result<()> {
     crate::logger::init("server", verbosity(a.verbose, a.quiet));
     let root = std::path::absolute(&a.root)?;
+    use crate::server::FtpMode;
+    let ftp = match (a.ftp_external, a.ftp_user, a.ftp_password_file) {
+        (None, None, None) => FtpMode::Embedded(parse_addr("--ftp-listen", &a.ftp_listen)?),
+        (Some(addr), Some(user), Some(pass_file)) => {
+            let pass = std::fs::read_to_string(&pass_file)
+                .with_context(|| {
+                    format!("cannot read --ftp-password-file {}", pass_file.display())
+                })?
+                .trim_end_matches(['\r', '\n'])
+                .to_string();
+            FtpMode::External {
+                addr: parse_addr("--ftp-external", &addr)?,
+                user,
+                pass,
+            }
+        }
+        _ => bail!("--ftp-external needs --ftp-user and --ftp-password-file (and they need it)"),
+    };
     let cfg = crate::server::ServerConfig {
         watch: watch_config(&root, &a.watcher, a.poll_interval_ms)?,
         listen: parse_addr("--listen", &a.listen)?,
-        ftp_listen: parse_addr("--ftp-listen", &a.ftp_listen)?,
+        ftp,
         secret: Secret::load(&a.secret_file)?,
         ready_file: a.ready_file,
         root,

@@ -124,6 +124,7 @@ impl Session {
 
 struct Welcome {
     epoch: u64,
+    ftp_host: Option<String>,
     ftp_port: u16,
     ftp_user: String,
     ftp_pass: String,
@@ -298,6 +299,7 @@ impl Client {
             ServerMsg::Welcome {
                 proof,
                 epoch,
+                ftp_host,
                 ftp_port,
                 ftp_user,
                 ftp_pass,
@@ -310,6 +312,7 @@ impl Client {
                 }
                 Ok(Welcome {
                     epoch,
+                    ftp_host,
                     ftp_port,
                     ftp_user,
                     ftp_pass,
@@ -328,8 +331,14 @@ impl Client {
         let (stream, addr) = self.connect().await?;
         let welcome =
             agent::within(HANDSHAKE_TIMEOUT, "the handshake", self.handshake(&stream)).await?;
+        let ftp_ip = match &welcome.ftp_host {
+            Some(h) => h
+                .parse()
+                .with_context(|| format!("the server named an unusable FTP host {h:?}"))?,
+            None => addr.ip(),
+        };
         let data = DataConn::connect(
-            SocketAddr::new(addr.ip(), welcome.ftp_port),
+            SocketAddr::new(ftp_ip, welcome.ftp_port),
             &welcome.ftp_user,
             &welcome.ftp_pass,
             &welcome.session,

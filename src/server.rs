@@ -37,14 +37,32 @@ pub struct ServerConfig {
     pub root: PathBuf,
     /// Control channel address.
     pub listen: SocketAddr,
-    /// Embedded FTP server address.
-    pub ftp_listen: SocketAddr,
+    /// Which FTP server carries the bytes.
+    pub ftp: FtpMode,
     /// Shared secret.
     pub secret: Secret,
     /// Watcher settings.
     pub watch: WatchConfig,
     /// Written with the bound addresses once the server accepts connections.
     pub ready_file: Option<PathBuf>,
+}
+
+/// The data plane's FTP server.
+#[derive(Debug, Clone)]
+pub enum FtpMode {
+    /// The embedded server (libunftp), listening here: per-session credentials, writes
+    /// confined to the session's staging area.
+    Embedded(SocketAddr),
+    /// The NAS's own FTP server, whose root is the same tree: one shared account handed to every
+    /// authenticated client (see README for what this gives up).
+    External {
+        /// `HOST:PORT` clients connect to (an unspecified IP means "the server's address").
+        addr: SocketAddr,
+        /// The FTP account.
+        user: String,
+        /// Its password.
+        pass: String,
+    },
 }
 
 /// Seqs are reserved in steps of this many, durably, before any is handed out: after a crash
@@ -104,9 +122,14 @@ struct ClientHandle {
 
 /// What connection tasks share.
 struct Shared {
+    root: PathBuf,
     secret: Secret,
     epoch: u64,
+    /// FTP host clients should use (`None`: the address they reached us on) and port.
+    ftp_host: Option<String>,
     ftp_port: u16,
+    /// The external server's shared account; `None` with the embedded server.
+    external: Option<(String, String)>,
     creds: FtpCredentials,
 }
 
@@ -182,7 +205,21 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
     server.startup_scan()?;
 
     let creds = FtpCredentials::new();
-    let ftp = ftpd::start(root.clone(), cfg.ftp_listen, creds.clone())?;
+    // The embedded server lives as long as this function (its thread stops with the process).
+    let (_embedded, ftp_addr, external) = match &cfg.ftp {
+        FtpMode::Embedded(listen) => {
+            let ftp = ftpd::start(root.clone(), *listen, creds.clone())?;
+            let addr = ftp.addr;
+            (Some(ftp), addr, None)
+        }
+        FtpMode::External { addr, user, pass } => {
+            log::warn!(
+                "using the external FTP server at {addr}: one shared account for every client, \
+                 writes not confined to staging (see README, \"External FTP server\")"
+            );
+            (None, *addr, Some((user.clone(), pass.clone())))
+        }
+    };
     let listener = Async::<TcpListener>::bind(cfg.listen).with_context(|| {
         format!(
             "cannot listen on {} (in use? try another --listen)",
@@ -193,21 +230,24 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
     log::info!(
         "serving {} on control {control}, FTP {}, watcher {}, {} entries, epoch {:016x}",
         root.display(),
-        ftp.addr,
+        ftp_addr,
         cfg.watch.backend.name(),
         server.index.live_count(),
         server.index.epoch
     );
     if let Some(ready) = &cfg.ready_file {
-        let text = format!("control={control}\nftp={}\n", ftp.addr);
+        let text = format!("control={control}\nftp={ftp_addr}\n");
         store::write_atomic(ready, text.as_bytes())
             .with_context(|| format!("cannot write ready file {}", ready.display()))?;
     }
 
     let shared = Arc::new(Shared {
+        root: root.clone(),
         secret: cfg.secret.clone(),
         epoch: server.index.epoch,
-        ftp_port: ftp.addr.port(),
+        ftp_host: (!ftp_addr.ip().is_unspecified()).then(|| ftp_addr.ip().to_string()),
+        ftp_port: ftp_addr.port(),
+        external,
         creds,
     });
     smol::spawn(accept_loop(listener, shared, events_tx.clone())).detach();
@@ -297,14 +337,27 @@ async fn handshake(
         bail!("client {name:?} failed authentication (wrong secret)");
     }
     let session = format!("{id}-{}", hex(&random::<6>()));
-    let user = format!("ferry-{session}");
-    let pass = hex(&random::<16>());
-    shared.creds.insert(&user, &pass, &session);
+    let (user, pass) = match &shared.external {
+        None => {
+            let (user, pass) = (format!("ferry-{session}"), hex(&random::<16>()));
+            shared.creds.insert(&user, &pass, &session);
+            (user, pass)
+        }
+        Some((user, pass)) => {
+            // The external server writes as its own account and creates no directories for
+            // us: make the session's staging directory, writable by that account.
+            let dir = staging_dir(&shared.root).join(&session);
+            std::fs::create_dir_all(&dir)?;
+            std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
+            (user.clone(), pass.clone())
+        }
+    };
     write_frame(
         &mut s,
         &ServerMsg::Welcome {
             proof: shared.secret.server_proof(&cnonce, &snonce),
             epoch: shared.epoch,
+            ftp_host: shared.ftp_host.clone(),
             ftp_port: shared.ftp_port,
             ftp_user: user.clone(),
             ftp_pass: pass,

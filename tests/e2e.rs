@@ -7,6 +7,7 @@ mod e2e {
     mod conflict;
     mod cross;
     mod echo;
+    mod external;
     mod hostile;
     mod restart;
     mod startup;

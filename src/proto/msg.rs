@@ -98,7 +98,9 @@ pub enum ServerMsg {
         proof: Proof,
         /// Identifies this server index; changes only if its index was lost.
         epoch: u64,
-        /// Port of the FTP data plane on the address the client connected to.
+        /// Host of the FTP data plane; `None`: the address the client connected to.
+        ftp_host: Option<String>,
+        /// Port of the FTP data plane.
         ftp_port: u16,
         /// FTP user valid while this control session lives.
         ftp_user: String,

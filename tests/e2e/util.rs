@@ -219,6 +219,8 @@ pub struct Cluster {
     server: Option<Proc>,
     control: String,
     ftp: String,
+    /// Arguments naming an external FTP server, used instead of `--ftp-listen`.
+    ftp_args: Option<Vec<String>>,
     clients: Vec<ClientProc>,
 }
 
@@ -230,17 +232,30 @@ impl Cluster {
 
     /// Like `start`, with `seed` run on the server's tree before anything starts.
     pub fn start_with(test: &str, clients: &[(&str, Watch)], seed: impl FnOnce(&Path)) -> Cluster {
+        Cluster::start_custom(test, clients, None, |dir| seed(&dir.join("server")))
+    }
+
+    /// The general form: `ftp_args` replace `--ftp-listen ...` (for an external FTP server),
+    /// and `setup` runs with the test's directory once the server's tree exists, before the
+    /// server starts.
+    pub fn start_custom(
+        test: &str,
+        clients: &[(&str, Watch)],
+        ftp_args: Option<Vec<String>>,
+        setup: impl FnOnce(&Path),
+    ) -> Cluster {
         let dir = TempDir::new(test);
         let secret = dir.0.join("secret");
         fs::write(&secret, "0123456789abcdef-test-secret\n").unwrap();
         fs::create_dir_all(dir.0.join("server")).unwrap();
-        seed(&dir.0.join("server"));
+        setup(&dir.0);
         let mut c = Cluster {
             dir,
             secret,
             server: None,
             control: "127.0.0.1:0".into(),
             ftp: "127.0.0.1:0".into(),
+            ftp_args,
             clients: Vec::new(),
         };
         c.start_server();
@@ -298,20 +313,22 @@ impl Cluster {
         let ready = self.dir.0.join("server.ready");
         let _ = fs::remove_file(&ready);
         let root = self.server_root();
-        let args = [
+        let mut args = vec![
             "server",
             "--root",
             root.to_str().unwrap(),
             "--listen",
             &self.control,
-            "--ftp-listen",
-            &self.ftp,
             "--secret-file",
             self.secret.to_str().unwrap(),
             "--ready-file",
             ready.to_str().unwrap(),
             "-v",
         ];
+        match &self.ftp_args {
+            None => args.extend(["--ftp-listen", &self.ftp]),
+            Some(extra) => args.extend(extra.iter().map(String::as_str)),
+        }
         let log = self.dir.0.join("server.log");
         let mut server = Proc::spawn(&args, &log);
         let end = Instant::now() + DEADLINE;
