@@ -46,8 +46,17 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Runs the `ferry` under test, behind `FERRY_TEST_RUNNER` if set (e.g.
+    /// `qemu-arm -L /usr/arm-linux-gnueabihf` when the suite is cross-built for armv7 and there
+    /// is no binfmt_misc to run ARM binaries directly).
     pub fn spawn(args: &[&str], log: &Path) -> Proc {
-        Proc::spawn_with(&[ferry().to_string()], args, log)
+        let mut program: Vec<String> = std::env::var("FERRY_TEST_RUNNER")
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(String::from)
+            .collect();
+        program.push(ferry().to_string());
+        Proc::spawn_with(&program, args, log)
     }
 
     /// Runs `program` (a binary, maybe behind a runner such as `qemu-arm -L ...`) with `args`.
