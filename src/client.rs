@@ -26,7 +26,7 @@ use crate::data::{DataConn, DownloadError};
 use crate::fsops;
 use crate::proto::auth::{random, Secret};
 use crate::proto::codec::{read_frame, write_frame, MAX_FRAME, MAX_HANDSHAKE_FRAME};
-use crate::proto::msg::{Change, ClientMsg, Op, Outcome, ServerMsg, PROTOCOL_VERSION};
+use crate::proto::msg::{Change, ClientMsg, Grant, Op, Outcome, ServerMsg, PROTOCOL_VERSION};
 use crate::scan::Tree;
 use crate::store;
 use crate::watch::{Hint, WatchConfig, Watcher};
@@ -120,15 +120,6 @@ impl Session {
             log::Level::Debug
         }
     }
-}
-
-struct Welcome {
-    epoch: u64,
-    ftp_host: Option<String>,
-    ftp_port: u16,
-    ftp_user: String,
-    ftp_pass: String,
-    session: String,
 }
 
 fn state_file(cfg: &ClientConfig) -> PathBuf {
@@ -273,7 +264,7 @@ impl Client {
         Err(last)
     }
 
-    async fn handshake(&self, stream: &Async<TcpStream>) -> anyhow::Result<Welcome> {
+    async fn handshake(&self, stream: &Async<TcpStream>) -> anyhow::Result<Grant> {
         let mut s = stream;
         let cnonce = random::<32>();
         let secret = &self.cfg.secret;
@@ -296,28 +287,13 @@ impl Client {
         let proof = secret.client_proof(&snonce, &cnonce, &self.cfg.name);
         write_frame(&mut s, &ClientMsg::Auth { proof }).await?;
         match read_frame(&mut s, MAX_HANDSHAKE_FRAME).await? {
-            ServerMsg::Welcome {
-                proof,
-                epoch,
-                ftp_host,
-                ftp_port,
-                ftp_user,
-                ftp_pass,
-                session,
-            } => {
+            ServerMsg::Welcome { proof, grant } => {
                 if !secret.verify_server(&cnonce, &snonce, &proof) {
                     bail!(Fatal(
                         "the server could not prove it knows the secret: wrong server, or a different secret file".into()
                     ));
                 }
-                Ok(Welcome {
-                    epoch,
-                    ftp_host,
-                    ftp_port,
-                    ftp_user,
-                    ftp_pass,
-                    session,
-                })
+                Ok(grant)
             }
             ServerMsg::Refused { reason } => bail!(Fatal(format!(
                 "the server refused us: {reason} (check --secret-file)"
@@ -329,29 +305,29 @@ impl Client {
     /// One connection's life: handshake, catch-up, then live sync until it breaks.
     async fn session(&mut self, backoff: &mut Duration) -> anyhow::Result<()> {
         let (stream, addr) = self.connect().await?;
-        let welcome =
+        let grant =
             agent::within(HANDSHAKE_TIMEOUT, "the handshake", self.handshake(&stream)).await?;
-        let ftp_ip = match &welcome.ftp_host {
+        let ftp_ip = match &grant.ftp_host {
             Some(h) => h
                 .parse()
                 .with_context(|| format!("the server named an unusable FTP host {h:?}"))?,
             None => addr.ip(),
         };
         let data = DataConn::connect(
-            SocketAddr::new(ftp_ip, welcome.ftp_port),
-            &welcome.ftp_user,
-            &welcome.ftp_pass,
-            &welcome.session,
+            SocketAddr::new(ftp_ip, grant.ftp_port),
+            &grant.ftp_user,
+            &grant.ftp_pass,
+            &grant.session,
         )
         .await?;
         log::info!("connected to {addr}");
         *backoff = MIN_BACKOFF;
-        let full = welcome.epoch != self.epoch || self.last_seq == 0;
-        if welcome.epoch != self.epoch {
+        let full = grant.epoch != self.epoch || self.last_seq == 0;
+        if grant.epoch != self.epoch {
             if self.epoch != 0 {
                 log::warn!("the server's index is new: reconciling in full (nothing is deleted for being absent)");
             }
-            self.epoch = welcome.epoch;
+            self.epoch = grant.epoch;
             self.last_seq = 0;
             // A base agreed with another index proves nothing now.
             self.base.clear();

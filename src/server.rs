@@ -25,7 +25,7 @@ use crate::fsops;
 use crate::ftpd::{self, FtpCredentials};
 use crate::proto::auth::{random, Secret};
 use crate::proto::codec::{read_frame, write_frame, MAX_FRAME, MAX_HANDSHAKE_FRAME};
-use crate::proto::msg::{Change, ClientMsg, Op, Outcome, ServerMsg, PROTOCOL_VERSION};
+use crate::proto::msg::{Change, ClientMsg, Grant, Op, Outcome, ServerMsg, PROTOCOL_VERSION};
 use crate::scan::Tree;
 use crate::store;
 use crate::watch::{Hint, WatchConfig, Watcher};
@@ -356,12 +356,14 @@ async fn handshake(
         &mut s,
         &ServerMsg::Welcome {
             proof: shared.secret.server_proof(&cnonce, &snonce),
-            epoch: shared.epoch,
-            ftp_host: shared.ftp_host.clone(),
-            ftp_port: shared.ftp_port,
-            ftp_user: user.clone(),
-            ftp_pass: pass,
-            session: session.clone(),
+            grant: Grant {
+                epoch: shared.epoch,
+                ftp_host: shared.ftp_host.clone(),
+                ftp_port: shared.ftp_port,
+                ftp_user: user.clone(),
+                ftp_pass: pass,
+                session: session.clone(),
+            },
         },
     )
     .await?;

@@ -96,18 +96,8 @@ pub enum ServerMsg {
     Welcome {
         /// The server's own proof, so the client knows it is not talking to an impostor.
         proof: Proof,
-        /// Identifies this server index; changes only if its index was lost.
-        epoch: u64,
-        /// Host of the FTP data plane; `None`: the address the client connected to.
-        ftp_host: Option<String>,
-        /// Port of the FTP data plane.
-        ftp_port: u16,
-        /// FTP user valid while this control session lives.
-        ftp_user: String,
-        /// FTP password for `ftp_user`.
-        ftp_pass: String,
-        /// Staging directory name for this session's uploads.
-        session: String,
+        /// What this session may use.
+        grant: Grant,
     },
     /// The server refuses the connection; it closes after this frame.
     Refused {
@@ -134,6 +124,23 @@ pub enum ServerMsg {
     },
     /// Keepalive.
     Ping,
+}
+
+/// What an authenticated session gets: the index it talks to and its data-plane access.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Grant {
+    /// Identifies this server index; changes only if its index was lost.
+    pub epoch: u64,
+    /// Host of the FTP data plane; `None`: the address the client connected to.
+    pub ftp_host: Option<String>,
+    /// Port of the FTP data plane.
+    pub ftp_port: u16,
+    /// FTP user (valid while this control session lives, with the embedded server).
+    pub ftp_user: String,
+    /// FTP password for `ftp_user`.
+    pub ftp_pass: String,
+    /// Staging directory name for this session's uploads.
+    pub session: String,
 }
 
 /// One accepted change to the server's tree.
