@@ -758,7 +758,14 @@ impl Client {
                             return Ok(None);
                         }
                     };
-                    s.data.upload(file, &name).await?;
+                    let (size, hash) = s.data.upload(file, &name).await?;
+                    if size != e.size || hash != e.hash {
+                        // Written to while we read it: its close brings a hint, and then the
+                        // finished file is sent. Nothing to commit now.
+                        log::debug!("{path} changed while uploading; it will be sent again");
+                        self.dirty.insert(path.clone());
+                        return Ok(None);
+                    }
                     (
                         Op::Put {
                             staged: Some(name),

@@ -14,7 +14,7 @@ use suppaftp::smol::AsyncFtpStream;
 use suppaftp::types::FileType;
 use suppaftp::FtpError;
 
-use crate::core::entry::{short_hash, Entry};
+use crate::core::entry::{short_hash, Entry, Hash};
 use crate::core::path::RelPath;
 
 /// One logged-in FTP connection.
@@ -29,6 +29,27 @@ impl std::fmt::Debug for DataConn {
         f.debug_struct("DataConn")
             .field("staging", &self.staging)
             .finish()
+    }
+}
+
+/// Hashes what passes through it.
+struct HashingReader<R> {
+    inner: R,
+    hasher: blake3::Hasher,
+}
+
+impl<R: smol::io::AsyncRead + Unpin> smol::io::AsyncRead for HashingReader<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let me = &mut *self;
+        let poll = std::pin::Pin::new(&mut me.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = poll {
+            me.hasher.update(&buf[..n]);
+        }
+        poll
     }
 }
 
@@ -136,10 +157,21 @@ impl DataConn {
                 anyhow::Error::new(e).context(format!("download of {rel} broke off")),
             )));
         }
-        if let Err(e) = finished {
-            return Err(fail(DownloadError::Transport(
-                anyhow::Error::new(e).context(format!("download of {rel} did not complete")),
-            )));
+        match finished {
+            Ok(()) => {}
+            // A refusal at the end (some servers answer 150, then 550 when the file went
+            // away meanwhile): the file changed, the connection is fine.
+            Err(FtpError::UnexpectedResponse(r)) => {
+                return Err(fail(DownloadError::Changed(format!(
+                    "{rel} went away on the server during download ({})",
+                    String::from_utf8_lossy(&r.body).trim()
+                ))))
+            }
+            Err(e) => {
+                return Err(fail(DownloadError::Transport(
+                    anyhow::Error::new(e).context(format!("download of {rel} did not complete")),
+                )))
+            }
         }
         if let Some(e) = local_error {
             return Err(fail(DownloadError::Local(
@@ -158,15 +190,21 @@ impl DataConn {
         Ok(Downloaded { file, path: tmp })
     }
 
-    /// Uploads an open local file to the staging area as `name`; returns bytes sent.
-    pub async fn upload(&mut self, src: File, name: &str) -> anyhow::Result<u64> {
+    /// Uploads an open local file to the staging area as `name`; returns the size and hash of
+    /// the bytes sent, so the caller can tell whether the file changed while it was read.
+    pub async fn upload(&mut self, src: File, name: &str) -> anyhow::Result<(u64, Hash)> {
         let reader = smol::Unblock::with_capacity(256 * 1024, src);
-        let mut reader = smol::io::BufReader::with_capacity(256 * 1024, reader);
+        let mut reader = HashingReader {
+            inner: smol::io::BufReader::with_capacity(256 * 1024, reader),
+            hasher: blake3::Hasher::new(),
+        };
         let target = format!("{}/{name}", self.staging);
-        self.ftp
+        let sent = self
+            .ftp
             .put_file(&target, &mut reader)
             .await
-            .with_context(|| format!("FTP STOR {target}"))
+            .with_context(|| format!("FTP STOR {target}"))?;
+        Ok((sent, *reader.hasher.finalize().as_bytes()))
     }
 
     /// Closes politely.
