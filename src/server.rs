@@ -726,20 +726,20 @@ impl Server {
                 if current.is_none() || current != base {
                     return (conflict(current), changes);
                 }
-                if self.index.entry(&to).is_some() || to.starts_with(path) {
-                    return (
-                        Outcome::Failed {
-                            reason: format!("cannot rename {path} to {to}: the target exists"),
-                        },
-                        changes,
-                    );
+                let refusal = if self.index.entry(&to).is_some() {
+                    Some("the target exists")
+                } else if to.starts_with(path) {
+                    Some("a directory cannot move into itself")
+                } else {
+                    None
+                };
+                if let Some(why) = refusal {
+                    let reason = format!("cannot rename {path} to {to}: {why}");
+                    return (Outcome::Failed { reason }, changes);
                 }
                 match fsops::rename_noreplace(&self.root, path, &to) {
                     Ok(created) => {
-                        for (p, seen) in created {
-                            self.tree.set(&p, Some(seen.clone()));
-                            changes.extend(self.index.set(&p, Some(seen.entry)));
-                        }
+                        self.record_created(created, &mut changes);
                         self.tree.rename_subtree(path, &to);
                         changes.extend(self.index.rename(path, &to));
                         Ok(self.done(&to))
@@ -757,6 +757,15 @@ impl Server {
         (outcome, changes)
     }
 
+    /// Records parent directories ferry had to create on the way to a path.
+    fn record_created(&mut self, created: Vec<(RelPath, Seen)>, changes: &mut Vec<Change>) {
+        for (p, s) in created {
+            self.tree.set(&p, Some(s.clone()));
+            changes.extend(self.index.set(&p, Some(s.entry)));
+        }
+    }
+
+    /// Records what a commit put at `path` (and the parents it created).
     fn record(
         &mut self,
         path: &RelPath,
@@ -764,10 +773,7 @@ impl Server {
         created: Vec<(RelPath, Seen)>,
         changes: &mut Vec<Change>,
     ) {
-        for (p, s) in created {
-            self.tree.set(&p, Some(s.clone()));
-            changes.extend(self.index.set(&p, Some(s.entry)));
-        }
+        self.record_created(created, changes);
         self.tree.set(path, Some(seen.clone()));
         changes.extend(self.index.set(path, Some(seen.entry)));
     }
