@@ -11,7 +11,7 @@ use smol::future::FutureExt;
 
 use crate::core::path::RelPath;
 use crate::core::renames::Changed;
-use crate::scan::Tree;
+use crate::scan::{RootLost, Tree};
 use crate::watch::Hint;
 
 /// How often an idle connection sends a `Ping`.
@@ -132,28 +132,38 @@ pub async fn gather_hints(rx: &async_channel::Receiver<Hint>) -> Option<Vec<Hint
     Some(hints)
 }
 
-/// Scans what `hints` point at; returns what changed on disk.
-pub fn scan_hints(tree: &mut Tree, hints: Vec<Hint>) -> Vec<Changed> {
-    if hints.contains(&Hint::Rescan) {
-        return tree.scan_all().unwrap_or_else(|e| {
-            log::error!("cannot scan {}: {e}", tree.root().display());
-            Vec::new()
-        });
+/// Scans what `hints` point at; returns what changed on disk. If anything looks deleted, the
+/// root is checked first (`Tree::check_root`): a lost root is an error, never deletes.
+pub fn scan_hints(tree: &mut Tree, hints: Vec<Hint>) -> Result<Vec<Changed>, RootLost> {
+    let changes = if hints.contains(&Hint::Rescan) {
+        match tree.scan_all() {
+            Ok(c) => c,
+            Err(e) => {
+                tree.check_root()?;
+                log::error!("cannot scan {}: {e}", tree.root().display());
+                Vec::new()
+            }
+        }
+    } else {
+        let mut paths: Vec<std::path::PathBuf> = hints
+            .into_iter()
+            .filter_map(|h| match h {
+                Hint::Path(p) => Some(p),
+                Hint::Rescan => None,
+            })
+            .collect();
+        paths.sort();
+        paths.dedup();
+        let mut changes = Vec::new();
+        for p in paths {
+            changes.extend(tree.scan_path(&p));
+        }
+        changes
+    };
+    if changes.iter().any(|c| c.new.is_none()) {
+        tree.check_root()?;
     }
-    let mut paths: Vec<std::path::PathBuf> = hints
-        .into_iter()
-        .filter_map(|h| match h {
-            Hint::Path(p) => Some(p),
-            Hint::Rescan => None,
-        })
-        .collect();
-    paths.sort();
-    paths.dedup();
-    let mut changes = Vec::new();
-    for p in paths {
-        changes.extend(tree.scan_path(&p));
-    }
-    changes
+    Ok(changes)
 }
 
 /// Orders paths for applying: creations and updates parents first, then deletions children

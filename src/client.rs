@@ -195,13 +195,13 @@ impl Client {
             let jitter = 0.5 + f64::from(u32::from_le_bytes(random())) / f64::from(u32::MAX);
             let wait = backoff.mul_f64(jitter);
             log::info!("reconnecting in {} ms", wait.as_millis());
-            self.offline_for(wait).await;
+            self.offline_for(wait).await?;
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 
     /// Keeps noting local changes while disconnected.
-    async fn offline_for(&mut self, wait: Duration) {
+    async fn offline_for(&mut self, wait: Duration) -> anyhow::Result<()> {
         let deadline = smol::Timer::after(wait);
         let hints = self.hints.clone();
         let mut deadline = std::pin::pin!(deadline);
@@ -213,11 +213,11 @@ impl Client {
                 })
                 .await;
             match next {
-                Some(h) => {
-                    let changes = agent::scan_hints(&mut self.tree, h);
-                    self.note_local(changes);
-                }
-                None => return,
+                Some(h) => match agent::scan_hints(&mut self.tree, h) {
+                    Ok(changes) => self.note_local(changes),
+                    Err(lost) => return Err(Fatal(lost.to_string()).into()),
+                },
+                None => return Ok(()),
             }
         }
     }
@@ -423,7 +423,8 @@ impl Client {
                 Wake::Msg(Some(m)) => self.on_message(s, m).await?,
                 Wake::Hints(None) => bail!(Fatal("the watcher stopped".into())),
                 Wake::Hints(Some(h)) => {
-                    let changes = agent::scan_hints(&mut self.tree, h);
+                    let changes = agent::scan_hints(&mut self.tree, h)
+                        .map_err(|lost| Fatal(lost.to_string()))?;
                     self.note_local(changes);
                     if s.caught_up {
                         self.sync_local(s).await?;
@@ -776,7 +777,13 @@ impl Client {
                 }
             }
             Some(e) => (Op::Mkdir { mode: e.mode }, "mkdir".to_string()),
-            None => (Op::Delete, "delete".to_string()),
+            None => {
+                // Absent may mean out of reach (an unmounted card): never a delete then.
+                self.tree
+                    .check_root()
+                    .map_err(|lost| Fatal(lost.to_string()))?;
+                (Op::Delete, "delete".to_string())
+            }
         };
         match s.commit(path, op, server_has).await? {
             Outcome::Done { .. } => {

@@ -22,7 +22,23 @@ pub struct Tree {
     entries: BTreeMap<RelPath, Seen>,
     /// Paths already reported as impossible to sync, so each is logged once.
     reported: HashSet<PathBuf>,
+    /// Device and inode of `<root>/.ferry` when the tree was opened: if the root is unmounted,
+    /// replaced or moved away, this no longer matches (see `check_root`).
+    marker: Option<(u64, u64)>,
 }
+
+/// The root is not the tree ferry was syncing any more (unmounted, removed, replaced, or
+/// unreadable): what looks deleted may only be out of reach, so nothing may be deleted.
+#[derive(Debug)]
+pub struct RootLost(pub String);
+
+impl std::fmt::Display for RootLost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for RootLost {}
 
 /// Modification time in nanoseconds since the epoch.
 pub fn mtime_ns(meta: &Metadata) -> i64 {
@@ -71,10 +87,39 @@ pub fn hash_file(path: &Path) -> io::Result<Option<Seen>> {
 impl Tree {
     /// A tree with a cache from an earlier run (or empty).
     pub fn new(root: PathBuf, cached: BTreeMap<RelPath, Seen>) -> Tree {
+        let marker = std::fs::symlink_metadata(root.join(STATE_DIR))
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
         Tree {
             root,
             entries: cached,
             reported: HashSet::new(),
+            marker,
+        }
+    }
+
+    /// Checks that the root is still the tree this `Tree` was opened on: a readable directory
+    /// whose state directory is the same one. Called before anything found missing is
+    /// treated as deleted, so an unmounted SD card or a stale NAS mount stops the agent
+    /// instead of turning into a mass delete.
+    pub fn check_root(&self) -> Result<(), RootLost> {
+        let root = self.root.display();
+        let lost = |why: String| {
+            Err(RootLost(format!(
+                "{root} {why}: stopping rather than passing on deletes (unmounted disk or stale \
+                 mount?). Nothing was deleted; fix the mount and start ferry again"
+            )))
+        };
+        if let Err(e) = std::fs::read_dir(&self.root) {
+            return lost(format!("cannot be read ({e})"));
+        }
+        let marker = std::fs::symlink_metadata(self.root.join(STATE_DIR))
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        match (self.marker, marker) {
+            (Some(_), None) => lost(format!("no longer holds ferry's {STATE_DIR} directory")),
+            (Some(a), Some(b)) if a != b => lost(format!("has been replaced by another directory")),
+            _ => Ok(()),
         }
     }
 
@@ -142,6 +187,12 @@ impl Tree {
                 "{} is not a directory",
                 self.root.display()
             )));
+        }
+        if let Err(e) = std::fs::read_dir(&self.root) {
+            return Err(io::Error::new(
+                e.kind(),
+                format!("cannot list {}: {e}", self.root.display()),
+            ));
         }
         let mut changes = Vec::new();
         let mut seen = HashSet::new();

@@ -26,7 +26,7 @@ use crate::ftpd::{self, FtpCredentials};
 use crate::proto::auth::{random, Secret};
 use crate::proto::codec::{read_frame, write_frame, MAX_FRAME, MAX_HANDSHAKE_FRAME};
 use crate::proto::msg::{Change, ClientMsg, Grant, Op, Outcome, ServerMsg, PROTOCOL_VERSION};
-use crate::scan::Tree;
+use crate::scan::{RootLost, Tree};
 use crate::store;
 use crate::watch::{Hint, WatchConfig, Watcher};
 
@@ -142,6 +142,8 @@ struct Server {
     /// Seqs up to this are durably reserved.
     reserved: u64,
     save_pending: bool,
+    /// Set when a scan found the root gone: the server stops (see `Tree::check_root`).
+    lost: Option<RootLost>,
 }
 
 fn state_file(root: &Path) -> PathBuf {
@@ -200,9 +202,13 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         events: events_tx.clone(),
         reserved,
         save_pending: false,
+        lost: None,
     };
     log::info!("scanning {}", root.display());
     server.startup_scan()?;
+    if let Some(lost) = server.lost.take() {
+        return Err(lost.into());
+    }
 
     let creds = FtpCredentials::new();
     // The embedded server lives as long as this function (its thread stops with the process).
@@ -254,6 +260,9 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
     smol::spawn(forward_hints(hint_rx, events_tx)).detach();
     while let Ok(ev) = events_rx.recv().await {
         server.handle(ev).await;
+        if let Some(lost) = server.lost.take() {
+            return Err(lost.into());
+        }
     }
     Ok(())
 }
@@ -438,6 +447,12 @@ impl Server {
             .filter(|p| self.tree.get(p).is_none())
             .cloned()
             .collect();
+        if !missing.is_empty() {
+            if let Err(lost) = self.tree.check_root() {
+                self.lost = Some(lost);
+                return Ok(());
+            }
+        }
         for p in agent::apply_order(missing, |_| true) {
             out.extend(self.index.set(&p, None));
         }
@@ -472,11 +487,13 @@ impl Server {
                 }
             }
             Event::Msg { id, msg } => self.on_message(id, msg).await,
-            Event::Hints(hints) => {
-                let changes = agent::scan_hints(&mut self.tree, hints);
-                let out = self.ingest(changes);
-                self.publish(out);
-            }
+            Event::Hints(hints) => match agent::scan_hints(&mut self.tree, hints) {
+                Ok(changes) => {
+                    let out = self.ingest(changes);
+                    self.publish(out);
+                }
+                Err(lost) => self.lost = Some(lost),
+            },
             Event::Save => {
                 self.save_pending = false;
                 self.save_now();
@@ -547,8 +564,19 @@ impl Server {
         }
     }
 
-    /// Turns scanned disk changes into index changes (renames recognised as such).
+    /// Turns scanned disk changes into index changes (renames recognised as such). Deletes
+    /// are only believed while the root is intact; otherwise nothing is recorded and the
+    /// server stops.
     fn ingest(&mut self, changes: Vec<Changed>) -> Vec<Change> {
+        if self.lost.is_some() {
+            return Vec::new();
+        }
+        if changes.iter().any(|c| c.new.is_none()) {
+            if let Err(lost) = self.tree.check_root() {
+                self.lost = Some(lost);
+                return Vec::new();
+            }
+        }
         let mut out = Vec::new();
         for (from, to) in detect_renames(&changes) {
             if self.index.entry(&from).is_some() && self.index.entry(&to).is_none() {

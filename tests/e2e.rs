@@ -6,6 +6,7 @@ mod e2e {
 
     mod conflict;
     mod cross;
+    mod durable;
     mod echo;
     mod external;
     mod hostile;

@@ -218,6 +218,8 @@ struct ClientProc {
     root: PathBuf,
     /// The command that runs this client's ferry (the native binary when empty).
     program: Vec<String>,
+    /// Extra command-line arguments (see `set_client_args`).
+    extra: Vec<String>,
     proc: Option<Proc>,
 }
 
@@ -230,6 +232,8 @@ pub struct Cluster {
     ftp: String,
     /// Arguments naming an external FTP server, used instead of `--ftp-listen`.
     ftp_args: Option<Vec<String>>,
+    /// Extra server arguments (see `set_server_args`).
+    server_extra: Vec<String>,
     clients: Vec<ClientProc>,
 }
 
@@ -265,6 +269,7 @@ impl Cluster {
             control: "127.0.0.1:0".into(),
             ftp: "127.0.0.1:0".into(),
             ftp_args,
+            server_extra: Vec::new(),
             clients: Vec::new(),
         };
         c.start_server();
@@ -281,9 +286,35 @@ impl Cluster {
             watch,
             root: self.dir.0.join(name),
             program,
+            extra: Vec::new(),
             proc: None,
         });
         self.start_client(name);
+    }
+
+    /// Arguments added to the server's command line from its next start on.
+    pub fn set_server_args(&mut self, args: &[&str]) {
+        self.server_extra = args.iter().map(|a| a.to_string()).collect();
+    }
+
+    /// Arguments added to a client's command line from its next start on.
+    pub fn set_client_args(&mut self, name: &str, args: &[&str]) {
+        self.client_mut(name).extra = args.iter().map(|a| a.to_string()).collect();
+    }
+
+    /// The server's exit status, if it has exited.
+    pub fn server_exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.server.as_mut().and_then(Proc::exited)
+    }
+
+    /// A client's exit status, if it has exited.
+    pub fn client_exited(&mut self, name: &str) -> Option<std::process::ExitStatus> {
+        self.client_mut(name).proc.as_mut().and_then(Proc::exited)
+    }
+
+    /// The whole log of `agent` ("server" or a client's name).
+    pub fn log(&self, agent: &str) -> String {
+        fs::read_to_string(self.dir.0.join(format!("{agent}.log"))).unwrap_or_default()
     }
 
     pub fn secret(&self) -> &Path {
@@ -338,6 +369,7 @@ impl Cluster {
             None => args.extend(["--ftp-listen", &self.ftp]),
             Some(extra) => args.extend(extra.iter().map(String::as_str)),
         }
+        args.extend(self.server_extra.iter().map(String::as_str));
         let log = self.dir.0.join("server.log");
         let mut server = Proc::spawn(&args, &log);
         let end = Instant::now() + DEADLINE;
@@ -386,6 +418,8 @@ impl Cluster {
         } else {
             args.extend(["--watcher", "auto"]);
         }
+        let extra = c.extra.clone();
+        args.extend(extra.iter().map(String::as_str));
         c.proc = Some(if c.program.is_empty() {
             Proc::spawn(&args, &log)
         } else {
