@@ -118,7 +118,9 @@ impl Tree {
             .map(|m| (m.dev(), m.ino()));
         match (self.marker, marker) {
             (Some(_), None) => lost(format!("no longer holds ferry's {STATE_DIR} directory")),
-            (Some(a), Some(b)) if a != b => lost(format!("has been replaced by another directory")),
+            (Some(a), Some(b)) if a != b => {
+                lost("has been replaced by another directory".to_string())
+            }
             _ => Ok(()),
         }
     }

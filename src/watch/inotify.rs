@@ -215,9 +215,8 @@ impl State {
             // About the watched directory itself. Its parent reports it by name, except for the
             // root, which has no parent watch.
             if dir.as_os_str().is_empty()
-                && mask.intersects(
-                    EventMask::DELETE_SELF | EventMask::MOVE_SELF | EventMask::UNMOUNT,
-                )
+                && mask
+                    .intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF | EventMask::UNMOUNT)
             {
                 log::warn!(
                     "the synced root {} was moved, deleted or unmounted",

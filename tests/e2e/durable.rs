@@ -13,9 +13,7 @@ fn files(n: usize) -> Vec<(String, Vec<u8>)> {
 
 fn all_have(cl: &Cluster, roots: &[std::path::PathBuf], set: &[(String, Vec<u8>)]) -> bool {
     let _ = cl;
-    roots
-        .iter()
-        .all(|r| set.iter().all(|(p, b)| has(r, p, b)))
+    roots.iter().all(|r| set.iter().all(|(p, b)| has(r, p, b)))
 }
 
 /// Waits until `exited` reports an exit; returns whether it was a failure exit.
@@ -41,7 +39,10 @@ fn unmount_like(root: &std::path::Path) -> std::path::PathBuf {
 
 #[test]
 fn server_root_gone_stops_the_server_without_deletes() {
-    let mut cl = Cluster::start("root-gone-server", &[("a", Watch::Auto), ("b", Watch::Poll)]);
+    let mut cl = Cluster::start(
+        "root-gone-server",
+        &[("a", Watch::Auto), ("b", Watch::Poll)],
+    );
     let set = files(20);
     for (p, b) in &set {
         write(&cl.root("a"), p, b);
@@ -59,7 +60,10 @@ fn server_root_gone_stops_the_server_without_deletes() {
         log.contains("stopping rather than passing on deletes"),
         "the server says why it stopped\n{log}"
     );
-    assert!(!log.contains("(delete)"), "the server recorded no delete\n{log}");
+    assert!(
+        !log.contains("(delete)"),
+        "the server recorded no delete\n{log}"
+    );
     // Its clients notice the server is gone; their files are all still there.
     wait_until(
         "both clients lost the server",
@@ -71,15 +75,25 @@ fn server_root_gone_stops_the_server_without_deletes() {
         || cl.logs(),
     );
     let clients = vec![cl.root("a"), cl.root("b"), gone];
-    assert!(all_have(&cl, &clients, &set), "nothing was deleted\n{}", cl.logs());
+    assert!(
+        all_have(&cl, &clients, &set),
+        "nothing was deleted\n{}",
+        cl.logs()
+    );
     for c in ["a", "b"] {
-        assert!(!cl.log(c).contains("applied delete"), "{c} applied no delete");
+        assert!(
+            !cl.log(c).contains("applied delete"),
+            "{c} applied no delete"
+        );
     }
 }
 
 #[test]
 fn client_root_gone_stops_the_client_without_deletes() {
-    let mut cl = Cluster::start("root-gone-client", &[("a", Watch::Poll), ("b", Watch::Auto)]);
+    let mut cl = Cluster::start(
+        "root-gone-client",
+        &[("a", Watch::Poll), ("b", Watch::Auto)],
+    );
     let set = files(20);
     for (p, b) in &set {
         write(&cl.server_root(), p, b);
@@ -98,7 +112,11 @@ fn client_root_gone_stops_the_client_without_deletes() {
         "client a says why it stopped\n{log}"
     );
     let others = vec![cl.server_root(), cl.root("b"), gone];
-    assert!(all_have(&cl, &others, &set), "nothing was deleted\n{}", cl.logs());
+    assert!(
+        all_have(&cl, &others, &set),
+        "nothing was deleted\n{}",
+        cl.logs()
+    );
     assert!(!cl.log("server").contains("(delete)"), "{}", cl.logs());
 }
 
@@ -153,7 +171,9 @@ fn client_state_deleted_reconciles_in_full() {
             || {
                 cl.log("server")
                     .contains("committed removed-on-server-meanwhile.txt (delete)")
-                    && cl.log("b").contains("sent removed-on-server-meanwhile.txt (delete)")
+                    && cl
+                        .log("b")
+                        .contains("sent removed-on-server-meanwhile.txt (delete)")
             },
             || cl.logs(),
         );
