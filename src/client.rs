@@ -22,6 +22,7 @@ use crate::core::entry::{Entry, Kind};
 use crate::core::path::RelPath;
 use crate::core::plan::{conflict_name, plan, rename_locally, Decision};
 use crate::core::renames::{detect_renames, Changed, Seen};
+use crate::core::tracked::Tracked;
 use crate::data::{DataConn, DownloadError};
 use crate::fsops;
 use crate::proto::auth::{random, Secret};
@@ -63,6 +64,35 @@ struct SavedRef<'a> {
     local: &'a BTreeMap<RelPath, Seen>,
 }
 
+/// One journal record: where the client stands, and the base and cache entries that changed.
+#[derive(Serialize, Deserialize)]
+struct Batch {
+    epoch: u64,
+    last_seq: u64,
+    base: Vec<(RelPath, Option<Entry>)>,
+    local: Vec<(RelPath, Option<Seen>)>,
+}
+
+impl store::Durable for Saved {
+    type Batch = Batch;
+    fn apply(&mut self, b: Batch) {
+        self.epoch = b.epoch;
+        self.last_seq = b.last_seq;
+        for (p, e) in b.base {
+            match e {
+                Some(e) => self.base.insert(p, e),
+                None => self.base.remove(&p),
+            };
+        }
+        for (p, s) in b.local {
+            match s {
+                Some(s) => self.local.insert(p, s),
+                None => self.local.remove(&p),
+            };
+        }
+    }
+}
+
 /// An error that retrying cannot fix (wrong secret, incompatible server): the client stops.
 #[derive(Debug)]
 struct Fatal(String);
@@ -75,23 +105,26 @@ impl std::fmt::Display for Fatal {
 
 impl std::error::Error for Fatal {}
 
-const SAVE_DELAY: Duration = Duration::from_millis(500);
+/// How long after a journal append it is fsynced (see `store`).
+const SYNC_DELAY: Duration = Duration::from_secs(1);
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 struct Client {
     cfg: ClientConfig,
     tree: Tree,
-    base: BTreeMap<RelPath, Entry>,
+    base: Tracked<Entry>,
     epoch: u64,
     last_seq: u64,
+    journal: store::Journal,
+    /// `(epoch, last_seq)` as last journaled.
+    journaled: (u64, u64),
     /// Paths whose local state may differ from the base, not yet handled.
     dirty: BTreeSet<RelPath>,
     /// Local renames seen by scans, not yet sent.
     renames: Vec<(RelPath, RelPath)>,
     /// Batches of watcher hints.
     hints: Receiver<Vec<Hint>>,
-    unsaved: bool,
 }
 
 /// One connection to the server.
@@ -122,10 +155,6 @@ impl Session {
     }
 }
 
-fn state_file(cfg: &ClientConfig) -> PathBuf {
-    fsops::state_dir(&cfg.root).join("client.state")
-}
-
 /// Runs the client until a fatal error.
 pub fn run(cfg: ClientConfig) -> anyhow::Result<()> {
     smol::block_on(async {
@@ -145,12 +174,9 @@ impl Client {
             bail!("{} is not a directory", cfg.root.display());
         }
         fsops::prepare_state_dir(&cfg.root).context("cannot prepare the state directory")?;
-        let saved: Saved = store::load(&state_file(&cfg))
-            .unwrap_or_else(|e| {
-                log::warn!("{e}; starting afresh (a full reconciliation that deletes nothing)");
-                None
-            })
-            .unwrap_or_default();
+        let (saved, journal) =
+            store::Journal::open_or_reset::<Saved>(&fsops::state_dir(&cfg.root), "client")
+                .context("cannot open the client's state")?;
         let (hint_tx, hint_rx) = async_channel::unbounded();
         let watcher = Watcher::spawn(cfg.watch.clone(), hint_tx)
             .with_context(|| format!("cannot watch {}", cfg.root.display()))?;
@@ -167,17 +193,19 @@ impl Client {
         let mut client = Client {
             tree: Tree::new(cfg.root.clone(), saved.local),
             cfg,
-            base: saved.base,
+            base: saved.base.into(),
             epoch: saved.epoch,
             last_seq: saved.last_seq,
+            journal,
+            journaled: (saved.epoch, saved.last_seq),
             dirty: BTreeSet::new(),
             renames: Vec::new(),
             hints: batch_rx,
-            unsaved: false,
         };
         log::info!("scanning {}", client.cfg.root.display());
         let changes = client.tree.scan_all()?;
         client.note_local(changes);
+        client.flush();
         Ok(client)
     }
 
@@ -185,7 +213,8 @@ impl Client {
         let mut backoff = MIN_BACKOFF;
         loop {
             let result = self.session(&mut backoff).await;
-            self.save();
+            self.flush();
+            self.sync();
             match result {
                 Err(e) if e.downcast_ref::<Fatal>().is_some() => return Err(e),
                 Err(e) => log::warn!("{e:#}"),
@@ -214,7 +243,10 @@ impl Client {
                 .await;
             match next {
                 Some(h) => match agent::scan_hints(&mut self.tree, h) {
-                    Ok(changes) => self.note_local(changes),
+                    Ok(changes) => {
+                        self.note_local(changes);
+                        self.flush();
+                    }
                     Err(lost) => return Err(Fatal(lost.to_string()).into()),
                 },
                 None => return Ok(()),
@@ -229,19 +261,42 @@ impl Client {
         }
         self.renames.extend(detect_renames(&changes));
         self.dirty.extend(changes.into_iter().map(|c| c.path));
-        self.unsaved = true;
     }
 
-    fn save(&mut self) {
-        let saved = SavedRef {
+    /// Journals what changed since the last call (no fsync: see `sync`).
+    fn flush(&mut self) {
+        let base = self.base.take_changes();
+        let local = self.tree.take_changes();
+        if base.is_empty() && local.is_empty() && self.journaled == (self.epoch, self.last_seq) {
+            return;
+        }
+        let batch = Batch {
             epoch: self.epoch,
             last_seq: self.last_seq,
-            base: &self.base,
-            local: self.tree.entries(),
+            base,
+            local,
         };
-        match store::save(&state_file(&self.cfg), &saved) {
-            Ok(()) => self.unsaved = false,
-            Err(e) => log::error!("cannot save state: {e}"),
+        match self.journal.append(&batch) {
+            Ok(()) => self.journaled = (self.epoch, self.last_seq),
+            Err(e) => log::error!("cannot write the client's journal: {e}"),
+        }
+    }
+
+    /// fsyncs the journal, and folds it into a snapshot when it has grown.
+    fn sync(&mut self) {
+        if let Err(e) = self.journal.sync() {
+            log::error!("cannot sync the client's journal: {e}");
+        }
+        if self.journal.wants_compaction() {
+            let saved = SavedRef {
+                epoch: self.epoch,
+                last_seq: self.last_seq,
+                base: &self.base,
+                local: self.tree.entries(),
+            };
+            if let Err(e) = self.journal.compact(&saved) {
+                log::error!("cannot write the client's state snapshot: {e}");
+            }
         }
     }
 
@@ -392,15 +447,16 @@ impl Client {
             Hints(Option<Vec<Hint>>),
             Save,
         }
-        // When the state must be saved by: SAVE_DELAY after it first became unsaved, however
-        // busy the connection stays.
+        // When the journal must be fsynced by: SYNC_DELAY after its first unsynced append,
+        // however busy the connection stays.
         let mut save_at: Option<Instant> = None;
         loop {
             let hints = self.hints.clone();
-            if !self.unsaved {
+            self.flush();
+            if !self.journal.unsynced() {
                 save_at = None;
             } else if save_at.is_none() {
-                save_at = Some(Instant::now() + SAVE_DELAY);
+                save_at = Some(Instant::now() + SYNC_DELAY);
             }
             let wake = if let Some(m) = s.deferred.pop_front() {
                 Wake::Msg(Some(m))
@@ -430,7 +486,7 @@ impl Client {
                         self.sync_local(s).await?;
                     }
                 }
-                Wake::Save => self.save(),
+                Wake::Save => self.sync(),
             }
         }
     }
@@ -468,7 +524,8 @@ impl Client {
                     .collect();
                 self.dirty.extend(differing);
                 self.sync_local(s).await?;
-                self.save();
+                self.flush();
+                self.sync();
             }
             ServerMsg::CommitResult { id, .. } => log::debug!("late result of commit {id}"),
             ServerMsg::Ping => {}
@@ -487,7 +544,6 @@ impl Client {
         self.resolve(s, &c.path, c.entry, c.moved_from.as_ref(), 0)
             .await?;
         self.last_seq = self.last_seq.max(c.seq);
-        self.unsaved = true;
         Ok(())
     }
 
@@ -636,7 +692,6 @@ impl Client {
                 self.base.remove(path);
             }
         }
-        self.unsaved = true;
     }
 
     /// Changes a refresh found beneath a path (a directory replaced by a file) are local

@@ -392,7 +392,7 @@ mod tests {
             ("/.ferry/staging/7-ab/../x",      None),
             ("/.ferry/staging/7-ab/a/b",       None),
             ("/.ferry/staging/8-cd/u1",        None),
-            ("/.ferry/server.state",           None),
+            ("/.ferry/server.journal",         None),
             ("/../etc/passwd",                 None),
             ("/a/../../b",                     None),
             ("/a//b",                          None),

@@ -14,12 +14,13 @@ use std::path::{Path, PathBuf};
 use crate::core::entry::{Entry, Kind};
 use crate::core::path::{RelPath, STATE_DIR};
 use crate::core::renames::{Changed, Seen};
+use crate::core::tracked::Tracked;
 
 /// The cached state of a replica's tree.
 #[derive(Debug)]
 pub struct Tree {
     root: PathBuf,
-    entries: BTreeMap<RelPath, Seen>,
+    entries: Tracked<Seen>,
     /// Paths already reported as impossible to sync, so each is logged once.
     reported: HashSet<PathBuf>,
     /// Device and inode of `<root>/.ferry` when the tree was opened: if the root is unmounted,
@@ -92,7 +93,7 @@ impl Tree {
             .map(|m| (m.dev(), m.ino()));
         Tree {
             root,
-            entries: cached,
+            entries: cached.into(),
             reported: HashSet::new(),
             marker,
         }
@@ -133,6 +134,11 @@ impl Tree {
     /// The cached entries, for saving and for comparing with the base.
     pub fn entries(&self) -> &BTreeMap<RelPath, Seen> {
         &self.entries
+    }
+
+    /// Cache entries changed since the last call (for the journal).
+    pub fn take_changes(&mut self) -> Vec<(RelPath, Option<Seen>)> {
+        self.entries.take_changes()
     }
 
     /// The cached entry of `path`.

@@ -18,7 +18,7 @@ use smol::Async;
 
 use crate::agent::{self, hex, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT};
 use crate::core::entry::{Entry, Kind};
-use crate::core::index::Index;
+use crate::core::index::{Index, Record};
 use crate::core::path::RelPath;
 use crate::core::renames::{detect_renames, Changed, Seen};
 use crate::fsops;
@@ -76,21 +76,46 @@ const MAX_QUEUED_FRAMES: usize = 10_000;
 /// Changes per `Changes` frame.
 const BATCH: usize = 512;
 
-/// How long after a change the index snapshot is written.
-const SAVE_DELAY: Duration = Duration::from_millis(500);
+/// How long after a journal append it is fsynced (see `store`).
+const SYNC_DELAY: Duration = Duration::from_secs(1);
 
-/// What the server persists.
-#[derive(Serialize, Deserialize)]
+/// What the server persists: its index and the tree cache (inodes for rename detection,
+/// and so a restart does not re-hash every file).
+#[derive(Default, Serialize, Deserialize)]
 struct Saved {
     index: Index,
     local: BTreeMap<RelPath, Seen>,
 }
 
-/// Borrowed form of `Saved`, to encode without cloning.
+/// Borrowed form of `Saved`, to write a snapshot without cloning.
 #[derive(Serialize)]
 struct SavedRef<'a> {
     index: &'a Index,
     local: &'a BTreeMap<RelPath, Seen>,
+}
+
+/// One journal record: what changed in the index and the tree cache.
+#[derive(Serialize, Deserialize)]
+struct Batch {
+    seq: u64,
+    records: Vec<(RelPath, Option<Record>)>,
+    local: Vec<(RelPath, Option<Seen>)>,
+}
+
+impl store::Durable for Saved {
+    type Batch = Batch;
+    fn apply(&mut self, b: Batch) {
+        self.index.seq = self.index.seq.max(b.seq);
+        for (p, r) in b.records {
+            self.index.restore(p, r);
+        }
+        for (p, s) in b.local {
+            match s {
+                Some(s) => self.local.insert(p, s),
+                None => self.local.remove(&p),
+            };
+        }
+    }
 }
 
 enum Event {
@@ -109,7 +134,7 @@ enum Event {
         id: u64,
     },
     Hints(Vec<Hint>),
-    Save,
+    Sync,
 }
 
 struct ClientHandle {
@@ -141,13 +166,11 @@ struct Server {
     events: Sender<Event>,
     /// Seqs up to this are durably reserved.
     reserved: u64,
-    save_pending: bool,
+    journal: store::Journal,
+    /// An fsync of the journal is scheduled.
+    sync_pending: bool,
     /// Set when a scan found the root gone: the server stops (see `Tree::check_root`).
     lost: Option<RootLost>,
-}
-
-fn state_file(root: &Path) -> PathBuf {
-    fsops::state_dir(root).join("server.state")
 }
 
 fn seq_file(root: &Path) -> PathBuf {
@@ -174,18 +197,14 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(staging_dir(&root));
     std::fs::create_dir_all(staging_dir(&root))?;
 
-    let saved: Option<Saved> = store::load(&state_file(&root)).unwrap_or_else(|e| {
-        log::warn!("{e}; starting a new index (clients will reconcile in full, deleting nothing)");
-        None
-    });
-    let (mut index, local) = match saved {
-        Some(s) => (s.index, s.local),
-        None => {
-            let epoch = u64::from_le_bytes(random()) | 1;
-            log::info!("new index, epoch {epoch:016x}");
-            (Index::new(epoch), BTreeMap::new())
-        }
-    };
+    let (saved, journal) =
+        store::Journal::open_or_reset::<Saved>(&fsops::state_dir(&root), "server")
+            .context("cannot open the server's state")?;
+    let (mut index, local) = (saved.index, saved.local);
+    if index.epoch == 0 {
+        index = Index::new(u64::from_le_bytes(random()) | 1);
+        log::info!("new index, epoch {:016x}", index.epoch);
+    }
     let reserved: u64 = store::load(&seq_file(&root))?.unwrap_or(0);
     index.seq = index.seq.max(reserved);
 
@@ -201,7 +220,8 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         clients: HashMap::new(),
         events: events_tx.clone(),
         reserved,
-        save_pending: false,
+        journal,
+        sync_pending: false,
         lost: None,
     };
     log::info!("scanning {}", root.display());
@@ -260,6 +280,7 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
     smol::spawn(forward_hints(hint_rx, events_tx)).detach();
     while let Ok(ev) = events_rx.recv().await {
         server.handle(ev).await;
+        server.flush();
         if let Some(lost) = server.lost.take() {
             return Err(lost.into());
         }
@@ -457,7 +478,15 @@ impl Server {
             out.extend(self.index.set(&p, None));
         }
         self.publish(out);
-        self.save_now();
+        // A snapshot now: the first start's epoch, and a short journal from here on.
+        self.flush();
+        let saved = SavedRef {
+            index: &self.index,
+            local: self.tree.entries(),
+        };
+        self.journal
+            .compact(&saved)
+            .context("cannot write the server's state")?;
         Ok(())
     }
 
@@ -494,9 +523,9 @@ impl Server {
                 }
                 Err(lost) => self.lost = Some(lost),
             },
-            Event::Save => {
-                self.save_pending = false;
-                self.save_now();
+            Event::Sync => {
+                self.sync_pending = false;
+                self.sync();
             }
         }
     }
@@ -643,26 +672,48 @@ impl Server {
             log::warn!("a client is not keeping up; dropping it so it reconnects and catches up");
             self.drop_client(id);
         }
-        if !self.save_pending {
-            self.save_pending = true;
+    }
+
+    /// Journals what changed in the index and the tree cache since the last call, and
+    /// schedules the fsync.
+    fn flush(&mut self) {
+        let records = self.index.take_changes();
+        let local = self.tree.take_changes();
+        if records.is_empty() && local.is_empty() {
+            return;
+        }
+        let batch = Batch {
+            seq: self.index.seq,
+            records,
+            local,
+        };
+        if let Err(e) = self.journal.append(&batch) {
+            log::error!("cannot write the server's journal: {e}");
+        }
+        if !self.sync_pending {
+            self.sync_pending = true;
             let events = self.events.clone();
             smol::spawn(async move {
-                smol::Timer::after(SAVE_DELAY).await;
-                let _ = events.send(Event::Save).await;
+                smol::Timer::after(SYNC_DELAY).await;
+                let _ = events.send(Event::Sync).await;
             })
             .detach();
         }
     }
 
-    fn save_now(&mut self) {
-        let saved = SavedRef {
-            index: &self.index,
-            local: self.tree.entries(),
-        };
-        let result =
-            store::encode(&saved).and_then(|b| store::write_atomic(&state_file(&self.root), &b));
-        if let Err(e) = result {
-            log::error!("cannot save the index: {e}");
+    /// fsyncs the journal, and folds it into a snapshot when it has grown.
+    fn sync(&mut self) {
+        if let Err(e) = self.journal.sync() {
+            log::error!("cannot sync the server's journal: {e}");
+        }
+        if self.journal.wants_compaction() {
+            let saved = SavedRef {
+                index: &self.index,
+                local: self.tree.entries(),
+            };
+            if let Err(e) = self.journal.compact(&saved) {
+                log::error!("cannot write the server's state snapshot: {e}");
+            }
         }
     }
 

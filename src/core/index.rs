@@ -4,12 +4,11 @@
 //! Every accepted change gets the next seq. A client that applied everything up to seq N asks
 //! for what came after N and receives each changed path's current state, in seq order.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 
 use super::entry::Entry;
 use super::path::RelPath;
+use super::tracked::Tracked;
 use crate::proto::msg::Change;
 
 /// The state of one path in the index.
@@ -30,7 +29,7 @@ pub struct Index {
     pub epoch: u64,
     /// Seq of the latest change.
     pub seq: u64,
-    records: BTreeMap<RelPath, Record>,
+    records: Tracked<Record>,
 }
 
 impl Index {
@@ -39,7 +38,7 @@ impl Index {
         Index {
             epoch,
             seq: 0,
-            records: BTreeMap::new(),
+            records: Tracked::default(),
         }
     }
 
@@ -75,6 +74,16 @@ impl Index {
     /// Number of live entries.
     pub fn live_count(&self) -> usize {
         self.records.values().filter(|r| r.entry.is_some()).count()
+    }
+
+    /// Records changed since the last call (for the journal).
+    pub fn take_changes(&mut self) -> Vec<(RelPath, Option<Record>)> {
+        self.records.take_changes()
+    }
+
+    /// Puts a journaled record back (replaying the journal).
+    pub fn restore(&mut self, path: RelPath, record: Option<Record>) {
+        self.records.restore(path, record);
     }
 
     /// Records `entry` at `path` if it differs from what the index has; returns the change.

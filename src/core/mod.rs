@@ -6,3 +6,4 @@ pub mod index;
 pub mod path;
 pub mod plan;
 pub mod renames;
+pub mod tracked;

@@ -113,7 +113,7 @@ fn hostile_frames_are_refused_and_honest_clients_keep_syncing() {
         b"a/../../escaped",
         b"a\r\nDELE x",
         b"a\0b",
-        b".ferry/server.state",
+        b".ferry/server.journal",
     ];
     for path in evil {
         let mut s = authenticated(&cl);
@@ -157,7 +157,7 @@ fn hostile_frames_are_refused_and_honest_clients_keep_syncing() {
         "nothing written outside the root"
     );
     assert!(
-        cl.server_root().join(".ferry/server.state").exists(),
+        cl.server_root().join(".ferry/server.snap").exists(),
         "state untouched"
     );
 
