@@ -351,7 +351,7 @@ mod tests {
         assert_eq!(s.0, [1, 2, 3]);
         j.append(&5u32).unwrap();
         drop(j);
-        let (s, mut j) = Journal::open::<Counter>(&dir, "t").unwrap();
+        let (s, j) = Journal::open::<Counter>(&dir, "t").unwrap();
         assert_eq!(s.0, [1, 2, 3, 5]);
 
         // Garbage after a whole record: cut off too.
