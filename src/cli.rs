@@ -95,12 +95,41 @@ struct ClientArgs {
     /// poll watcher interval in milliseconds (default 1000)
     #[argh(option, default = "1000")]
     poll_interval_ms: u64,
+    /// limit file transfers to this many bytes per second (suffixes K, M, G: 2M is 2 MiB/s)
+    #[argh(option, from_str_fn(parse_rate))]
+    max_rate: Option<u64>,
     /// log more detail
     #[argh(switch, short = 'v')]
     verbose: bool,
     /// log only warnings and errors
     #[argh(switch, short = 'q')]
     quiet: bool,
+}
+
+/// Parses a rate like `500K`, `2M`, `1.5G` or `1048576` (bytes per second; K = 1024).
+fn parse_rate(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, unit) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&s[..i], c.to_ascii_uppercase()),
+        _ => (s, 'B'),
+    };
+    let scale: u64 = match unit {
+        'B' => 1,
+        'K' => 1 << 10,
+        'M' => 1 << 20,
+        'G' => 1 << 30,
+        _ => {
+            return Err(format!(
+                "bad rate {s:?}: use a number with K, M or G, like 2M"
+            ))
+        }
+    };
+    match num.trim().parse::<f64>() {
+        Ok(n) if n.is_finite() && n > 0.0 => Ok(((n * scale as f64) as u64).max(1)),
+        _ => Err(format!(
+            "bad rate {s:?}: use a positive number of bytes per second, like 500K or 2M"
+        )),
+    }
 }
 
 /// Start a server and two clients on 127.0.0.1 under a demo directory, to watch ferry work.
@@ -235,6 +264,7 @@ fn client_config(a: ClientArgs) -> anyhow::Result<ClientConfig> {
         secret: Secret::load(&a.secret_file)?,
         root,
         name,
+        max_rate: a.max_rate,
     })
 }
 
@@ -336,4 +366,28 @@ fn demo(dir: &Path) -> anyhow::Result<()> {
     }
     println!("stopping the demo");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_rate;
+
+    #[test]
+    fn rates() {
+        for (text, want) in [
+            ("1000", 1000),
+            ("500K", 500 << 10),
+            ("2M", 2 << 20),
+            ("2m", 2 << 20),
+            ("1.5M", 3 << 19),
+            ("1G", 1 << 30),
+            (" 64M ", 64 << 20),
+        ] {
+            assert_eq!(parse_rate(text), Ok(want), "{text}");
+        }
+        for bad in ["", "0", "-1M", "2X", "M", "fast", "inf", "NaNK"] {
+            let err = parse_rate(bad).unwrap_err();
+            assert!(err.contains("like"), "{bad}: {err}");
+        }
+    }
 }

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use async_channel::{Receiver, Sender};
@@ -20,14 +20,16 @@ use smol::Async;
 use crate::agent::{self, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT};
 use crate::core::entry::{Entry, Kind};
 use crate::core::path::RelPath;
-use crate::core::plan::{conflict_name, plan, rename_locally, Decision};
+use crate::core::plan::{plan, rename_locally, Decision};
 use crate::core::renames::{detect_renames, Changed, Seen};
 use crate::core::tracked::Tracked;
-use crate::data::{DataConn, DownloadError};
+use crate::data::{DataConn, DownloadError, Resume};
 use crate::fsops;
 use crate::proto::auth::{random, Secret};
 use crate::proto::codec::{read_frame, write_frame, MAX_FRAME, MAX_HANDSHAKE_FRAME};
-use crate::proto::msg::{Change, ClientMsg, Grant, Op, Outcome, ServerMsg, PROTOCOL_VERSION};
+use crate::proto::msg::{
+    Change, ClientMsg, Grant, Op, Outcome, ProbeTarget, ServerMsg, PROTOCOL_VERSION,
+};
 use crate::scan::Tree;
 use crate::store;
 use crate::watch::{Hint, WatchConfig, Watcher};
@@ -45,6 +47,8 @@ pub struct ClientConfig {
     pub name: String,
     /// Watcher settings.
     pub watch: WatchConfig,
+    /// Data-plane rate limit in bytes per second (`--max-rate`).
+    pub max_rate: Option<u64>,
 }
 
 /// What the client persists.
@@ -112,6 +116,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 struct Client {
     cfg: ClientConfig,
+    /// This replica's identity (see `ClientMsg::Hello`).
+    id: [u8; 16],
     tree: Tree,
     base: Tracked<Entry>,
     epoch: u64,
@@ -190,7 +196,9 @@ impl Client {
             }
         })
         .detach();
+        let id = replica_id(&cfg.root).context("cannot read or create the replica's id")?;
         let mut client = Client {
+            id,
             tree: Tree::new(cfg.root.clone(), saved.local),
             cfg,
             base: saved.base.into(),
@@ -328,6 +336,7 @@ impl Client {
             &ClientMsg::Hello {
                 version: PROTOCOL_VERSION,
                 name: self.cfg.name.clone(),
+                id: self.id,
                 nonce: cnonce,
             },
         )
@@ -372,7 +381,8 @@ impl Client {
             SocketAddr::new(ftp_ip, grant.ftp_port),
             &grant.ftp_user,
             &grant.ftp_pass,
-            &grant.session,
+            &grant.staging,
+            self.cfg.max_rate,
         )
         .await?;
         log::info!("connected to {addr}");
@@ -618,6 +628,14 @@ impl Client {
                         self.tree.rename_subtree(from, path);
                         self.base.remove(from);
                         self.base.insert(path.clone(), r.clone());
+                        // What a moved directory held here is not necessarily what the server
+                        // moved (a file created in it meanwhile): the events that follow
+                        // settle the ones it did, and a look at each settles the rest.
+                        for p in agent::keys_under(self.tree.entries(), path) {
+                            if &p != path {
+                                self.dirty.insert(p);
+                            }
+                        }
                         log::log!(s.applied(), "applied rename {from} -> {path}");
                         return Ok(());
                     }
@@ -644,6 +662,11 @@ impl Client {
             }
             Decision::TakeRemote => self.take_remote(s, path, remote).await?,
             Decision::SendLocal => {
+                if local.is_none() {
+                    // A directory goes after what it held (the server refuses to delete a
+                    // directory that is not empty).
+                    self.send_deletes_beneath(s, path, depth).await?;
+                }
                 let outcome = self.send_local(s, path, local, remote).await?;
                 if let Some(current) = outcome {
                     if depth < 2 {
@@ -655,28 +678,17 @@ impl Client {
                 }
             }
             Decision::Conflict => {
-                let now = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs() as i64);
-                let copy = conflict_name(path, now, &self.cfg.name);
-                match fsops::rename_noreplace(&self.cfg.root, path, &copy) {
-                    Ok(_) => {
+                let from = self.tree.abs(path);
+                match fsops::keep_as_conflict(&self.cfg.root, &from, path, &self.cfg.name) {
+                    Ok((copy, _)) => {
                         self.tree.rename_subtree(path, &copy);
-                        self.dirty.insert(copy.clone());
-                        for (p, _) in self
-                            .tree
-                            .entries()
-                            .iter()
-                            .filter(|(p, _)| p.starts_with(&copy))
-                        {
-                            self.dirty.insert(p.clone());
+                        for p in agent::keys_under(self.tree.entries(), &copy) {
+                            self.dirty.insert(p);
                         }
                         log::warn!("conflict on {path}: the server's version keeps the name; this replica's is kept as {copy}");
                         self.take_remote(s, path, remote).await?;
                     }
-                    Err(e) => log::error!(
-                        "conflict on {path}: cannot keep the local version as {copy}: {e}"
-                    ),
+                    Err(e) => log::error!("conflict on {path}: cannot keep the local version: {e}"),
                 }
             }
         }
@@ -696,6 +708,25 @@ impl Client {
 
     /// Changes a refresh found beneath a path (a directory replaced by a file) are local
     /// changes to send.
+    /// Settles every path the base has beneath `path` that is gone here, deepest first.
+    async fn send_deletes_beneath(
+        &mut self,
+        s: &mut Session,
+        path: &RelPath,
+        depth: u8,
+    ) -> anyhow::Result<()> {
+        let mut beneath = agent::keys_under(&self.base, path);
+        beneath.retain(|p| p != path);
+        for p in beneath.into_iter().rev() {
+            if self.tree.get(&p).is_none() {
+                if let Some(remote) = self.base.get(&p).cloned() {
+                    Box::pin(self.resolve(s, &p, Some(remote), None, depth)).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn note_beneath(&mut self, path: &RelPath, changes: Vec<Changed>) {
         for c in changes {
             if &c.path != path {
@@ -746,8 +777,16 @@ impl Client {
                 Err(err) => log::error!("cannot create directory {path}: {err}"),
             },
             Some(e) => {
-                let tmp = fsops::tmp_path(&root);
-                let downloaded = match s.data.download(path, &e, tmp).await {
+                let tmp = fsops::partial_path(&root, &e.hash);
+                let resume = s.resume_download(path, &e, &tmp).await?;
+                if resume.offset > 0 {
+                    log::info!(
+                        "resuming the download of {path} at byte {} of {}",
+                        resume.offset,
+                        e.size
+                    );
+                }
+                let downloaded = match s.data.download(path, &e, tmp, resume).await {
                     Ok(d) => d,
                     Err(DownloadError::Changed(why)) => {
                         // A newer change for this path is on its way.
@@ -762,25 +801,69 @@ impl Client {
                 };
                 let rel = path.clone();
                 let entry = e.clone();
+                // What the download replaces must still be what the plan saw.
+                let expect = self.tree.get(path).cloned();
+                let transferred = downloaded.transferred;
                 let installed = smol::unblock(move || {
-                    fsops::install_file(&root, downloaded.file, &downloaded.path, &rel, &entry)
-                        .inspect_err(|_| {
+                    fsops::install_file(
+                        &root,
+                        downloaded.file,
+                        &downloaded.path,
+                        &rel,
+                        &entry,
+                        expect.as_ref(),
+                    )
+                    .inspect(|i| {
+                        if matches!(i, fsops::Install::ChangedHere) {
                             let _ = std::fs::remove_file(&downloaded.path);
-                        })
+                        }
+                    })
+                    .inspect_err(|_| {
+                        let _ = std::fs::remove_file(&downloaded.path);
+                    })
                 })
                 .await;
                 match installed {
-                    Ok((seen, created)) => {
+                    Ok(fsops::Install::Done {
+                        installed: (seen, created),
+                        displaced,
+                    }) => {
                         self.note_created(created);
                         self.tree.set(path, Some(seen));
-                        log::log!(s.applied(), "applied {path} ({} bytes)", e.size);
+                        log::log!(
+                            s.applied(),
+                            "applied {path} ({} bytes, {transferred} transferred)",
+                            e.size
+                        );
                         self.set_base(path, Some(e));
+                        if let Some(old) = displaced {
+                            self.keep_displaced(path, &old);
+                        }
+                    }
+                    Ok(fsops::Install::ChangedHere) => {
+                        log::debug!("{path} changed here while downloading; deciding again");
+                        self.dirty.insert(path.clone());
                     }
                     Err(err) => log::error!("cannot put {path} in place: {err}"),
                 }
             }
         }
         Ok(())
+    }
+
+    /// Keeps a local edit that finished while the server's version was being put in place.
+    fn keep_displaced(&mut self, path: &RelPath, old: &std::path::Path) {
+        match fsops::keep_as_conflict(&self.cfg.root, old, path, &self.cfg.name) {
+            Ok((copy, created)) => {
+                self.note_created(created);
+                self.dirty.insert(copy.clone());
+                log::warn!("conflict on {path}: it was written here while the server's version arrived; this replica's is kept as {copy}");
+            }
+            Err(e) => log::error!(
+                "conflict on {path}: cannot keep the local version (left at {}): {e}",
+                old.display()
+            ),
+        }
     }
 
     /// Sends the local state of `path` to the server, whose current entry is `server_has`.
@@ -803,8 +886,8 @@ impl Client {
                         "metadata".to_string(),
                     )
                 } else {
-                    s.next_id += 1;
-                    let name = format!("u{}", s.next_id);
+                    // Named by content, so an upload broken off resumes under the same name.
+                    let name = format!("h{}", agent::hex(&e.hash[..16]));
                     let src = self.tree.abs(path);
                     let file = match std::fs::File::open(&src) {
                         Ok(f) => f,
@@ -814,7 +897,21 @@ impl Client {
                             return Ok(None);
                         }
                     };
-                    let (size, hash) = s.data.upload(file, &name).await?;
+                    let (size, hash) = match s.resume_upload(&name, e, &src).await? {
+                        Staged::Complete => (e.size, e.hash),
+                        Staged::From(resume) => {
+                            if resume.offset > 0 {
+                                log::info!(
+                                    "resuming the upload of {path} at byte {} of {}",
+                                    resume.offset,
+                                    e.size
+                                );
+                            }
+                            let (size, hash, sent) = s.data.upload(file, &name, *resume).await?;
+                            log::debug!("uploaded {path}: {sent} bytes transferred");
+                            (size, hash)
+                        }
+                    };
                     if size != e.size || hash != e.hash {
                         // Written to while we read it: its close brings a hint, and then the
                         // finished file is sent. Nothing to commit now.
@@ -840,7 +937,7 @@ impl Client {
                 (Op::Delete, "delete".to_string())
             }
         };
-        match s.commit(path, op, server_has).await? {
+        match s.commit(path, op, server_has.clone()).await? {
             Outcome::Done { .. } => {
                 self.set_base(path, local);
                 log::info!("sent {path} ({what})");
@@ -849,13 +946,136 @@ impl Client {
             Outcome::Conflict { current } => Ok(Some(current)),
             Outcome::Failed { reason } => {
                 log::warn!("the server refused {path}: {reason}");
+                if local.is_none() && server_has.as_ref().is_some_and(|r| r.kind == Kind::Dir) {
+                    // A directory the server keeps (something new is in it): have it here too,
+                    // so what it holds has a place to arrive.
+                    self.take_remote(s, path, server_has).await?;
+                }
                 Ok(None)
             }
         }
     }
 }
 
+/// What the server already holds of an upload.
+enum Staged {
+    /// All of it (a commit was lost after the upload): nothing to send.
+    Complete,
+    /// Send from here (boxed: a hasher is large).
+    From(Box<Resume>),
+}
+
+/// This replica's random identity, kept in its state directory (created on first start).
+fn replica_id(root: &std::path::Path) -> std::io::Result<[u8; 16]> {
+    let path = fsops::state_dir(root).join("replica.id");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let text = text.trim();
+        let mut id = [0u8; 16];
+        if text.len() == 32
+            && (0..16).all(|i| {
+                u8::from_str_radix(&text[2 * i..2 * i + 2], 16)
+                    .map(|b| id[i] = b)
+                    .is_ok()
+            })
+        {
+            return Ok(id);
+        }
+        log::warn!("{} is damaged; making a new one", path.display());
+    }
+    let id = random::<16>();
+    store::write_atomic(&path, format!("{}\n", agent::hex(&id)).as_bytes())?;
+    Ok(id)
+}
+
+/// BLAKE3 state over the first `len` bytes of `path`; `None` if it is shorter.
+fn hash_prefix(path: PathBuf, len: u64) -> Option<blake3::Hasher> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).ok()?;
+    let mut hasher = blake3::Hasher::new();
+    let n = std::io::copy(&mut file.take(len), &mut hasher).ok()?;
+    (n == len).then_some(hasher)
+}
+
 impl Session {
+    /// Asks the server about a file and waits for the answer: (size, hash of the prefix).
+    async fn probe(
+        &mut self,
+        target: ProbeTarget,
+        len: u64,
+    ) -> anyhow::Result<(u64, crate::core::entry::Hash)> {
+        self.next_id += 1;
+        let id = self.next_id;
+        self.send(ClientMsg::Probe { id, target, len }).await?;
+        loop {
+            match self.inbox.recv().await {
+                Ok(ServerMsg::Probed {
+                    id: got,
+                    size,
+                    hash,
+                }) if got == id => return Ok((size, hash)),
+                Ok(other) => self.deferred.push_back(other),
+                Err(_) => bail!("lost the connection to the server while probing a transfer"),
+            }
+        }
+    }
+
+    /// Where to start uploading `src` (whose entry is `e`) as the staged file `name`: after
+    /// the part a broken earlier attempt left, if the server's hash of it matches ours.
+    async fn resume_upload(
+        &mut self,
+        name: &str,
+        e: &Entry,
+        src: &std::path::Path,
+    ) -> anyhow::Result<Staged> {
+        let (size, hash) = self
+            .probe(ProbeTarget::Staged(name.to_string()), u64::MAX)
+            .await?;
+        // (A size of 0 may mean "no such file": an empty file is always sent.)
+        if size > 0 && size == e.size && hash == e.hash {
+            return Ok(Staged::Complete);
+        }
+        if size == 0 || size >= e.size {
+            return Ok(Staged::From(Box::default()));
+        }
+        let src = src.to_path_buf();
+        Ok(Staged::From(Box::new(
+            match smol::unblock(move || hash_prefix(src, size)).await {
+                Some(h) if *h.finalize().as_bytes() == hash => Resume {
+                    offset: size,
+                    hasher: h,
+                },
+                _ => Resume::default(),
+            },
+        )))
+    }
+
+    /// Where to start downloading `path` (expected `e`) into `tmp`: after the part a broken
+    /// earlier attempt left, if the server's file starts with the same bytes.
+    async fn resume_download(
+        &mut self,
+        path: &RelPath,
+        e: &Entry,
+        tmp: &std::path::Path,
+    ) -> anyhow::Result<Resume> {
+        let have = std::fs::metadata(tmp).map_or(0, |m| m.len());
+        if have == 0 || have >= e.size {
+            return Ok(Resume::default());
+        }
+        let tmp = tmp.to_path_buf();
+        let Some(local) = smol::unblock(move || hash_prefix(tmp, have)).await else {
+            return Ok(Resume::default());
+        };
+        let (size, hash) = self.probe(ProbeTarget::File(path.clone()), have).await?;
+        Ok(if size == e.size && hash == *local.finalize().as_bytes() {
+            Resume {
+                offset: have,
+                hasher: local,
+            }
+        } else {
+            Resume::default()
+        })
+    }
+
     async fn send(&self, msg: ClientMsg) -> anyhow::Result<()> {
         self.tx
             .send(msg)

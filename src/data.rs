@@ -1,12 +1,16 @@
 //! The client's side of the data plane: FTP via suppaftp (smol). The only module that names
 //! suppaftp. Downloads are hashed as they arrive and land in a temporary file; uploads go to
-//! the session's staging area on the server.
+//! the client's staging area on the server. Both can start part-way (REST), continuing a
+//! transfer that was broken off, and both can be paced to a maximum rate.
 
 use std::fs::File;
-use std::io::Write;
+use std::future::Future;
+use std::io::{Seek, SeekFrom, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::pin::Pin;
+use std::task::{ready, Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use smol::io::AsyncReadExt;
@@ -20,8 +24,10 @@ use crate::core::path::RelPath;
 /// One logged-in FTP connection.
 pub struct DataConn {
     ftp: AsyncFtpStream,
-    /// `.ferry/staging/<session>` on the server, as an FTP path.
+    /// `.ferry/staging/<client>` on the server, as an FTP path.
     staging: String,
+    /// Bytes per second at most (`--max-rate`).
+    max_rate: Option<u64>,
 }
 
 impl std::fmt::Debug for DataConn {
@@ -32,24 +38,56 @@ impl std::fmt::Debug for DataConn {
     }
 }
 
-/// Hashes what passes through it.
+/// Keeps a transfer at or below a rate: after each chunk, says until when to wait.
+#[derive(Debug)]
+struct Pacer {
+    rate: u64,
+    start: Instant,
+    bytes: u64,
+}
+
+impl Pacer {
+    fn new(rate: Option<u64>) -> Option<Pacer> {
+        rate.filter(|r| *r > 0).map(|rate| Pacer {
+            rate,
+            start: Instant::now(),
+            bytes: 0,
+        })
+    }
+
+    /// Counts `n` more bytes; returns when the transfer may go on, if not now.
+    fn after(&mut self, n: usize) -> Option<Instant> {
+        self.bytes += n as u64;
+        let due = self.start + Duration::from_secs_f64(self.bytes as f64 / self.rate as f64);
+        (due > Instant::now()).then_some(due)
+    }
+}
+
+/// Hashes what passes through it, paced by an optional `Pacer`.
 struct HashingReader<R> {
     inner: R,
     hasher: blake3::Hasher,
+    pacer: Option<Pacer>,
+    wait: Option<smol::Timer>,
 }
 
 impl<R: smol::io::AsyncRead + Unpin> smol::io::AsyncRead for HashingReader<R> {
     fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
         buf: &mut [u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
+    ) -> Poll<std::io::Result<usize>> {
         let me = &mut *self;
-        let poll = std::pin::Pin::new(&mut me.inner).poll_read(cx, buf);
-        if let std::task::Poll::Ready(Ok(n)) = poll {
-            me.hasher.update(&buf[..n]);
+        if let Some(t) = &mut me.wait {
+            ready!(Pin::new(t).poll(cx));
+            me.wait = None;
         }
-        poll
+        let n = ready!(Pin::new(&mut me.inner).poll_read(cx, buf))?;
+        me.hasher.update(&buf[..n]);
+        if let Some(due) = me.pacer.as_mut().and_then(|p| p.after(n)) {
+            me.wait = Some(smol::Timer::at(due));
+        }
+        Poll::Ready(Ok(n))
     }
 }
 
@@ -72,6 +110,17 @@ pub struct Downloaded {
     pub file: File,
     /// Its path.
     pub path: PathBuf,
+    /// Bytes that came over the network (less than the size when it resumed).
+    pub transferred: u64,
+}
+
+/// Where a transfer starts: at 0, or after a part already there whose hash state is given.
+#[derive(Clone, Debug, Default)]
+pub struct Resume {
+    /// Bytes already there.
+    pub offset: u64,
+    /// BLAKE3 state over those bytes.
+    pub hasher: blake3::Hasher,
 }
 
 impl DataConn {
@@ -80,7 +129,8 @@ impl DataConn {
         addr: SocketAddr,
         user: &str,
         pass: &str,
-        session: &str,
+        staging: &str,
+        max_rate: Option<u64>,
     ) -> anyhow::Result<DataConn> {
         let mut ftp = AsyncFtpStream::connect_timeout(addr, Duration::from_secs(10))
             .await
@@ -92,17 +142,30 @@ impl DataConn {
         ftp.transfer_type(FileType::Binary).await?;
         Ok(DataConn {
             ftp,
-            staging: format!("/.ferry/staging/{session}"),
+            staging: format!("/.ferry/staging/{staging}"),
+            max_rate,
         })
     }
 
-    /// Downloads `rel` into a temporary file at `tmp`, checking it against `entry` (size, hash).
+    /// Downloads `rel` into the temporary file `tmp`, from `resume.offset` on (the bytes
+    /// before are already there), checking the whole against `entry` (size, hash). If the
+    /// connection breaks, what arrived stays in `tmp` for the next attempt to resume.
     pub async fn download(
         &mut self,
         rel: &RelPath,
         entry: &Entry,
         tmp: PathBuf,
+        resume: Resume,
     ) -> Result<Downloaded, DownloadError> {
+        let transport = |e: FtpError, what: String| {
+            DownloadError::Transport(anyhow::Error::new(e).context(what))
+        };
+        if resume.offset > 0 {
+            self.ftp
+                .resume_transfer(resume.offset as usize)
+                .await
+                .map_err(|e| transport(e, format!("FTP REST {}", resume.offset)))?;
+        }
         let mut stream = match self.ftp.retr_as_stream(format!("/{rel}")).await {
             Ok(s) => s,
             // 5xx: the server has no such file now (deleted or renamed since).
@@ -118,7 +181,18 @@ impl DataConn {
                 ))
             }
         };
-        let mut file = match File::create(&tmp) {
+        let opened = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(resume.offset == 0)
+            .open(&tmp)
+            .and_then(|mut f| {
+                f.set_len(resume.offset)?;
+                f.seek(SeekFrom::Start(resume.offset))?;
+                Ok(f)
+            });
+        let mut file = match opened {
             Ok(f) => f,
             Err(e) => {
                 let _ = stream.finish().await;
@@ -127,10 +201,11 @@ impl DataConn {
                 )));
             }
         };
-        let mut hasher = blake3::Hasher::new();
+        let mut hasher = resume.hasher;
         let mut buf = vec![0u8; 256 * 1024];
-        let mut total = 0u64;
+        let mut total = resume.offset;
         let mut local_error = None;
+        let mut pacer = Pacer::new(self.max_rate);
         let read: std::io::Result<()> = async {
             loop {
                 let n = stream.read(&mut buf).await?;
@@ -144,19 +219,23 @@ impl DataConn {
                         local_error = Some(e);
                     }
                 }
+                if let Some(due) = pacer.as_mut().and_then(|p| p.after(n)) {
+                    smol::Timer::at(due).await;
+                }
             }
         }
         .await;
+        if let Err(e) = read {
+            // Keep what arrived: the next attempt resumes after checking it.
+            return Err(DownloadError::Transport(
+                anyhow::Error::new(e).context(format!("download of {rel} broke off")),
+            ));
+        }
         let finished = stream.finish().await;
         let fail = |e| {
             let _ = std::fs::remove_file(&tmp);
             e
         };
-        if let Err(e) = read {
-            return Err(fail(DownloadError::Transport(
-                anyhow::Error::new(e).context(format!("download of {rel} broke off")),
-            )));
-        }
         match finished {
             Ok(()) => {}
             // A refusal at the end (some servers answer 150, then 550 when the file went
@@ -168,9 +247,9 @@ impl DataConn {
                 ))))
             }
             Err(e) => {
-                return Err(fail(DownloadError::Transport(
+                return Err(DownloadError::Transport(
                     anyhow::Error::new(e).context(format!("download of {rel} did not complete")),
-                )))
+                ))
             }
         }
         if let Some(e) = local_error {
@@ -187,24 +266,45 @@ impl DataConn {
                 short_hash(&entry.hash)
             ))));
         }
-        Ok(Downloaded { file, path: tmp })
+        Ok(Downloaded {
+            file,
+            path: tmp,
+            transferred: total - resume.offset,
+        })
     }
 
-    /// Uploads an open local file to the staging area as `name`; returns the size and hash of
-    /// the bytes sent, so the caller can tell whether the file changed while it was read.
-    pub async fn upload(&mut self, src: File, name: &str) -> anyhow::Result<(u64, Hash)> {
+    /// Uploads an open local file to the staging area as `name`, from `resume.offset` on (the
+    /// staged part before it was checked to match); returns the size and hash of the whole
+    /// file as sent, so the caller can tell whether it changed while it was read, and the
+    /// bytes that went over the network.
+    pub async fn upload(
+        &mut self,
+        mut src: File,
+        name: &str,
+        resume: Resume,
+    ) -> anyhow::Result<(u64, Hash, u64)> {
+        src.seek(SeekFrom::Start(resume.offset))?;
         let reader = smol::Unblock::with_capacity(256 * 1024, src);
         let mut reader = HashingReader {
             inner: smol::io::BufReader::with_capacity(256 * 1024, reader),
-            hasher: blake3::Hasher::new(),
+            hasher: resume.hasher,
+            pacer: Pacer::new(self.max_rate),
+            wait: None,
         };
         let target = format!("{}/{name}", self.staging);
+        if resume.offset > 0 {
+            self.ftp
+                .resume_transfer(resume.offset as usize)
+                .await
+                .with_context(|| format!("FTP REST {} for {target}", resume.offset))?;
+        }
         let sent = self
             .ftp
             .put_file(&target, &mut reader)
             .await
             .with_context(|| format!("FTP STOR {target}"))?;
-        Ok((sent, *reader.hasher.finalize().as_bytes()))
+        let hash = *reader.hasher.finalize().as_bytes();
+        Ok((resume.offset + sent, hash, sent))
     }
 
     /// Closes politely.

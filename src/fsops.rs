@@ -28,11 +28,34 @@ pub fn tmp_dir(root: &Path) -> PathBuf {
     state_dir(root).join("tmp")
 }
 
-/// Creates the state directory and empties its temporary area (leftovers of a crash).
+/// Downloads not resumed for this long are given up.
+const PARTIAL_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// Creates the state directory and clears its temporary area of a crash's leftovers, keeping
+/// recent partial downloads (`partial_path`) so they can resume.
 pub fn prepare_state_dir(root: &Path) -> io::Result<()> {
     let tmp = tmp_dir(root);
-    let _ = fs::remove_dir_all(&tmp);
-    fs::create_dir_all(&tmp)
+    fs::create_dir_all(&tmp)?;
+    for e in fs::read_dir(&tmp)?.flatten() {
+        let name = e.file_name();
+        let resumable = name.to_str().is_some_and(|n| n.starts_with('r'))
+            && e.file_type().is_ok_and(|t| t.is_file())
+            && e.metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age < PARTIAL_MAX_AGE);
+        if !resumable {
+            let _ = fs::remove_file(e.path()).or_else(|_| fs::remove_dir_all(e.path()));
+        }
+    }
+    Ok(())
+}
+
+/// Where the download of the file whose hash is `hash` is assembled: the same name every time,
+/// so a download broken off (lost connection, killed process) resumes from what is there.
+pub fn partial_path(root: &Path, hash: &crate::core::entry::Hash) -> PathBuf {
+    tmp_dir(root).join(format!("r{}.part", crate::agent::hex(&hash[..16])))
 }
 
 /// A fresh temporary file name in `<root>/.ferry/tmp`.
@@ -80,16 +103,34 @@ pub fn ensure_parents(root: &Path, rel: &RelPath) -> io::Result<Vec<(RelPath, Se
     Ok(created)
 }
 
+/// How installing a downloaded file went.
+#[derive(Debug)]
+pub enum Install {
+    /// In place. `displaced` is where the replaced file went when it had been written to
+    /// since it was last looked at (a local edit racing the download): the caller keeps it
+    /// as a conflict copy. Otherwise the replaced file is gone.
+    Done {
+        installed: Installed,
+        displaced: Option<PathBuf>,
+    },
+    /// Not installed: something was created here, or a file replaced, while downloading.
+    ChangedHere,
+}
+
 /// Gives `file` (a finished temporary file) the entry's mode and mtime, makes it durable and
-/// renames it to `rel`. `tmp` is its path. Returns what now stands at `rel`, plus any parent
-/// directories created on the way.
+/// renames it to `rel`, provided what stands there is still `expect` (what was seen when the
+/// download was decided). `tmp` is its path.
+///
+/// The replaced file is hard-linked aside first and checked after the rename, so an edit
+/// that finished in between is kept (as `displaced`) rather than lost.
 pub fn install_file(
     root: &Path,
     file: File,
     tmp: &Path,
     rel: &RelPath,
     entry: &Entry,
-) -> io::Result<Installed> {
+    expect: Option<&Seen>,
+) -> io::Result<Install> {
     file.set_permissions(Permissions::from_mode(entry.mode))?;
     file.set_times(FileTimes::new().set_modified(system_time(entry.mtime_ns)))?;
     file.sync_all()?;
@@ -107,13 +148,73 @@ pub fn install_file(
     drop(file);
     let created = ensure_parents(root, rel)?;
     let target = root.join(rel.as_str());
-    // A directory standing where the file goes must be empty (its children were deleted first).
-    if fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir()) {
-        fs::remove_dir(&target)?;
+    let mut aside = None;
+    match fs::symlink_metadata(&target) {
+        // A directory standing where the file goes must be empty (its children were deleted
+        // first); `remove_dir` refuses anything else.
+        Ok(m) if m.is_dir() => fs::remove_dir(&target)?,
+        Ok(m) => match expect {
+            Some(seen) if unchanged(&m, seen) => {
+                let path = tmp.with_extension("replaced");
+                let _ = fs::remove_file(&path);
+                // Without hard links (some Android storage) the window is only the rename.
+                aside = fs::hard_link(&target, &path)
+                    .is_ok()
+                    .then_some((path, seen));
+            }
+            _ => return Ok(Install::ChangedHere),
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
     }
     fs::rename(tmp, &target)?;
     crate::store::sync_dir(target.parent().unwrap_or(root))?;
-    Ok((seen, created))
+    let displaced = match aside {
+        Some((path, seen)) => match fs::symlink_metadata(&path) {
+            Ok(m) if !unchanged(&m, seen) => Some(path),
+            _ => {
+                let _ = fs::remove_file(&path);
+                None
+            }
+        },
+        None => None,
+    };
+    Ok(Install::Done {
+        installed: (seen, created),
+        displaced,
+    })
+}
+
+/// Moves `from` (a local version that lost to another for `path`) to the first free conflict
+/// name for `path` (see `conflict_name`), made now by replica `who`. Returns that name and
+/// the parent directories created on the way.
+pub fn keep_as_conflict(
+    root: &Path,
+    from: &Path,
+    path: &RelPath,
+    who: &str,
+) -> io::Result<(RelPath, Vec<(RelPath, Seen)>)> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    // Two conflicts on one path within a second share a first name: count on.
+    let mut attempt = 1;
+    loop {
+        let copy = crate::core::plan::conflict_name(path, now, who, attempt);
+        match rename_into(root, from, &copy) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < 100 => attempt += 1,
+            Err(e) => return Err(e),
+            Ok(created) => return Ok((copy, created)),
+        }
+    }
+}
+
+/// True if `meta` is still the file `seen` describes (same inode, size and mtime).
+fn unchanged(meta: &fs::Metadata, seen: &Seen) -> bool {
+    meta.is_file()
+        && meta.ino() == seen.ino
+        && meta.len() == seen.entry.size
+        && mtime_ns(meta) == seen.entry.mtime_ns
 }
 
 /// Creates directory `rel` (or sets its mode if it exists). Returns its state.
@@ -216,8 +317,14 @@ pub fn rename_noreplace(
     to: &RelPath,
 ) -> io::Result<Vec<(RelPath, Seen)>> {
     ensure_parents_exist_or_gone(root, from)?;
+    rename_into(root, &root.join(from.as_str()), to)
+}
+
+/// Renames the file or directory at `from` (any path on the root's filesystem) to `to`,
+/// never replacing anything there. Returns the parent directories it had to create.
+pub fn rename_into(root: &Path, from: &Path, to: &RelPath) -> io::Result<Vec<(RelPath, Seen)>> {
     let created = ensure_parents(root, to)?;
-    rename_exclusive(&root.join(from.as_str()), &root.join(to.as_str()))?;
+    rename_exclusive(from, &root.join(to.as_str()))?;
     Ok(created)
 }
 
@@ -283,13 +390,117 @@ mod tests {
             hash: *blake3::hash(b"hello").as_bytes(),
         };
         let rel: RelPath = "new/dir/f.txt".parse().unwrap();
-        let (seen, created) =
-            install_file(&root, File::open(&t).unwrap(), &t, &rel, &entry).unwrap();
+        let Install::Done {
+            installed: (seen, created),
+            displaced: None,
+        } = install_file(&root, File::open(&t).unwrap(), &t, &rel, &entry, None).unwrap()
+        else {
+            panic!("not installed")
+        };
         assert_eq!(seen.entry, entry);
         assert_eq!(created.len(), 2);
         let meta = fs::metadata(root.join("new/dir/f.txt")).unwrap();
         assert_eq!(mtime_ns(&meta), entry.mtime_ns);
         assert_eq!(meta.mode() & 0o7777, 0o640);
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// The file at `rel` as a scan would have seen it.
+    fn seen_at(root: &Path, rel: &str) -> Seen {
+        let m = fs::symlink_metadata(root.join(rel)).unwrap();
+        Seen {
+            entry: Entry {
+                kind: Kind::File,
+                size: m.len(),
+                mtime_ns: mtime_ns(&m),
+                mode: m.mode() & 0o7777,
+                hash: [0; 32],
+            },
+            ino: m.ino(),
+        }
+    }
+
+    #[test]
+    fn install_replaces_only_what_was_seen() {
+        let root = tmp("install-race");
+        let entry = |bytes: &[u8]| Entry {
+            kind: Kind::File,
+            size: bytes.len() as u64,
+            mtime_ns: 1_600_000_000_000_000_000,
+            mode: 0o644,
+            hash: *blake3::hash(bytes).as_bytes(),
+        };
+        let rel: RelPath = "f".parse().unwrap();
+        let download = |bytes: &[u8]| {
+            let t = tmp_path(&root);
+            fs::write(&t, bytes).unwrap();
+            (File::open(&t).unwrap(), t)
+        };
+
+        // Seen as absent, but a file was made meanwhile: left alone, download kept.
+        fs::write(root.join("f"), b"made here").unwrap();
+        let (file, t) = download(b"remote");
+        let got = install_file(&root, file, &t, &rel, &entry(b"remote"), None).unwrap();
+        assert!(matches!(got, Install::ChangedHere), "{got:?}");
+        assert!(t.exists());
+        assert_eq!(fs::read(root.join("f")).unwrap(), b"made here");
+
+        // Seen, then written again: left alone.
+        let seen = seen_at(&root, "f");
+        fs::write(root.join("f"), b"made here, edited").unwrap();
+        let got = install_file(
+            &root,
+            File::open(&t).unwrap(),
+            &t,
+            &rel,
+            &entry(b"remote"),
+            Some(&seen),
+        )
+        .unwrap();
+        assert!(matches!(got, Install::ChangedHere), "{got:?}");
+        assert_eq!(fs::read(root.join("f")).unwrap(), b"made here, edited");
+
+        // Unchanged since seen: replaced, and nothing left beside it.
+        let seen = seen_at(&root, "f");
+        let got = install_file(
+            &root,
+            File::open(&t).unwrap(),
+            &t,
+            &rel,
+            &entry(b"remote"),
+            Some(&seen),
+        )
+        .unwrap();
+        assert!(
+            matches!(
+                got,
+                Install::Done {
+                    displaced: None,
+                    ..
+                }
+            ),
+            "{got:?}"
+        );
+        assert_eq!(fs::read(root.join("f")).unwrap(), b"remote");
+        assert_eq!(fs::read_dir(tmp_dir(&root)).unwrap().count(), 0);
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn conflict_copies_never_replace_each_other() {
+        let root = tmp("conflicts");
+        let rel: RelPath = "d/notes.txt".parse().unwrap();
+        fs::create_dir(root.join("d")).unwrap();
+        let mut copies = Vec::new();
+        for text in ["one", "two", "three"] {
+            fs::write(root.join("d/notes.txt"), text).unwrap();
+            let (copy, _) = keep_as_conflict(&root, &root.join("d/notes.txt"), &rel, "pi").unwrap();
+            assert_eq!(fs::read_to_string(root.join(copy.as_str())).unwrap(), text);
+            copies.push(copy);
+        }
+        copies.sort();
+        copies.dedup();
+        assert_eq!(copies.len(), 3, "{copies:?}");
         fs::remove_dir_all(&root).unwrap();
     }
 
@@ -308,7 +519,7 @@ mod tests {
             mode: 0o644,
             hash: *blake3::hash(b"x").as_bytes(),
         };
-        assert!(install_file(&root, File::open(&t).unwrap(), &t, &rel, &e).is_err());
+        assert!(install_file(&root, File::open(&t).unwrap(), &t, &rel, &e, None).is_err());
         assert!(make_dir(&root, &rel, 0o755).is_err());
         assert!(!outside.join("evil.txt").exists());
         fs::remove_dir_all(&root).unwrap();

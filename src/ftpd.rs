@@ -8,7 +8,7 @@
 //!
 //! - a session may read (RETR, SIZE, MDTM, with REST) any path that is a valid `RelPath` —
 //!   never anything in `.ferry/` — and the files in its own staging directory;
-//! - it may write (STOR, REST+STOR) and delete only `.ferry/staging/<its session>/<name>`;
+//! - it may write (STOR, REST+STOR) and delete only `.ferry/staging/<its client>/<name>`;
 //! - listings, MKD, RMD and renames are refused everywhere: clients learn the tree from the
 //!   control channel, not from FTP.
 //!
@@ -37,7 +37,7 @@ use crate::core::path::{RelPath, STATE_DIR};
 /// Per-session FTP credentials, shared between the control channel and the FTP server.
 #[derive(Clone, Default, Debug)]
 pub struct FtpCredentials {
-    /// user → (BLAKE3 of the password, session name)
+    /// user → (BLAKE3 of the password, staging directory name)
     inner: Arc<Mutex<HashMap<String, (blake3::Hash, String)>>>,
 }
 
@@ -47,11 +47,11 @@ impl FtpCredentials {
         Self::default()
     }
 
-    /// Lets `user` log in with `pass`; its uploads go to `.ferry/staging/<session>/`.
-    pub fn insert(&self, user: &str, pass: &str, session: &str) {
+    /// Lets `user` log in with `pass`; its uploads go to `.ferry/staging/<staging>/`.
+    pub fn insert(&self, user: &str, pass: &str, staging: &str) {
         self.lock().insert(
             user.to_string(),
-            (blake3::hash(pass.as_bytes()), session.to_string()),
+            (blake3::hash(pass.as_bytes()), staging.to_string()),
         );
     }
 
@@ -64,14 +64,14 @@ impl FtpCredentials {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The session of `user` if `pass` is right. blake3::Hash compares in constant time.
+    /// The staging directory of `user` if `pass` is right. blake3::Hash compares in constant time.
     fn check(&self, user: &str, pass: &str) -> Option<String> {
         let table = self.lock();
-        let (hash, session) = table.get(user)?;
-        (*hash == blake3::hash(pass.as_bytes())).then(|| session.clone())
+        let (hash, staging) = table.get(user)?;
+        (*hash == blake3::hash(pass.as_bytes())).then(|| staging.clone())
     }
 
-    fn session(&self, user: &str) -> Option<String> {
+    fn staging(&self, user: &str) -> Option<String> {
         self.lock().get(user).map(|(_, s)| s.clone())
     }
 }
@@ -168,15 +168,15 @@ fn build(
     .map_err(|e| anyhow::anyhow!("cannot configure the FTP server: {e}"))
 }
 
-/// A logged-in FTP user: which session's staging area it may write.
+/// A logged-in FTP user: which staging area it may write.
 #[derive(Debug, Clone)]
 pub struct SessionUser {
-    session: String,
+    staging: String,
 }
 
 impl Display for SessionUser {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "session {}", self.session)
+        write!(f, "staging {}", self.staging)
     }
 }
 
@@ -213,8 +213,8 @@ impl UserDetailProvider for Users {
     type User = SessionUser;
 
     async fn provide_user_detail(&self, p: &Principal) -> Result<SessionUser, UserDetailError> {
-        match self.0.session(&p.username) {
-            Some(session) => Ok(SessionUser { session }),
+        match self.0.staging(&p.username) {
+            Some(staging) => Ok(SessionUser { staging }),
             None => Err(UserDetailError::UserNotFound {
                 username: p.username.clone(),
             }),
@@ -227,7 +227,7 @@ impl UserDetailProvider for Users {
 enum Place {
     /// A path in the synced tree (read-only over FTP).
     Tree,
-    /// A file in the session's own staging directory (read, write, delete).
+    /// A file in the client's own staging directory (read, write, delete).
     OwnStaging,
     /// The root directory itself (only as a working directory).
     Root,
@@ -240,7 +240,7 @@ fn place(user: &SessionUser, path: &Path) -> Option<Place> {
     if s.is_empty() || s == "." {
         return Some(Place::Root);
     }
-    let staging = format!("{STATE_DIR}/staging/{}/", user.session);
+    let staging = format!("{STATE_DIR}/staging/{}/", user.staging);
     if let Some(name) = s.strip_prefix(&staging) {
         let ok = !name.is_empty()
             && name.len() <= 64
@@ -321,7 +321,7 @@ impl StorageBackend<SessionUser> for Confined {
             .root
             .join(STATE_DIR)
             .join("staging")
-            .join(&user.session);
+            .join(&user.staging);
         std::fs::create_dir_all(&dir).map_err(|e| Error::new(ErrorKind::LocalError, e))?;
         self.fs.put(user, input, path, start_pos).await
     }
@@ -381,7 +381,7 @@ mod tests {
     #[test]
     fn places_table() {
         let u = SessionUser {
-            session: "7-ab".into(),
+            staging: "7-ab".into(),
         };
         #[rustfmt::skip]
         let table: &[(&str, Option<Place>)] = &[

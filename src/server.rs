@@ -25,7 +25,9 @@ use crate::fsops;
 use crate::ftpd::{self, FtpCredentials};
 use crate::proto::auth::{random, Secret};
 use crate::proto::codec::{read_frame, write_frame, MAX_FRAME, MAX_HANDSHAKE_FRAME};
-use crate::proto::msg::{Change, ClientMsg, Grant, Op, Outcome, ServerMsg, PROTOCOL_VERSION};
+use crate::proto::msg::{
+    Change, ClientMsg, Grant, Op, Outcome, ProbeTarget, ServerMsg, PROTOCOL_VERSION,
+};
 use crate::scan::{RootLost, Tree};
 use crate::store;
 use crate::watch::{Hint, WatchConfig, Watcher};
@@ -122,7 +124,7 @@ enum Event {
     Connected {
         id: u64,
         name: String,
-        session: String,
+        staging: String,
         tx: Sender<ServerMsg>,
         stream: Arc<Async<TcpStream>>,
     },
@@ -139,7 +141,8 @@ enum Event {
 
 struct ClientHandle {
     name: String,
-    session: String,
+    /// Its staging directory's name (see `Grant::staging`).
+    staging: String,
     tx: Sender<ServerMsg>,
     stream: Arc<Async<TcpStream>>,
     subscribed: bool,
@@ -181,6 +184,76 @@ fn staging_dir(root: &Path) -> PathBuf {
     fsops::state_dir(root).join("staging")
 }
 
+/// Uploads not resumed for this long are given up (their staged part is removed).
+const STAGED_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// The path of the staged upload `name` of the client whose staging directory is `staging`.
+fn staged_path(root: &Path, staging: &str, name: &str) -> anyhow::Result<PathBuf> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        bail!("bad staged file name {name:?}");
+    }
+    Ok(staging_dir(root).join(staging).join(name))
+}
+
+/// Size of `file` and BLAKE3 of its first `len` bytes; (0, hash of nothing) if it is absent or
+/// not a regular file.
+fn prefix_hash(file: &Path, len: u64) -> (u64, crate::core::entry::Hash) {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let none = (0, *blake3::hash(b"").as_bytes());
+    let Ok(f) = std::fs::File::options()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(file)
+    else {
+        return none;
+    };
+    let Ok(meta) = f.metadata() else { return none };
+    if !meta.is_file() {
+        return none;
+    }
+    let mut hasher = blake3::Hasher::new();
+    match hasher.update_reader(f.take(len)) {
+        Ok(_) => (meta.len(), *hasher.finalize().as_bytes()),
+        Err(_) => none,
+    }
+}
+
+/// Removes staged uploads nobody came back for, and anything else that does not belong.
+fn prune_staging(root: &Path) {
+    let Ok(dirs) = std::fs::read_dir(staging_dir(root)) else {
+        return;
+    };
+    for dir in dirs.flatten() {
+        let path = dir.path();
+        if !dir.file_type().is_ok_and(|t| t.is_dir()) {
+            let _ = std::fs::remove_file(&path);
+            continue;
+        }
+        for f in std::fs::read_dir(&path).into_iter().flatten().flatten() {
+            let stale = f
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_none_or(|age| age > STAGED_MAX_AGE);
+            if stale {
+                log::info!(
+                    "removing an upload not resumed for a day: {}",
+                    f.path().display()
+                );
+                let _ = std::fs::remove_file(f.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&path);
+    }
+}
+
 /// Runs the server until it fails.
 pub fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     smol::block_on(serve(cfg))
@@ -194,7 +267,7 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         bail!("server root {} is not a directory", root.display());
     }
     fsops::prepare_state_dir(&root).context("cannot prepare the state directory")?;
-    let _ = std::fs::remove_dir_all(staging_dir(&root));
+    prune_staging(&root);
     std::fs::create_dir_all(staging_dir(&root))?;
 
     let (saved, journal) =
@@ -321,7 +394,7 @@ async fn accept_loop(listener: Async<TcpListener>, shared: Arc<Shared>, events: 
     }
 }
 
-/// Reads the handshake; returns the client's name, session and FTP user.
+/// Reads the handshake; returns the client's name, staging directory and FTP user.
 async fn handshake(
     stream: &Async<TcpStream>,
     shared: &Shared,
@@ -331,6 +404,7 @@ async fn handshake(
     let ClientMsg::Hello {
         version,
         name,
+        id: client_id,
         nonce: cnonce,
     } = read_frame(&mut s, MAX_HANDSHAKE_FRAME).await?
     else {
@@ -366,17 +440,18 @@ async fn handshake(
         .await?;
         bail!("client {name:?} failed authentication (wrong secret)");
     }
-    let session = format!("{id}-{}", hex(&random::<6>()));
+    let staging = hex(&client_id);
     let (user, pass) = match &shared.external {
         None => {
-            let (user, pass) = (format!("ferry-{session}"), hex(&random::<16>()));
-            shared.creds.insert(&user, &pass, &session);
+            let user = format!("ferry-{id}-{}", hex(&random::<6>()));
+            let pass = hex(&random::<16>());
+            shared.creds.insert(&user, &pass, &staging);
             (user, pass)
         }
         Some((user, pass)) => {
             // The external server writes as its own account and creates no directories for
-            // us: make the session's staging directory, writable by that account.
-            let dir = staging_dir(&shared.root).join(&session);
+            // us: make the client's staging directory, writable by that account.
+            let dir = staging_dir(&shared.root).join(&staging);
             std::fs::create_dir_all(&dir)?;
             std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
             (user.clone(), pass.clone())
@@ -392,12 +467,12 @@ async fn handshake(
                 ftp_port: shared.ftp_port,
                 ftp_user: user.clone(),
                 ftp_pass: pass,
-                session: session.clone(),
+                staging: staging.clone(),
             },
         },
     )
     .await?;
-    Ok((name, session, user))
+    Ok((name, staging, user))
 }
 
 async fn connection(
@@ -409,7 +484,7 @@ async fn connection(
 ) {
     let stream = Arc::new(stream);
     let hs = handshake(&stream, &shared, id);
-    let (name, session, user) = match agent::within(HANDSHAKE_TIMEOUT, "the handshake", hs).await {
+    let (name, staging, user) = match agent::within(HANDSHAKE_TIMEOUT, "the handshake", hs).await {
         Ok(v) => v,
         Err(e) => {
             log::warn!("{peer}: refused: {e}");
@@ -422,7 +497,7 @@ async fn connection(
         .send(Event::Connected {
             id,
             name: name.clone(),
-            session,
+            staging,
             tx,
             stream: stream.clone(),
         })
@@ -495,7 +570,7 @@ impl Server {
             Event::Connected {
                 id,
                 name,
-                session,
+                staging,
                 tx,
                 stream,
             } => {
@@ -503,7 +578,7 @@ impl Server {
                     id,
                     ClientHandle {
                         name,
-                        session,
+                        staging,
                         tx,
                         stream,
                         subscribed: false,
@@ -511,9 +586,8 @@ impl Server {
                 );
             }
             Event::Gone { id } => {
-                if let Some(c) = self.clients.remove(&id) {
-                    let _ = std::fs::remove_dir_all(staging_dir(&self.root).join(&c.session));
-                }
+                // Its staging area stays: a broken upload resumes there when it is back.
+                self.clients.remove(&id);
             }
             Event::Msg { id, msg } => self.on_message(id, msg).await,
             Event::Hints(hints) => match agent::scan_hints(&mut self.tree, hints) {
@@ -565,8 +639,8 @@ impl Server {
                 let Some(c) = self.clients.get(&id) else {
                     return;
                 };
-                let (name, session) = (c.name.clone(), c.session.clone());
-                let (outcome, changes) = self.commit(&name, &session, &path, op, base).await;
+                let (name, staging) = (c.name.clone(), c.staging.clone());
+                let (outcome, changes) = self.commit(&name, &staging, &path, op, base).await;
                 if let Outcome::Failed { reason } = &outcome {
                     log::warn!("{name}: commit of {path} failed: {reason}");
                 }
@@ -574,6 +648,39 @@ impl Server {
                     let _ = c.tx.try_send(ServerMsg::CommitResult { id: cid, outcome });
                 }
                 self.publish(changes);
+            }
+            ClientMsg::Probe {
+                id: pid,
+                target,
+                len,
+            } => {
+                let Some(c) = self.clients.get(&id) else {
+                    return;
+                };
+                let file = match target {
+                    ProbeTarget::Staged(name) => match staged_path(&self.root, &c.staging, &name) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            log::warn!("{}: {e}; closing", c.name);
+                            self.drop_client(id);
+                            return;
+                        }
+                    },
+                    ProbeTarget::File(path) => self.tree.abs(&path),
+                };
+                // Hashing may read a large file: off the actor, answered when done.
+                let tx = c.tx.clone();
+                smol::spawn(async move {
+                    let (size, hash) = smol::unblock(move || prefix_hash(&file, len)).await;
+                    let _ = tx
+                        .send(ServerMsg::Probed {
+                            id: pid,
+                            size,
+                            hash,
+                        })
+                        .await;
+                })
+                .detach();
             }
             ClientMsg::Ping => {}
             other => {
@@ -607,12 +714,18 @@ impl Server {
             }
         }
         let mut out = Vec::new();
+        let mut paths: Vec<RelPath> = Vec::new();
         for (from, to) in detect_renames(&changes) {
             if self.index.entry(&from).is_some() && self.index.entry(&to).is_none() {
                 out.extend(self.index.rename(&from, &to));
+                // The index may have moved what was already gone from the directory (a
+                // delete not yet seen): check every moved path against the disk below.
+                paths.extend(self.index.live_subtree(&to).into_iter().map(|(p, _)| p));
             }
         }
-        let paths: Vec<RelPath> = changes.into_iter().map(|c| c.path).collect();
+        paths.extend(changes.into_iter().map(|c| c.path));
+        paths.sort();
+        paths.dedup();
         let tree = &self.tree;
         for p in agent::apply_order(paths, |p| tree.get(p).is_none()) {
             let disk = self.tree.get(&p).map(|s| s.entry.clone());
@@ -733,7 +846,7 @@ impl Server {
     async fn commit(
         &mut self,
         name: &str,
-        session: &str,
+        staging: &str,
         path: &RelPath,
         op: Op,
         base: Option<Entry>,
@@ -741,8 +854,7 @@ impl Server {
         let mut changes = self.refresh(path);
         let current = self.index.entry(path).cloned();
         let conflict = |current: Option<Entry>| Outcome::Conflict { current };
-        // RACE: a program writing `path` between this check and the rename below is
-        // overwritten; its write is then the older one and a later edit wins again.
+        // A program writing `path` while the commit runs is caught by `install_file`.
         let result: anyhow::Result<Outcome> = match op {
             Op::Put { staged, entry } => {
                 if current.as_ref() == Some(&entry) {
@@ -759,7 +871,7 @@ impl Server {
                 match staged {
                     None => self.put_meta(path, current.as_ref(), &entry, &mut changes),
                     Some(name) => {
-                        self.put_staged(session, &name, path, entry, &mut changes)
+                        self.put_staged(staging, &name, path, entry, &mut changes)
                             .await
                     }
                 }
@@ -876,26 +988,20 @@ impl Server {
 
     async fn put_staged(
         &mut self,
-        session: &str,
+        staging: &str,
         staged: &str,
         path: &RelPath,
         entry: Entry,
         changes: &mut Vec<Change>,
     ) -> anyhow::Result<Outcome> {
-        if staged.is_empty()
-            || staged.len() > 64
-            || !staged
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            bail!("bad staged file name {staged:?}");
-        }
-        let staged_path = staging_dir(&self.root).join(session).join(staged);
+        let staged_path = staged_path(&self.root, staging, staged)?;
         let root = self.root.clone();
         let rel = path.clone();
         let staged = staged.to_string();
+        // What the upload replaces must still be what the index was just refreshed from.
+        let expect = self.tree.get(path).cloned();
         // Hashing and fsync are slow: off the executor's threads.
-        let installed = smol::unblock(move || -> anyhow::Result<Option<fsops::Installed>> {
+        let installed = smol::unblock(move || -> anyhow::Result<Option<fsops::Install>> {
             let file = std::fs::File::open(&staged_path)
                 .with_context(|| format!("staged upload {staged} is missing"))?;
             let mut hasher = blake3::Hasher::new();
@@ -911,6 +1017,7 @@ impl Server {
                 &staged_path,
                 &rel,
                 &entry,
+                expect.as_ref(),
             )?))
         })
         .await?;
@@ -918,8 +1025,32 @@ impl Server {
             None => Ok(Outcome::Failed {
                 reason: format!("{path}: uploaded bytes do not match their size and hash"),
             }),
-            Some((seen, created)) => {
+            Some(fsops::Install::ChangedHere) => {
+                // Written here meanwhile: that is the server's version now; the client
+                // decides again against it (the upload stays staged for a retry).
+                changes.extend(self.refresh(path));
+                Ok(Outcome::Conflict {
+                    current: self.index.entry(path).cloned(),
+                })
+            }
+            Some(fsops::Install::Done {
+                installed: (seen, created),
+                displaced,
+            }) => {
                 self.record(path, seen, created, changes);
+                if let Some(old) = displaced {
+                    match fsops::keep_as_conflict(&self.root, &old, path, "server") {
+                        Ok((copy, created)) => {
+                            self.record_created(created, changes);
+                            changes.extend(self.refresh(&copy));
+                            log::warn!("conflict on {path}: it was written here while an upload arrived; the server's version is kept as {copy}");
+                        }
+                        Err(e) => log::error!(
+                            "conflict on {path}: cannot keep the server's version (left at {}): {e}",
+                            old.display()
+                        ),
+                    }
+                }
                 Ok(self.done(path))
             }
         }

@@ -5,11 +5,13 @@ mod e2e {
     pub mod util;
 
     mod conflict;
+    mod crash;
     mod cross;
     mod durable;
     mod echo;
     mod external;
     mod hostile;
+    mod random;
     mod restart;
     mod startup;
     mod sync;

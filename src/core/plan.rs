@@ -66,8 +66,10 @@ pub fn rename_locally(
 }
 
 /// The name a losing local version is kept under:
-/// `NAME.conflict-YYYYMMDD-HHMMSS-CLIENT.EXT` (UTC), beside the original.
-pub fn conflict_name(path: &RelPath, unix_secs: i64, client: &str) -> RelPath {
+/// `NAME.conflict-YYYYMMDD-HHMMSS-CLIENT.EXT` (UTC), beside the original. `attempt` counts
+/// from 1; later attempts (the first name was taken: two conflicts on one path within a
+/// second) add `-2`, `-3`… after the client name.
+pub fn conflict_name(path: &RelPath, unix_secs: i64, client: &str, attempt: u32) -> RelPath {
     let name = path.file_name();
     // A leading dot is part of the stem (".bashrc" has no extension).
     let (stem, ext) = match name.rfind('.') {
@@ -86,7 +88,10 @@ pub fn conflict_name(path: &RelPath, unix_secs: i64, client: &str) -> RelPath {
         .take(32)
         .collect();
     let (y, mo, d, h, mi, s) = civil_utc(unix_secs);
-    let tag = format!(".conflict-{y:04}{mo:02}{d:02}-{h:02}{mi:02}{s:02}-{client}");
+    let mut tag = format!(".conflict-{y:04}{mo:02}{d:02}-{h:02}{mi:02}{s:02}-{client}");
+    if attempt > 1 {
+        tag += &format!("-{attempt}");
+    }
     // Keep the whole name within a component's limit by shortening the stem.
     let room = super::path::MAX_COMPONENT.saturating_sub(tag.len() + ext.len());
     let mut cut = stem.len().min(room);
@@ -229,12 +234,16 @@ mod tests {
             ("d/ünï.md",         "my phone", "d/ünï.conflict-20261125-031500-my_phone.md"),
         ];
         for (path, client, want) in table {
-            let got = conflict_name(&path.parse().unwrap(), t, client);
+            let got = conflict_name(&path.parse().unwrap(), t, client, 1);
             assert_eq!(got.as_str(), want);
         }
+        let again = conflict_name(&"a/notes.txt".parse().unwrap(), t, "pi", 2);
+        assert_eq!(again.as_str(), "a/notes.conflict-20261125-031500-pi-2.txt");
         let long = format!("{}.txt", "é".repeat(125));
-        let got = conflict_name(&long.parse().unwrap(), t, "c");
-        assert!(got.as_str().len() <= 255 && got.as_str().ends_with("-c.txt"));
+        for attempt in [1, 2, 100] {
+            let got = conflict_name(&long.parse().unwrap(), t, "c", attempt);
+            assert!(got.as_str().len() <= 255 && got.as_str().ends_with(".txt"));
+        }
     }
 
     #[test]

@@ -5,11 +5,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::core::entry::Entry;
+use crate::core::entry::{Entry, Hash};
 use crate::core::path::RelPath;
 
 /// Bumped whenever a message changes shape; peers with different versions refuse each other.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Random bytes each side contributes to the handshake, so a proof is never replayed.
 pub type Nonce = [u8; 32];
@@ -26,6 +26,9 @@ pub enum ClientMsg {
         version: u32,
         /// The client's name, used in logs and conflict names.
         name: String,
+        /// The replica's random identity (kept in its state directory): names its staging
+        /// area on the server, so an upload broken by a lost connection resumes there.
+        id: [u8; 16],
         /// Client nonce.
         nonce: Nonce,
     },
@@ -53,8 +56,27 @@ pub enum ClientMsg {
         /// refuses with `Conflict` if that is no longer true.
         base: Option<Entry>,
     },
+    /// Asks for the size and hash of what the server holds, to resume a broken transfer
+    /// after checking the part already there. Answered by `Probed`.
+    Probe {
+        /// Echoed in the answer.
+        id: u64,
+        /// Which file.
+        target: ProbeTarget,
+        /// Hash at most this many bytes from the start.
+        len: u64,
+    },
     /// Keepalive.
     Ping,
+}
+
+/// A file a `Probe` asks about.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ProbeTarget {
+    /// A (partial) upload in the client's staging area.
+    Staged(String),
+    /// A file in the tree.
+    File(RelPath),
 }
 
 /// A change a client asks the server to make.
@@ -122,6 +144,15 @@ pub enum ServerMsg {
         /// What happened.
         outcome: Outcome,
     },
+    /// Answer to `Probe`.
+    Probed {
+        /// The `Probe`'s id.
+        id: u64,
+        /// The file's size (0 if there is none).
+        size: u64,
+        /// BLAKE3 of its first `min(size, len)` bytes.
+        hash: Hash,
+    },
     /// Keepalive.
     Ping,
 }
@@ -139,8 +170,9 @@ pub struct Grant {
     pub ftp_user: String,
     /// FTP password for `ftp_user`.
     pub ftp_pass: String,
-    /// Staging directory name for this session's uploads.
-    pub session: String,
+    /// Staging directory name for this client's uploads (the same in every session, so a
+    /// broken upload can resume).
+    pub staging: String,
 }
 
 /// One accepted change to the server's tree.
@@ -185,6 +217,7 @@ impl ClientMsg {
             ClientMsg::Auth { .. } => "Auth",
             ClientMsg::Subscribe { .. } => "Subscribe",
             ClientMsg::Commit { .. } => "Commit",
+            ClientMsg::Probe { .. } => "Probe",
             ClientMsg::Ping => "Ping",
         }
     }
@@ -200,6 +233,7 @@ impl ServerMsg {
             ServerMsg::Changes(_) => "Changes",
             ServerMsg::CaughtUp { .. } => "CaughtUp",
             ServerMsg::CommitResult { .. } => "CommitResult",
+            ServerMsg::Probed { .. } => "Probed",
             ServerMsg::Ping => "Ping",
         }
     }

@@ -113,6 +113,9 @@ fn spawn_limited(
 }
 
 /// The watcher thread's state.
+/// A directory that left (MOVED_FROM): its path, when, and the watches that went with it.
+type Pending = (PathBuf, Instant, Vec<(PathBuf, WatchDescriptor)>);
+
 struct State {
     root: PathBuf,
     watches: Watches,
@@ -120,8 +123,9 @@ struct State {
     by_wd: HashMap<WatchDescriptor, PathBuf>,
     /// The same, by path; ordered so a directory's subtree is one contiguous range.
     by_path: BTreeMap<PathBuf, WatchDescriptor>,
-    /// Directories seen leaving (MOVED_FROM) whose arrival (MOVED_TO) is not yet seen, by cookie.
-    pending: HashMap<u32, (PathBuf, Instant)>,
+    /// Directories seen leaving (MOVED_FROM) whose arrival (MOVED_TO) is not yet seen, by
+    /// cookie: the path, when, and the watches that left with it.
+    pending: HashMap<u32, Pending>,
     fallback: Arc<Fallback>,
     warned_limit: bool,
     fake_limit: Option<usize>,
@@ -233,14 +237,15 @@ impl State {
         let is_dir = mask.contains(EventMask::ISDIR);
         if mask.contains(EventMask::MOVED_FROM) {
             if is_dir {
+                let left = self.watches_under(&rel);
                 self.pending
-                    .insert(ev.cookie, (rel.clone(), Instant::now()));
+                    .insert(ev.cookie, (rel.clone(), Instant::now(), left));
             }
             self.out.push(Hint::Path(rel));
         } else if mask.contains(EventMask::MOVED_TO) {
             if is_dir {
                 match self.pending.remove(&ev.cookie) {
-                    Some((old, _)) => self.moved_within(&old, &rel),
+                    Some((old, _, _)) => self.moved_within(&old, &rel),
                     None => self.add_tree(&rel),
                 }
             }
@@ -375,20 +380,32 @@ impl State {
     }
 
     /// A directory left the tree: stop watching it and everything under it.
-    fn moved_out(&mut self, old: &Path) {
-        let gone: Vec<(PathBuf, WatchDescriptor)> = self
-            .by_path
-            .range(old.to_path_buf()..)
-            .take_while(|(p, _)| p.starts_with(old))
-            .map(|(p, wd)| (p.clone(), wd.clone()))
-            .collect();
-        for (p, wd) in gone {
-            self.by_path.remove(&p);
+    fn moved_out(&mut self, old: &Path, left: Vec<(PathBuf, WatchDescriptor)>) {
+        // Only the watches that left, and only where nothing took them back (a rescan that
+        // found the directory elsewhere): a directory made at the old path since has its own.
+        for (p, wd) in left {
+            if self.by_wd.get(&wd) != Some(&p) {
+                continue;
+            }
             self.by_wd.remove(&wd);
+            if self.by_path.get(&p) == Some(&wd) {
+                self.by_path.remove(&p);
+            }
             // May already be gone (deleted out there): nothing to undo then.
             let _ = self.watches.remove(wd);
         }
-        self.fallback.forget(old);
+        if !self.by_path.contains_key(old) {
+            self.fallback.forget(old);
+        }
+    }
+
+    /// The watches on `dir` and every directory beneath it.
+    fn watches_under(&self, dir: &Path) -> Vec<(PathBuf, WatchDescriptor)> {
+        self.by_path
+            .range(dir.to_path_buf()..)
+            .take_while(|(p, _)| p.starts_with(dir))
+            .map(|(p, wd)| (p.clone(), wd.clone()))
+            .collect()
     }
 
     /// Treats directories whose MOVED_TO did not follow within the grace as moved out. If the
@@ -398,12 +415,12 @@ impl State {
         let expired: Vec<u32> = self
             .pending
             .iter()
-            .filter(|(_, (_, t))| now.duration_since(*t) >= PAIR_GRACE)
+            .filter(|(_, (_, t, _))| now.duration_since(*t) >= PAIR_GRACE)
             .map(|(c, _)| *c)
             .collect();
         for cookie in expired {
-            if let Some((old, _)) = self.pending.remove(&cookie) {
-                self.moved_out(&old);
+            if let Some((old, _, left)) = self.pending.remove(&cookie) {
+                self.moved_out(&old, left);
             }
         }
     }
@@ -607,6 +624,25 @@ mod tests {
         let seen = h.step(|| fs::write(t.path("b/x/g"), b"z").unwrap());
         assert_hinted(&seen, &["b/x/g"]);
         assert_none_under(&seen, "a");
+    }
+
+    #[test]
+    fn dir_made_where_one_moved_out_stays_watched() {
+        let t = TempTree::new("ino-mvout-remade");
+        fs::create_dir_all(t.path("d/sub")).unwrap();
+        let (_w, mut h) = start(&t);
+
+        // Gone and made again before the watcher gives up waiting for the MOVED_TO: giving up
+        // must drop the watches that left, not the new directory's.
+        let seen = h.step(|| {
+            fs::rename(t.path("d"), t.outside.join("d")).unwrap();
+            fs::create_dir_all(t.path("d/sub")).unwrap();
+        });
+        assert_hinted(&seen, &["d"]);
+        std::thread::sleep(PAIR_GRACE * 3); // let the grace run out (not synchronisation)
+
+        let seen = h.step(|| fs::write(t.path("d/sub/f"), b"x").unwrap());
+        assert_hinted(&seen, &["d/sub/f"]);
     }
 
     #[test]

@@ -32,6 +32,7 @@ fn authenticated(cl: &Cluster) -> TcpStream {
         &encode(&ClientMsg::Hello {
             version: PROTOCOL_VERSION,
             name: "hostile".into(),
+            id: [7; 16],
             nonce,
         })
         .unwrap(),
@@ -96,6 +97,7 @@ fn hostile_frames_are_refused_and_honest_clients_keep_syncing() {
         &encode(&ClientMsg::Hello {
             version: PROTOCOL_VERSION + 1,
             name: "x".into(),
+            id: [7; 16],
             nonce: [0; 32],
         })
         .unwrap(),
@@ -132,6 +134,7 @@ fn hostile_frames_are_refused_and_honest_clients_keep_syncing() {
         &encode(&ClientMsg::Hello {
             version: PROTOCOL_VERSION,
             name: "again".into(),
+            id: [7; 16],
             nonce: [0; 32],
         })
         .unwrap(),

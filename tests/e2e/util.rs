@@ -202,6 +202,29 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// Writes `len` random bytes to `path` (from the kernel's generator: fast for big files).
+pub fn random_file(path: &Path, len: u64) {
+    use std::io::Read;
+    let mut src = fs::File::open("/dev/urandom").unwrap().take(len);
+    let mut dst = fs::File::create(path).unwrap();
+    assert_eq!(std::io::copy(&mut src, &mut dst).unwrap(), len);
+}
+
+/// The first file beneath `dir` (recursively) of at least `len` bytes.
+pub fn file_at_least(dir: &Path, len: u64) -> Option<PathBuf> {
+    for e in fs::read_dir(dir).ok()?.flatten() {
+        let meta = e.metadata().ok()?;
+        if meta.is_dir() {
+            if let Some(p) = file_at_least(&e.path(), len) {
+                return Some(p);
+            }
+        } else if meta.len() >= len {
+            return Some(e.path());
+        }
+    }
+    None
+}
+
 /// A client's watcher.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Watch {
@@ -232,8 +255,6 @@ pub struct Cluster {
     ftp: String,
     /// Arguments naming an external FTP server, used instead of `--ftp-listen`.
     ftp_args: Option<Vec<String>>,
-    /// Extra server arguments (see `set_server_args`).
-    server_extra: Vec<String>,
     clients: Vec<ClientProc>,
 }
 
@@ -269,7 +290,6 @@ impl Cluster {
             control: "127.0.0.1:0".into(),
             ftp: "127.0.0.1:0".into(),
             ftp_args,
-            server_extra: Vec::new(),
             clients: Vec::new(),
         };
         c.start_server();
@@ -281,25 +301,26 @@ impl Cluster {
 
     /// Adds and starts a client run by `program` (the native binary when empty).
     pub fn add_client(&mut self, name: &str, watch: Watch, program: Vec<String>) {
+        self.add_client_with(name, watch, program, &[]);
+    }
+
+    /// `add_client` with `args` added to the client's command line (at every start).
+    pub fn add_client_with(
+        &mut self,
+        name: &str,
+        watch: Watch,
+        program: Vec<String>,
+        args: &[&str],
+    ) {
         self.clients.push(ClientProc {
             name: name.to_string(),
             watch,
             root: self.dir.0.join(name),
             program,
-            extra: Vec::new(),
+            extra: args.iter().map(|a| a.to_string()).collect(),
             proc: None,
         });
         self.start_client(name);
-    }
-
-    /// Arguments added to the server's command line from its next start on.
-    pub fn set_server_args(&mut self, args: &[&str]) {
-        self.server_extra = args.iter().map(|a| a.to_string()).collect();
-    }
-
-    /// Arguments added to a client's command line from its next start on.
-    pub fn set_client_args(&mut self, name: &str, args: &[&str]) {
-        self.client_mut(name).extra = args.iter().map(|a| a.to_string()).collect();
     }
 
     /// The server's exit status, if it has exited.
@@ -369,7 +390,6 @@ impl Cluster {
             None => args.extend(["--ftp-listen", &self.ftp]),
             Some(extra) => args.extend(extra.iter().map(String::as_str)),
         }
-        args.extend(self.server_extra.iter().map(String::as_str));
         let log = self.dir.0.join("server.log");
         let mut server = Proc::spawn(&args, &log);
         let end = Instant::now() + DEADLINE;

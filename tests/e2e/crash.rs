@@ -1,0 +1,229 @@
+//! kill -9 in the middle of work: a big upload, a big download, a burst of small files. After
+//! restarts every tree is identical, nothing written is missing, no temporary or partial file
+//! shows under a real name, and a broken big transfer resumes instead of starting over.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::util::*;
+
+const BIG: u64 = 256 << 20;
+/// How much of the big file must have crossed before the kill.
+const PART: u64 = 32 << 20;
+/// Slow enough that the kill lands mid-transfer, fast enough to finish in seconds.
+const RATE: &str = "64M";
+
+/// Waits (bounded) until `f` returns something.
+fn wait_for<T>(what: &str, cl: &Cluster, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < end,
+            "timed out waiting until {what}\n{}",
+            cl.logs()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The number in `log` right after the last occurrence of `prefix`.
+fn last_number_after(log: &str, prefix: &str) -> Option<u64> {
+    let at = log.rfind(prefix)? + prefix.len();
+    let digits: String = log[at..].chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// Exactly these paths (and their directories) and nothing else, in every tree.
+fn assert_exactly(cl: &Cluster, files: &[String]) {
+    let want: BTreeSet<String> = files
+        .iter()
+        .flat_map(|f| {
+            let mut parts: Vec<String> = Vec::new();
+            let mut at = String::new();
+            for c in f.split('/') {
+                if !at.is_empty() {
+                    at.push('/');
+                }
+                at.push_str(c);
+                parts.push(at.clone());
+            }
+            parts
+        })
+        .collect();
+    for root in cl.roots() {
+        let got: BTreeSet<String> = snapshot(&root).into_keys().collect();
+        assert_eq!(got, want, "{}: unexpected or missing names", root.display());
+    }
+}
+
+/// Makes a big random file outside the trees and moves it into `root` as `big`, so the
+/// watcher sees it whole.
+fn move_in_big(cl: &Cluster, root: &Path) -> Vec<u8> {
+    let outside = cl.dir.0.join("big.outside");
+    random_file(&outside, BIG);
+    let bytes = std::fs::read(&outside).unwrap();
+    std::fs::rename(&outside, root.join("big")).unwrap();
+    bytes
+}
+
+#[test]
+fn server_killed_mid_upload_resumes_it() {
+    let mut cl = Cluster::start("crash-upload", &[]);
+    cl.add_client_with("a", Watch::Auto, Vec::new(), &["--max-rate", RATE]);
+    wait_until(
+        "a is connected",
+        || cl.log("a").contains("caught up"),
+        || cl.logs(),
+    );
+    let bytes = move_in_big(&cl, &cl.root("a"));
+
+    let staging = cl.server_root().join(".ferry/staging");
+    wait_for("part of the upload is staged", &cl, || {
+        file_at_least(&staging, PART)
+    });
+    cl.kill_server();
+    cl.start_server();
+
+    cl.wait_converged("the big file is on the server", |cl| {
+        has(&cl.server_root(), "big", &bytes)
+    });
+    assert_exactly(&cl, &["big".to_string()]);
+    let log = cl.log("a");
+    let resumed_at = last_number_after(&log, "resuming the upload of big at byte ")
+        .unwrap_or_else(|| panic!("the upload did not resume\n{log}"));
+    assert!(resumed_at >= PART, "resumed at byte {resumed_at}");
+    let sent = last_number_after(&log, "uploaded big: ").expect("the upload finished");
+    assert_eq!(sent, BIG - resumed_at, "bytes sent after the restart");
+}
+
+#[test]
+fn client_killed_mid_download_resumes_it() {
+    let mut cl = Cluster::start("crash-download", &[]);
+    cl.add_client_with("b", Watch::Auto, Vec::new(), &["--max-rate", RATE]);
+    wait_until(
+        "b is connected",
+        || cl.log("b").contains("caught up"),
+        || cl.logs(),
+    );
+    let bytes = move_in_big(&cl, &cl.server_root());
+
+    let tmp = cl.root("b").join(".ferry/tmp");
+    wait_for(
+        "part of the download is in b's state directory",
+        &cl,
+        || file_at_least(&tmp, PART),
+    );
+    cl.kill_client("b");
+    assert!(
+        !cl.root("b").join("big").exists(),
+        "a partial download is visible under its real name"
+    );
+    cl.start_client("b");
+
+    cl.wait_converged("the big file is on b", |cl| {
+        has(&cl.root("b"), "big", &bytes)
+    });
+    assert_exactly(&cl, &["big".to_string()]);
+    let log = cl.log("b");
+    let resumed_at = last_number_after(&log, "resuming the download of big at byte ")
+        .unwrap_or_else(|| panic!("the download did not resume\n{log}"));
+    assert!(resumed_at >= PART, "resumed at byte {resumed_at}");
+    let got = last_number_after(&log, &format!("applied big ({BIG} bytes, "))
+        .expect("the download finished");
+    assert_eq!(got, BIG - resumed_at, "bytes received after the restart");
+    assert_eq!(
+        std::fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "leftovers in b's temporary directory"
+    );
+}
+
+/// 1,000 small files in 10 directories, each with its own bytes.
+fn burst() -> Vec<(String, Vec<u8>)> {
+    (0..1000)
+        .map(|i| {
+            (
+                format!("burst/d{}/f{i}.dat", i % 10),
+                noise(200 + i % 700, i as u64),
+            )
+        })
+        .collect()
+}
+
+/// How many of the burst's files `root` holds with the right bytes.
+fn count(root: &Path, set: &[(String, Vec<u8>)]) -> usize {
+    set.iter().filter(|(p, b)| has(root, p, b)).count()
+}
+
+/// Writes the burst into `a`, waits until `victim_has` of them reached the victim, runs
+/// `kill`, checks the kill landed mid-burst, runs `restart`, and checks that every tree ends
+/// with exactly the burst.
+fn burst_with_kill(
+    cl: &mut Cluster,
+    victim: &Path,
+    kill: impl FnOnce(&mut Cluster),
+    restart: impl FnOnce(&mut Cluster),
+) {
+    let set = burst();
+    for (p, b) in &set {
+        write(&cl.root("a"), p, b);
+    }
+    let at_kill = wait_for("some of the burst arrived", cl, || {
+        let n = count(victim, &set);
+        (n >= 100).then_some(n)
+    });
+    kill(cl);
+    let after_kill = count(victim, &set);
+    assert!(
+        after_kill < set.len(),
+        "the kill came after the burst had arrived ({at_kill} files then)"
+    );
+    restart(cl);
+    cl.wait_converged("every tree has the whole burst", |cl| {
+        cl.roots().iter().all(|r| count(r, &set) == set.len())
+    });
+    let names: Vec<String> = set.into_iter().map(|(p, _)| p).collect();
+    assert_exactly(cl, &names);
+}
+
+#[test]
+fn server_killed_during_a_burst_loses_nothing() {
+    let mut cl = Cluster::start(
+        "crash-burst-server",
+        &[("a", Watch::Auto), ("b", Watch::Poll)],
+    );
+    let server = cl.server_root();
+    burst_with_kill(
+        &mut cl,
+        &server,
+        Cluster::kill_server,
+        Cluster::start_server,
+    );
+}
+
+#[test]
+fn clients_killed_during_a_burst_lose_nothing() {
+    // The sender and a receiver die together: the sender finds what it had not sent from its
+    // journal and a scan; the receiver finishes from the seq it had reached.
+    let mut cl = Cluster::start(
+        "crash-burst-clients",
+        &[("a", Watch::Auto), ("b", Watch::Auto)],
+    );
+    let b = cl.root("b");
+    burst_with_kill(
+        &mut cl,
+        &b,
+        |cl| {
+            cl.kill_client("a");
+            cl.kill_client("b");
+        },
+        |cl| {
+            cl.start_client("a");
+            cl.start_client("b");
+        },
+    );
+}
