@@ -62,6 +62,13 @@ struct ServerArgs {
     /// poll watcher interval in milliseconds (default 1000)
     #[argh(option, default = "1000")]
     poll_interval_ms: u64,
+    /// forget deletes after this many days; a client away longer reconciles in full, and
+    /// files deleted meanwhile may come back from it (default 30)
+    #[argh(option, default = "30")]
+    tombstone_days: u64,
+    /// remember at most this many deletes, forgetting the oldest first (default 100000)
+    #[argh(option, default = "100_000")]
+    max_tombstones: usize,
     /// write the bound addresses to this file once serving
     #[argh(option)]
     ready_file: Option<PathBuf>,
@@ -229,6 +236,10 @@ fn run_server(a: ServerArgs) -> anyhow::Result<()> {
         ftp,
         secret: Secret::load(&a.secret_file)?,
         ready_file: a.ready_file,
+        retention: crate::core::index::Retention {
+            max_age_secs: a.tombstone_days.saturating_mul(86_400),
+            max_count: a.max_tombstones,
+        },
         root,
     };
     crate::server::run(cfg)

@@ -5,7 +5,7 @@
 //! Because applying a remote change records the new base and the new local state together, the
 //! watcher event that applying causes finds nothing changed: echoes cannot happen.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -142,10 +142,18 @@ struct Session {
     data: DataConn,
     next_id: u64,
     caught_up: bool,
-    /// Paths a full listing named (to tell "unknown to the server" from "listed").
+    /// Paths named while catching up: if the server says it was a full listing (a new index,
+    /// or deletes forgotten since we last caught up), the base keeps only these.
     listed: Option<HashSet<RelPath>>,
     /// Changes applied here during the catch-up, for its summary.
     applied: usize,
+    /// The seq our latest accepted commit of each path got, until its change comes back:
+    /// a change of that path with a lower seq (delivered while we waited) is superseded.
+    committed: HashMap<RelPath, u64>,
+    /// Directory renames made here (sent, or applied from the server), by old path, until the
+    /// server's changes for them are in: the rename's seq and the paths moved here that the
+    /// server has not yet confirmed moving.
+    renames: HashMap<RelPath, (u64, BTreeSet<RelPath>)>,
 }
 
 impl Session {
@@ -387,7 +395,6 @@ impl Client {
         .await?;
         log::info!("connected to {addr}");
         *backoff = MIN_BACKOFF;
-        let full = grant.epoch != self.epoch || self.last_seq == 0;
         if grant.epoch != self.epoch {
             if self.epoch != 0 {
                 log::warn!("the server's index is new: reconciling in full (nothing is deleted for being absent)");
@@ -437,8 +444,10 @@ impl Client {
             data,
             next_id: 0,
             caught_up: false,
-            listed: full.then(HashSet::new),
+            listed: Some(HashSet::new()),
             applied: 0,
+            committed: HashMap::new(),
+            renames: HashMap::new(),
         };
         s.send(ClientMsg::Subscribe {
             epoch: self.epoch,
@@ -512,7 +521,7 @@ impl Client {
                 }
             }
             ServerMsg::CaughtUp { seq, full } => {
-                if let Some(listed) = s.listed.take() {
+                if let Some(listed) = s.listed.take().filter(|_| full) {
                     // Known here, never listed by the server: unknown there, not deleted.
                     self.base.retain(|p, _| listed.contains(p));
                 }
@@ -551,10 +560,46 @@ impl Client {
         if let Some(listed) = &mut s.listed {
             listed.insert(c.path.clone());
         }
+        if !s.renames.is_empty() {
+            self.settle_renames(s, &c);
+        }
+        if let Some(&mine) = s.committed.get(&c.path) {
+            if c.seq < mine {
+                self.last_seq = self.last_seq.max(c.seq);
+                return Ok(());
+            }
+            s.committed.remove(&c.path);
+        }
         self.resolve(s, &c.path, c.entry, c.moved_from.as_ref(), 0)
             .await?;
         self.last_seq = self.last_seq.max(c.seq);
         Ok(())
+    }
+
+    /// Follows the server's changes for a directory rename made here. They end with the old
+    /// directory's delete; a path moved here that the server did not move by then was not
+    /// there (deleted there meanwhile, or made here meanwhile): it is sent as new.
+    fn settle_renames(&mut self, s: &mut Session, c: &Change) {
+        if c.moved_from.is_some() {
+            for (_, moved) in s.renames.values_mut() {
+                moved.remove(&c.path);
+            }
+        }
+        if c.entry.is_some() {
+            return;
+        }
+        let Some((seq, moved)) = s.renames.remove(&c.path) else {
+            return;
+        };
+        if c.seq < seq {
+            s.renames.insert(c.path.clone(), (seq, moved));
+            return;
+        }
+        for p in moved {
+            log::debug!("{p} was not moved on the server; sending it");
+            self.base.remove(&p);
+            self.dirty.insert(p);
+        }
     }
 
     /// Sends what changed here: renames first, then every dirty path (parents before
@@ -571,12 +616,21 @@ impl Client {
                 continue;
             }
             let op = Op::Rename { to: to.clone() };
-            if let Outcome::Done { .. } = s.commit(&from, op, Some(base_from)).await? {
+            if let Outcome::Done { seq } = s.commit(&from, op, Some(base_from)).await? {
+                s.committed.insert(to.clone(), seq);
+                // Assume the server moved what we had agreed on beneath it; the changes it
+                // sends for this rename confirm each path (see `on_change`).
+                let mut moved = BTreeSet::new();
                 for p in agent::keys_under(&self.base, &from) {
                     if let Some(e) = self.base.remove(&p) {
-                        self.base.insert(p.rebase(&from, &to), e);
+                        let new = p.rebase(&from, &to);
+                        if new != to {
+                            moved.insert(new.clone());
+                        }
+                        self.base.insert(new, e);
                     }
                 }
+                s.renames.insert(from.clone(), (seq, moved));
                 log::info!("sent rename {from} -> {to}");
             }
         }
@@ -629,12 +683,14 @@ impl Client {
                         self.base.remove(from);
                         self.base.insert(path.clone(), r.clone());
                         // What a moved directory held here is not necessarily what the server
-                        // moved (a file created in it meanwhile): the events that follow
-                        // settle the ones it did, and a look at each settles the rest.
-                        for p in agent::keys_under(self.tree.entries(), path) {
-                            if &p != path {
-                                self.dirty.insert(p);
-                            }
+                        // moved (a file created in it meanwhile): the changes that follow
+                        // confirm the ones it did (see `settle_renames`).
+                        let moved: BTreeSet<RelPath> = agent::keys_under(self.tree.entries(), path)
+                            .into_iter()
+                            .filter(|p| p != path)
+                            .collect();
+                        if !moved.is_empty() {
+                            s.renames.insert(from.clone(), (0, moved));
                         }
                         log::log!(s.applied(), "applied rename {from} -> {path}");
                         return Ok(());
@@ -642,6 +698,15 @@ impl Client {
                     Err(e) => {
                         log::debug!("local rename {from} -> {path} failed ({e}); fetching instead")
                     }
+                }
+            }
+        }
+        if let Some(from) = moved_from {
+            // Moved here already (with a directory, by us or by an earlier change): what we
+            // agreed on at the old path is the base at the new one.
+            if !self.base.contains_key(path) && self.tree.get(from).is_none() {
+                if let Some(b) = self.base.remove(from) {
+                    self.base.insert(path.clone(), b);
                 }
             }
         }
@@ -938,7 +1003,8 @@ impl Client {
             }
         };
         match s.commit(path, op, server_has.clone()).await? {
-            Outcome::Done { .. } => {
+            Outcome::Done { seq } => {
+                s.committed.insert(path.clone(), seq);
                 self.set_base(path, local);
                 log::info!("sent {path} ({what})");
                 Ok(None)

@@ -18,7 +18,7 @@ use smol::Async;
 
 use crate::agent::{self, hex, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT};
 use crate::core::entry::{Entry, Kind};
-use crate::core::index::{Index, Record};
+use crate::core::index::{Index, Record, Retention, MARK_EVERY_SECS};
 use crate::core::path::RelPath;
 use crate::core::renames::{detect_renames, Changed, Seen};
 use crate::fsops;
@@ -45,6 +45,8 @@ pub struct ServerConfig {
     pub secret: Secret,
     /// Watcher settings.
     pub watch: WatchConfig,
+    /// How long and how many deletes are remembered for clients that were away.
+    pub retention: Retention,
     /// Written with the bound addresses once the server accepts connections.
     pub ready_file: Option<PathBuf>,
 }
@@ -100,6 +102,9 @@ struct SavedRef<'a> {
 #[derive(Serialize, Deserialize)]
 struct Batch {
     seq: u64,
+    horizon: u64,
+    /// A new (seq, time) mark of the index, if one was made.
+    mark: Option<(u64, u64)>,
     records: Vec<(RelPath, Option<Record>)>,
     local: Vec<(RelPath, Option<Seen>)>,
 }
@@ -108,6 +113,12 @@ impl store::Durable for Saved {
     type Batch = Batch;
     fn apply(&mut self, b: Batch) {
         self.index.seq = self.index.seq.max(b.seq);
+        self.index.horizon = self.index.horizon.max(b.horizon);
+        if let Some(mark) = b.mark {
+            if self.index.marks.last().is_none_or(|last| last.0 < mark.0) {
+                self.index.marks.push(mark);
+            }
+        }
         for (p, r) in b.records {
             self.index.restore(p, r);
         }
@@ -137,6 +148,8 @@ enum Event {
     },
     Hints(Vec<Hint>),
     Sync,
+    /// Hourly: see `Server::housekeeping`.
+    Housekeeping,
 }
 
 struct ClientHandle {
@@ -174,6 +187,9 @@ struct Server {
     sync_pending: bool,
     /// Set when a scan found the root gone: the server stops (see `Tree::check_root`).
     lost: Option<RootLost>,
+    retention: Retention,
+    /// A mark of the index not yet journaled.
+    new_mark: Option<(u64, u64)>,
 }
 
 fn seq_file(root: &Path) -> PathBuf {
@@ -296,6 +312,8 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         journal,
         sync_pending: false,
         lost: None,
+        retention: cfg.retention,
+        new_mark: None,
     };
     log::info!("scanning {}", root.display());
     server.startup_scan()?;
@@ -350,6 +368,18 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         creds,
     });
     smol::spawn(accept_loop(listener, shared, events_tx.clone())).detach();
+    {
+        let events = events_tx.clone();
+        smol::spawn(async move {
+            loop {
+                smol::Timer::after(Duration::from_secs(MARK_EVERY_SECS)).await;
+                if events.send(Event::Housekeeping).await.is_err() {
+                    break;
+                }
+            }
+        })
+        .detach();
+    }
     smol::spawn(forward_hints(hint_rx, events_tx)).detach();
     while let Ok(ev) = events_rx.recv().await {
         server.handle(ev).await;
@@ -553,6 +583,7 @@ impl Server {
             out.extend(self.index.set(&p, None));
         }
         self.publish(out);
+        self.housekeeping();
         // A snapshot now: the first start's epoch, and a short journal from here on.
         self.flush();
         let saved = SavedRef {
@@ -601,17 +632,19 @@ impl Server {
                 self.sync_pending = false;
                 self.sync();
             }
+            Event::Housekeeping => self.housekeeping(),
         }
     }
 
     async fn on_message(&mut self, id: u64, msg: ClientMsg) {
         match msg {
             ClientMsg::Subscribe { epoch, since } => {
-                let (changes, full) = if epoch == self.index.epoch && since <= self.index.seq {
-                    (self.index.changes_since(since), false)
-                } else {
-                    (self.index.full_listing(), true)
-                };
+                let (changes, full) =
+                    if epoch == self.index.epoch && self.index.can_catch_up_from(since) {
+                        (self.index.changes_since(since), false)
+                    } else {
+                        (self.index.full_listing(), true)
+                    };
                 let Some(c) = self.clients.get_mut(&id) else {
                     return;
                 };
@@ -792,11 +825,14 @@ impl Server {
     fn flush(&mut self) {
         let records = self.index.take_changes();
         let local = self.tree.take_changes();
-        if records.is_empty() && local.is_empty() {
+        let mark = self.new_mark.take();
+        if records.is_empty() && local.is_empty() && mark.is_none() {
             return;
         }
         let batch = Batch {
             seq: self.index.seq,
+            horizon: self.index.horizon,
+            mark,
             records,
             local,
         };
@@ -811,6 +847,26 @@ impl Server {
                 let _ = events.send(Event::Sync).await;
             })
             .detach();
+        }
+    }
+
+    /// Dates the index's changes (a mark an hour) and forgets tombstones past retention.
+    fn housekeeping(&mut self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if let Some(mark) = self.index.mark_time(now) {
+            self.new_mark = Some(mark);
+        }
+        let forgotten = self.index.prune_tombstones(now, self.retention);
+        if forgotten > 0 {
+            log::info!(
+                "forgot {forgotten} deletes (older than {} days, or beyond the newest {}); a \
+                 client last in sync before seq {} reconciles in full",
+                self.retention.max_age_secs / 86_400,
+                self.retention.max_count,
+                self.index.horizon
+            );
         }
     }
 

@@ -3,6 +3,10 @@
 //!
 //! Every accepted change gets the next seq. A client that applied everything up to seq N asks
 //! for what came after N and receives each changed path's current state, in seq order.
+//!
+//! Tombstones are not kept for ever (see `Retention`). Forgetting one raises the `horizon`: a
+//! client whose N is below it may have missed a delete, so it gets a full listing instead, in
+//! which absence never means delete (a file deleted meanwhile can come back from that client).
 
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +26,27 @@ pub struct Record {
     pub moved_from: Option<RelPath>,
 }
 
+/// How long, and how many, deletes are remembered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// Tombstones older than this (in seconds) are forgotten.
+    pub max_age_secs: u64,
+    /// Beyond this many tombstones, the oldest are forgotten.
+    pub max_count: usize,
+}
+
+impl Default for Retention {
+    fn default() -> Retention {
+        Retention {
+            max_age_secs: 30 * 86_400,
+            max_count: 100_000,
+        }
+    }
+}
+
+/// How far apart the (seq, time) marks that date tombstones are, in seconds.
+pub const MARK_EVERY_SECS: u64 = 3600;
+
 /// The server's index.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Index {
@@ -29,6 +54,11 @@ pub struct Index {
     pub epoch: u64,
     /// Seq of the latest change.
     pub seq: u64,
+    /// Highest seq of a forgotten tombstone: catching up from below it needs a full listing.
+    pub horizon: u64,
+    /// (seq, unix seconds) pairs, oldest first, about `MARK_EVERY_SECS` apart: every change up
+    /// to that seq is at least that old. Records carry no time, so this dates them.
+    pub marks: Vec<(u64, u64)>,
     records: Tracked<Record>,
 }
 
@@ -38,6 +68,8 @@ impl Index {
         Index {
             epoch,
             seq: 0,
+            horizon: 0,
+            marks: Vec::new(),
             records: Tracked::default(),
         }
     }
@@ -135,6 +167,71 @@ impl Index {
         changes
     }
 
+    /// Notes that every change so far happened no later than `now` (unix seconds), if the
+    /// last note is `MARK_EVERY_SECS` old. Returns the new mark, for the journal.
+    pub fn mark_time(&mut self, now: u64) -> Option<(u64, u64)> {
+        let due = self
+            .marks
+            .last()
+            .is_none_or(|&(seq, at)| seq < self.seq && now >= at + MARK_EVERY_SECS);
+        due.then(|| {
+            self.marks.push((self.seq, now));
+            (self.seq, now)
+        })
+    }
+
+    /// Forgets tombstones older than the retention's age, then the oldest beyond its count,
+    /// raising the horizon past them. Returns how many were forgotten.
+    pub fn prune_tombstones(&mut self, now: u64, keep: Retention) -> usize {
+        let old_enough = |at: u64| at.saturating_add(keep.max_age_secs) <= now;
+        let mut cutoff = self
+            .marks
+            .iter()
+            .filter(|(_, at)| old_enough(*at))
+            .map(|(seq, _)| *seq)
+            .max()
+            .unwrap_or(0);
+        let mut dead: Vec<u64> = self
+            .records
+            .values()
+            .filter(|r| r.entry.is_none() && r.seq > cutoff)
+            .map(|r| r.seq)
+            .collect();
+        if dead.len() > keep.max_count {
+            let excess = dead.len() - keep.max_count;
+            dead.select_nth_unstable(excess - 1);
+            cutoff = cutoff.max(dead[excess - 1]);
+        }
+        let forget: Vec<RelPath> = self
+            .records
+            .iter()
+            .filter(|(_, r)| r.entry.is_none() && r.seq <= cutoff)
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in &forget {
+            self.records.remove(p);
+        }
+        if !forget.is_empty() {
+            self.horizon = self.horizon.max(cutoff);
+        }
+        // A mark past its age has done its work once; the newest such is kept (it still
+        // dates what came after the previous one).
+        let expired = self.marks.iter().filter(|(_, at)| old_enough(*at)).count();
+        self.marks.drain(..expired.saturating_sub(1));
+        forget.len()
+    }
+
+    /// Whether a client that applied everything up to `since` can catch up change by change
+    /// (else it needs a full listing: a delete it missed may be forgotten).
+    pub fn can_catch_up_from(&self, since: u64) -> bool {
+        since >= self.horizon && since <= self.seq
+    }
+
+    /// How many tombstones the index holds.
+    pub fn tombstones(&self) -> usize {
+        self.records.values().filter(|r| r.entry.is_none()).count()
+    }
+
     /// Every change after `since`, in seq order (each path's current state once).
     pub fn changes_since(&self, since: u64) -> Vec<Change> {
         let mut out: Vec<Change> = self
@@ -222,6 +319,88 @@ mod tests {
             .map(|c| c.path.to_string())
             .collect();
         assert_eq!(full, ["b"], "tombstones are not in a full listing");
+    }
+
+    #[test]
+    fn old_tombstones_are_forgotten_and_raise_the_horizon() {
+        const DAY: u64 = 86_400;
+        let keep = Retention {
+            max_age_secs: 30 * DAY,
+            max_count: 1000,
+        };
+        let mut ix = Index::new(1);
+        let t0 = 1_800_000_000;
+        ix.set(&p("old"), file("o"));
+        ix.set(&p("old"), None); // seq 2
+        ix.set(&p("kept"), file("k")); // seq 3
+        assert!(ix.mark_time(t0).is_some());
+        assert!(ix.mark_time(t0 + 60).is_none(), "marks are an hour apart");
+        ix.set(&p("recent"), file("r"));
+        ix.set(&p("recent"), None); // seq 5
+        assert!(ix.mark_time(t0 + 10 * DAY).is_some());
+
+        assert_eq!(
+            ix.prune_tombstones(t0 + 29 * DAY, keep),
+            0,
+            "not old enough yet"
+        );
+        assert!(ix.can_catch_up_from(1));
+
+        assert_eq!(ix.prune_tombstones(t0 + 31 * DAY, keep), 1);
+        assert!(ix.record(&p("old")).is_none());
+        assert!(ix.record(&p("recent")).is_some(), "younger than 30 days");
+        assert!(
+            ix.entry(&p("kept")).is_some(),
+            "live entries are never pruned"
+        );
+        assert_eq!(
+            ix.horizon, 3,
+            "everything up to the mark's seq may be forgotten"
+        );
+        assert!(
+            !ix.can_catch_up_from(2),
+            "a client at seq 2 may have missed the delete"
+        );
+        assert!(ix.can_catch_up_from(3));
+        assert_eq!(
+            ix.marks.len(),
+            2,
+            "the expired mark is kept until a newer one expires"
+        );
+
+        assert_eq!(ix.prune_tombstones(t0 + 41 * DAY, keep), 1);
+        assert_eq!(ix.horizon, 5);
+        assert_eq!(ix.marks, [(5, t0 + 10 * DAY)]);
+        assert_eq!(ix.tombstones(), 0);
+    }
+
+    #[test]
+    fn tombstones_beyond_the_count_are_forgotten_oldest_first() {
+        let keep = Retention {
+            max_age_secs: u64::MAX,
+            max_count: 2,
+        };
+        let mut ix = Index::new(1);
+        for name in ["a", "b", "c", "d"] {
+            ix.set(&p(name), file(name));
+        }
+        for name in ["c", "a", "d", "b"] {
+            ix.set(&p(name), None); // seqs 5, 6, 7, 8
+        }
+        assert_eq!(ix.prune_tombstones(1_800_000_000, keep), 2);
+        assert!(ix.record(&p("c")).is_none() && ix.record(&p("a")).is_none());
+        assert!(ix.record(&p("d")).is_some() && ix.record(&p("b")).is_some());
+        assert_eq!(ix.horizon, 6);
+        assert!(!ix.can_catch_up_from(5) && ix.can_catch_up_from(6));
+        let journal: Vec<(String, bool)> = ix
+            .take_changes()
+            .into_iter()
+            .map(|(p, r)| (p.to_string(), r.is_some()))
+            .collect();
+        assert!(
+            journal.contains(&("a".into(), false)),
+            "removals reach the journal"
+        );
     }
 
     #[test]

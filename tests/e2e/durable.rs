@@ -206,3 +206,50 @@ fn fresh_server_index_reconciles_in_full() {
         cl.start_server();
     });
 }
+
+#[test]
+fn client_away_past_tombstone_retention_reconciles_without_deletes() {
+    let mut cl = Cluster::start("tombstones", &[("a", Watch::Auto), ("b", Watch::Auto)]);
+    let set = files(6);
+    for (p, b) in &set {
+        write(&cl.root("a"), p, b);
+    }
+    cl.wait_converged("the files are everywhere", |cl| {
+        all_have(cl, &cl.roots(), &set)
+    });
+
+    // b is away while a deletes one file and adds another.
+    cl.kill_client("b");
+    let (gone, _) = &set[0];
+    std::fs::remove_file(cl.root("a").join(gone)).unwrap();
+    write(&cl.root("a"), "new.txt", b"made while b was away");
+    wait_until(
+        "the server has a's changes",
+        || !cl.server_root().join(gone).exists() && cl.server_root().join("new.txt").exists(),
+        || cl.logs(),
+    );
+
+    // The server forgets every delete (retention 0): b is now further behind than any
+    // tombstone reaches.
+    cl.set_server_args(&["--max-tombstones", "0"]);
+    cl.kill_server();
+    cl.start_server();
+    assert!(
+        cl.log("server").contains("forgot 1 deletes"),
+        "{}",
+        cl.logs()
+    );
+
+    cl.start_client("b");
+    // The documented rule: b reconciles in full, absence deletes nothing, so the file b
+    // still has comes back to everyone.
+    cl.wait_converged("b's copy of the deleted file is back everywhere", |cl| {
+        cl.roots().iter().all(|r| {
+            set.iter().all(|(p, bytes)| has(r, p, bytes))
+                && has(r, "new.txt", b"made while b was away")
+        })
+    });
+    let log = cl.log("b");
+    assert!(log.contains("(full reconciliation)"), "{log}");
+    assert!(!log.contains("applied delete"), "{log}");
+}

@@ -180,3 +180,54 @@ fn first_contact_merges_both_sides_without_losing_anything() {
     );
     cl.kill_server();
 }
+
+#[test]
+fn directory_renames_move_instead_of_transferring() {
+    let cl = Cluster::start("dir-rename", &[("a", Watch::Auto), ("b", Watch::Poll)]);
+    let (a, b) = (cl.root("a"), cl.root("b"));
+    let files: Vec<(String, Vec<u8>)> = (0..20)
+        .map(|i| (format!("photos/{}/img{i}.jpg", i % 3), noise(64 << 10, i)))
+        .collect();
+    for (p, bytes) in &files {
+        write(&a, p, bytes);
+    }
+    cl.wait_converged("the photos are everywhere", |_| {
+        files.iter().all(|(p, bytes)| has(&b, p, bytes))
+    });
+
+    // Renamed on a client, and then back on the other.
+    fs::rename(a.join("photos"), a.join("album")).unwrap();
+    cl.wait_converged("the rename reaches every tree", |_| {
+        !b.join("photos").exists()
+            && files
+                .iter()
+                .all(|(p, bytes)| has(&b, &p.replace("photos/", "album/"), bytes))
+    });
+    fs::rename(b.join("album"), b.join("photos")).unwrap();
+    cl.wait_converged("the rename back reaches every tree", |_| {
+        !a.join("album").exists() && files.iter().all(|(p, bytes)| has(&a, p, bytes))
+    });
+    for agent in ["a", "b"] {
+        let log = cl.log(agent);
+        let moved_by_transfer: Vec<&str> = log
+            .lines()
+            .filter(|l| {
+                l.contains("album/") && (l.contains("uploaded") || l.contains("transferred"))
+            })
+            .collect();
+        assert!(
+            moved_by_transfer.is_empty(),
+            "{agent} transferred moved files: {moved_by_transfer:#?}"
+        );
+    }
+    assert!(
+        cl.log("a").contains("sent rename photos -> album"),
+        "{}",
+        cl.logs()
+    );
+    assert!(
+        cl.log("b").contains("applied rename photos -> album"),
+        "{}",
+        cl.logs()
+    );
+}

@@ -255,6 +255,8 @@ pub struct Cluster {
     ftp: String,
     /// Arguments naming an external FTP server, used instead of `--ftp-listen`.
     ftp_args: Option<Vec<String>>,
+    /// Extra server arguments (see `set_server_args`).
+    server_extra: Vec<String>,
     clients: Vec<ClientProc>,
 }
 
@@ -290,6 +292,7 @@ impl Cluster {
             control: "127.0.0.1:0".into(),
             ftp: "127.0.0.1:0".into(),
             ftp_args,
+            server_extra: Vec::new(),
             clients: Vec::new(),
         };
         c.start_server();
@@ -302,6 +305,11 @@ impl Cluster {
     /// Adds and starts a client run by `program` (the native binary when empty).
     pub fn add_client(&mut self, name: &str, watch: Watch, program: Vec<String>) {
         self.add_client_with(name, watch, program, &[]);
+    }
+
+    /// Arguments added to the server's command line from its next start on.
+    pub fn set_server_args(&mut self, args: &[&str]) {
+        self.server_extra = args.iter().map(|a| a.to_string()).collect();
     }
 
     /// `add_client` with `args` added to the client's command line (at every start).
@@ -390,6 +398,7 @@ impl Cluster {
             None => args.extend(["--ftp-listen", &self.ftp]),
             Some(extra) => args.extend(extra.iter().map(String::as_str)),
         }
+        args.extend(self.server_extra.iter().map(String::as_str));
         let log = self.dir.0.join("server.log");
         let mut server = Proc::spawn(&args, &log);
         let end = Instant::now() + DEADLINE;
