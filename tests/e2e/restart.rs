@@ -74,3 +74,70 @@ fn client_restart_catches_up_both_ways() {
         })
     });
 }
+
+#[test]
+fn offline_edits_meet_changes_elsewhere_by_the_plan() {
+    let mut cl = Cluster::start("offline-plan", &[("a", Watch::Auto), ("b", Watch::Poll)]);
+    let (srv, a, b) = (cl.server_root(), cl.root("a"), cl.root("b"));
+    for (p, text) in [
+        ("edit.txt", "original"),
+        ("del.txt", "to delete"),
+        ("ren.txt", "to rename"),
+        ("both.txt", "original"),
+        ("dir/x.txt", "x"),
+    ] {
+        write(&a, p, text);
+    }
+    cl.wait_converged("the first files are everywhere", |_| {
+        has(&b, "dir/x.txt", b"x")
+    });
+
+    // b, stopped: create, modify, delete, rename, and an edit that will conflict.
+    cl.kill_client("b");
+    write(&b, "b-new.txt", "made offline on b");
+    write(&b, "edit.txt", "edited offline on b");
+    std::fs::remove_file(b.join("del.txt")).unwrap();
+    std::fs::rename(b.join("ren.txt"), b.join("ren-moved.txt")).unwrap();
+    write(&b, "both.txt", "b's version");
+    // Meanwhile on a and in the server's own tree.
+    write(&a, "both.txt", "a's version");
+    write(&a, "a-new.txt", "made on a");
+    std::fs::remove_file(a.join("dir/x.txt")).unwrap();
+    write(&srv, "srv-new.txt", "made on the server");
+    wait_until(
+        "the server has a's changes",
+        || has(&srv, "both.txt", b"a's version") && !srv.join("dir/x.txt").exists(),
+        || cl.logs(),
+    );
+    cl.start_client("b");
+
+    let conflict_copy = |root: &std::path::Path| -> Option<Vec<u8>> {
+        std::fs::read_dir(root)
+            .ok()?
+            .flatten()
+            .find(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                n.starts_with("both.conflict-") && n.ends_with("-b.txt")
+            })
+            .and_then(|e| std::fs::read(e.path()).ok())
+    };
+    cl.wait_converged("offline edits and changes elsewhere converge", |cl| {
+        cl.roots().iter().all(|r| {
+            has(r, "b-new.txt", b"made offline on b")
+                && has(r, "edit.txt", b"edited offline on b")
+                && !r.join("del.txt").exists()
+                && !r.join("ren.txt").exists()
+                && has(r, "ren-moved.txt", b"to rename")
+                && has(r, "both.txt", b"a's version")
+                && conflict_copy(r).as_deref() == Some(&b"b's version"[..])
+                && has(r, "a-new.txt", b"made on a")
+                && has(r, "srv-new.txt", b"made on the server")
+                && !r.join("dir/x.txt").exists()
+        })
+    });
+    let log = cl.log("b");
+    assert!(
+        log.contains("sent rename ren.txt -> ren-moved.txt"),
+        "{log}"
+    );
+}
