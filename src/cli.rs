@@ -105,6 +105,9 @@ struct ClientArgs {
     /// limit file transfers to this many bytes per second (suffixes K, M, G: 2M is 2 MiB/s)
     #[argh(option, from_str_fn(parse_rate))]
     max_rate: Option<u64>,
+    /// sync until in step with the server, print a summary and exit (0 when in sync)
+    #[argh(switch)]
+    once: bool,
     /// log more detail
     #[argh(switch, short = 'v')]
     verbose: bool,
@@ -276,6 +279,7 @@ fn client_config(a: ClientArgs) -> anyhow::Result<ClientConfig> {
         root,
         name,
         max_rate: a.max_rate,
+        once: a.once,
     })
 }
 

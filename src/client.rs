@@ -49,6 +49,31 @@ pub struct ClientConfig {
     pub watch: WatchConfig,
     /// Data-plane rate limit in bytes per second (`--max-rate`).
     pub max_rate: Option<u64>,
+    /// Sync until converged with the server once, then exit (`--once`).
+    pub once: bool,
+}
+
+/// What this client has done since it started: `--once` prints it, `ferry status` shows it.
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    /// Changes from the server applied here, and the bytes downloaded for them.
+    pub received: u64,
+    pub received_bytes: u64,
+    /// Local changes the server accepted, and the bytes uploaded for them.
+    pub sent: u64,
+    pub sent_bytes: u64,
+    /// Conflict copies made here (newest last).
+    pub conflicts: Vec<String>,
+}
+
+impl Stats {
+    fn conflict(&mut self, copy: &RelPath) {
+        // Bounded: a status report, not a history.
+        if self.conflicts.len() == 100 {
+            self.conflicts.remove(0);
+        }
+        self.conflicts.push(copy.to_string());
+    }
 }
 
 /// What the client persists.
@@ -131,6 +156,7 @@ struct Client {
     renames: Vec<(RelPath, RelPath)>,
     /// Batches of watcher hints.
     hints: Receiver<Vec<Hint>>,
+    stats: Stats,
 }
 
 /// One connection to the server.
@@ -169,11 +195,26 @@ impl Session {
     }
 }
 
-/// Runs the client until a fatal error.
+/// Runs the client until it fails or is told to stop (SIGINT, SIGTERM).
 pub fn run(cfg: ClientConfig) -> anyhow::Result<()> {
+    let stop = crate::signals::listen().context("cannot set up signal handling")?;
     smol::block_on(async {
         let mut client = Client::start(cfg)?;
-        client.run().await
+        // Stopping drops whatever `run` was doing: a download in flight stays in
+        // `.ferry/tmp` (never under its real name) and resumes next time.
+        let result = client
+            .run()
+            .or(async {
+                let _ = stop.recv().await;
+                Ok(())
+            })
+            .await;
+        client.flush();
+        client.sync();
+        if result.is_ok() {
+            log::info!("stopped");
+        }
+        result
     })
 }
 
@@ -217,6 +258,7 @@ impl Client {
             dirty: BTreeSet::new(),
             renames: Vec::new(),
             hints: batch_rx,
+            stats: Stats::default(),
         };
         log::info!("scanning {}", client.cfg.root.display());
         let changes = client.tree.scan_all()?;
@@ -231,6 +273,9 @@ impl Client {
             let result = self.session(&mut backoff).await;
             self.flush();
             self.sync();
+            if self.cfg.once {
+                return result;
+            }
             match result {
                 Err(e) if e.downcast_ref::<Fatal>().is_some() => return Err(e),
                 Err(e) => log::warn!("{e:#}"),
@@ -454,7 +499,11 @@ impl Client {
             since: self.last_seq,
         })
         .await?;
-        let result = self.live(&mut s).await;
+        let result = if self.cfg.once {
+            self.once(&mut s, addr).await
+        } else {
+            self.live(&mut s).await
+        };
         let _ = stream.get_ref().shutdown(Shutdown::Both);
         s.data.quit().await;
         result
@@ -508,6 +557,59 @@ impl Client {
                 Wake::Save => self.sync(),
             }
         }
+    }
+
+    /// `--once`: catch up, send what changed here, and repeat until a round trip to the
+    /// server brings nothing new; then print a summary.
+    async fn once(&mut self, s: &mut Session, addr: SocketAddr) -> anyhow::Result<()> {
+        while !s.caught_up {
+            let m = match s.deferred.pop_front() {
+                Some(m) => m,
+                None => s
+                    .inbox
+                    .recv()
+                    .await
+                    .map_err(|_| anyhow!("lost the connection to the server"))?,
+            };
+            self.on_message(s, m).await?;
+        }
+        // Bounded: each round applies what the last one brought back; a tree that keeps
+        // changing (someone editing right now) is left for the next run.
+        for _ in 0..16 {
+            while let Ok(h) = self.hints.try_recv() {
+                let changes =
+                    agent::scan_hints(&mut self.tree, h).map_err(|lost| Fatal(lost.to_string()))?;
+                self.note_local(changes);
+            }
+            self.sync_local(s).await?;
+            // A probe's answer comes after every change the server sent before it.
+            s.probe(ProbeTarget::Staged(BARRIER.into()), 0).await?;
+            if s.deferred.is_empty() && self.dirty.is_empty() && self.renames.is_empty() {
+                self.flush();
+                self.sync();
+                let st = &self.stats;
+                println!(
+                    "ferry: {} is in sync with {addr} at seq {}: {} received ({} bytes), {} sent ({} bytes), {} conflicts",
+                    self.cfg.root.display(),
+                    self.last_seq,
+                    st.received,
+                    st.received_bytes,
+                    st.sent,
+                    st.sent_bytes,
+                    st.conflicts.len()
+                );
+                for c in &st.conflicts {
+                    println!("  conflict copy: {c}");
+                }
+                return Ok(());
+            }
+            while let Some(m) = s.deferred.pop_front() {
+                self.on_message(s, m).await?;
+            }
+        }
+        bail!(Fatal(
+            "the tree kept changing; not converged after 16 rounds (run again)".into()
+        ))
     }
 
     async fn on_message(&mut self, s: &mut Session, msg: ServerMsg) -> anyhow::Result<()> {
@@ -631,6 +733,7 @@ impl Client {
                     }
                 }
                 s.renames.insert(from.clone(), (seq, moved));
+                self.stats.sent += 1;
                 log::info!("sent rename {from} -> {to}");
             }
         }
@@ -692,6 +795,7 @@ impl Client {
                         if !moved.is_empty() {
                             s.renames.insert(from.clone(), (0, moved));
                         }
+                        self.stats.received += 1;
                         log::log!(s.applied(), "applied rename {from} -> {path}");
                         return Ok(());
                     }
@@ -750,6 +854,7 @@ impl Client {
                         for p in agent::keys_under(self.tree.entries(), &copy) {
                             self.dirty.insert(p);
                         }
+                        self.stats.conflict(&copy);
                         log::warn!("conflict on {path}: the server's version keeps the name; this replica's is kept as {copy}");
                         self.take_remote(s, path, remote).await?;
                     }
@@ -837,6 +942,7 @@ impl Client {
                     self.note_created(created);
                     self.tree.set(path, Some(seen));
                     self.set_base(path, Some(e));
+                    self.stats.received += 1;
                     log::log!(s.applied(), "applied mkdir {path}");
                 }
                 Err(err) => log::error!("cannot create directory {path}: {err}"),
@@ -900,6 +1006,8 @@ impl Client {
                             "applied {path} ({} bytes, {transferred} transferred)",
                             e.size
                         );
+                        self.stats.received += 1;
+                        self.stats.received_bytes += transferred;
                         self.set_base(path, Some(e));
                         if let Some(old) = displaced {
                             self.keep_displaced(path, &old);
@@ -922,6 +1030,7 @@ impl Client {
             Ok((copy, created)) => {
                 self.note_created(created);
                 self.dirty.insert(copy.clone());
+                self.stats.conflict(&copy);
                 log::warn!("conflict on {path}: it was written here while the server's version arrived; this replica's is kept as {copy}");
             }
             Err(e) => log::error!(
@@ -974,6 +1083,7 @@ impl Client {
                             }
                             let (size, hash, sent) = s.data.upload(file, &name, *resume).await?;
                             log::debug!("uploaded {path}: {sent} bytes transferred");
+                            self.stats.sent_bytes += sent;
                             (size, hash)
                         }
                     };
@@ -1005,6 +1115,7 @@ impl Client {
         match s.commit(path, op, server_has.clone()).await? {
             Outcome::Done { seq } => {
                 s.committed.insert(path.clone(), seq);
+                self.stats.sent += 1;
                 self.set_base(path, local);
                 log::info!("sent {path} ({what})");
                 Ok(None)
@@ -1022,6 +1133,10 @@ impl Client {
         }
     }
 }
+
+/// A staged name no upload uses: probing it is a round trip that answers after every change
+/// the server sent before it.
+const BARRIER: &str = "h00000000000000000000000000000000";
 
 /// What the server already holds of an upload.
 enum Staged {

@@ -20,5 +20,6 @@ pub mod proto;
 pub mod scan;
 #[cfg(feature = "server")]
 pub mod server;
+pub mod signals;
 pub mod store;
 pub mod watch;

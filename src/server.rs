@@ -150,6 +150,8 @@ enum Event {
     Sync,
     /// Hourly: see `Server::housekeeping`.
     Housekeeping,
+    /// SIGINT or SIGTERM.
+    Stop,
 }
 
 struct ClientHandle {
@@ -270,12 +272,13 @@ fn prune_staging(root: &Path) {
     }
 }
 
-/// Runs the server until it fails.
+/// Runs the server until it fails or is told to stop (SIGINT, SIGTERM).
 pub fn run(cfg: ServerConfig) -> anyhow::Result<()> {
-    smol::block_on(serve(cfg))
+    let stop = crate::signals::listen().context("cannot set up signal handling")?;
+    smol::block_on(serve(cfg, stop))
 }
 
-async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
+async fn serve(cfg: ServerConfig, stop: Receiver<nix::sys::signal::Signal>) -> anyhow::Result<()> {
     let root = cfg.root.clone();
     let meta = std::fs::metadata(&root)
         .with_context(|| format!("server root {} is not accessible", root.display()))?;
@@ -380,8 +383,21 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         })
         .detach();
     }
-    smol::spawn(forward_hints(hint_rx, events_tx)).detach();
+    smol::spawn(forward_hints(hint_rx, events_tx.clone())).detach();
+    smol::spawn(async move {
+        if stop.recv().await.is_ok() {
+            let _ = events_tx.send(Event::Stop).await;
+        }
+    })
+    .detach();
     while let Ok(ev) = events_rx.recv().await {
+        if let Event::Stop = ev {
+            // Uploads in flight stay staged (they resume); the state is made durable.
+            server.flush();
+            server.sync();
+            log::info!("stopped");
+            return Ok(());
+        }
         server.handle(ev).await;
         server.flush();
         if let Some(lost) = server.lost.take() {
@@ -633,6 +649,7 @@ impl Server {
                 self.sync();
             }
             Event::Housekeeping => self.housekeeping(),
+            Event::Stop => {}
         }
     }
 

@@ -461,6 +461,11 @@ impl Cluster {
         self.client_mut(name).proc = None;
     }
 
+    /// Sends `sig` to the server.
+    pub fn signal_server(&self, sig: nix::sys::signal::Signal) {
+        self.server.as_ref().unwrap().signal(sig);
+    }
+
     /// Freezes or thaws a client (SIGSTOP / SIGCONT).
     pub fn signal_client(&self, name: &str, sig: nix::sys::signal::Signal) {
         self.client(name).proc.as_ref().unwrap().signal(sig);

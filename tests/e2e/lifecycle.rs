@@ -1,0 +1,219 @@
+//! Living with it: clean shutdown on SIGTERM/SIGINT, one-shot sync, the rate limit.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use super::util::*;
+
+const BIG: u64 = 96 << 20;
+
+/// Waits (bounded) until `f` returns something.
+fn wait_for<T>(what: &str, cl: &mut Cluster, mut f: impl FnMut(&mut Cluster) -> Option<T>) -> T {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = f(cl) {
+            return v;
+        }
+        assert!(
+            Instant::now() < end,
+            "timed out waiting until {what}\n{}",
+            cl.logs()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Names under `root` (outside `.ferry`) other than `allowed`.
+fn strays(root: &Path, allowed: &[&str]) -> Vec<String> {
+    snapshot(root)
+        .into_keys()
+        .filter(|k| !allowed.contains(&k.as_str()))
+        .collect()
+}
+
+#[test]
+fn sigterm_mid_download_stops_cleanly_and_resumes() {
+    let mut cl = Cluster::start("sigterm-client", &[]);
+    cl.add_client_with("b", Watch::Auto, Vec::new(), &["--max-rate", "32M"]);
+    wait_until(
+        "b is connected",
+        || cl.log("b").contains("caught up"),
+        || cl.logs(),
+    );
+    let outside = cl.dir.0.join("big.outside");
+    random_file(&outside, BIG);
+    let bytes = std::fs::read(&outside).unwrap();
+    std::fs::rename(&outside, cl.server_root().join("big")).unwrap();
+    let tmp = cl.root("b").join(".ferry/tmp");
+    wait_for("the download is under way", &mut cl, |_| {
+        file_at_least(&tmp, 8 << 20)
+    });
+
+    cl.signal_client("b", Signal::SIGTERM);
+    let status = wait_for("b exits", &mut cl, |cl| cl.client_exited("b"));
+    assert!(status.success(), "b exited with {status}\n{}", cl.logs());
+    assert!(cl.log("b").contains("stopped"), "{}", cl.log("b"));
+    assert!(
+        strays(&cl.root("b"), &[]).is_empty(),
+        "partial file under a real name"
+    );
+
+    cl.start_client("b");
+    cl.wait_converged("the file arrives after the restart", |cl| {
+        has(&cl.root("b"), "big", &bytes)
+    });
+    assert!(
+        cl.log("b").contains("resuming the download of big"),
+        "{}",
+        cl.log("b")
+    );
+}
+
+#[test]
+fn sigterm_mid_upload_stops_the_server_cleanly() {
+    let mut cl = Cluster::start("sigterm-server", &[]);
+    cl.add_client_with("a", Watch::Auto, Vec::new(), &["--max-rate", "32M"]);
+    wait_until(
+        "a is connected",
+        || cl.log("a").contains("caught up"),
+        || cl.logs(),
+    );
+    let outside = cl.dir.0.join("big.outside");
+    random_file(&outside, BIG);
+    let bytes = std::fs::read(&outside).unwrap();
+    std::fs::rename(&outside, cl.root("a").join("big")).unwrap();
+    let staging = cl.server_root().join(".ferry/staging");
+    wait_for("the upload is under way", &mut cl, |_| {
+        file_at_least(&staging, 8 << 20)
+    });
+
+    cl.signal_server(Signal::SIGINT);
+    let status = wait_for("the server exits", &mut cl, |cl| cl.server_exited());
+    assert!(
+        status.success(),
+        "the server exited with {status}\n{}",
+        cl.logs()
+    );
+    assert!(cl.log("server").contains("stopped"), "{}", cl.log("server"));
+    assert!(
+        strays(&cl.server_root(), &[]).is_empty(),
+        "partial file under a real name"
+    );
+
+    cl.start_server();
+    cl.wait_converged("the file arrives after the restart", |cl| {
+        has(&cl.server_root(), "big", &bytes)
+    });
+    assert!(
+        cl.log("a").contains("resuming the upload of big"),
+        "{}",
+        cl.log("a")
+    );
+}
+
+/// Runs `ferry client --once` on `root` against the cluster's server (bounded in time);
+/// returns its exit status, stdout and stderr.
+fn run_once(
+    cl: &Cluster,
+    root: &Path,
+    extra: &[&str],
+) -> (std::process::ExitStatus, String, String) {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(ferry())
+        .args(["client", "--once", "--server", cl.control(), "--root"])
+        .arg(root)
+        .arg("--secret-file")
+        .arg(cl.secret())
+        .args(["--name", "oneshot"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + DEADLINE;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            panic!("ferry client --once did not finish\n{}", cl.logs());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let out = child.wait_with_output().unwrap();
+    (
+        status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn once_syncs_both_ways_then_exits() {
+    let mut cl = Cluster::start_with("once", &[], |srv| {
+        for i in 0..20 {
+            write(srv, &format!("docs/s{i}.txt"), format!("server file {i}"));
+        }
+    });
+    let root = cl.dir.0.join("oneshot");
+    write(&root, "photos/local.jpg", noise(200_000, 7));
+    write(&root, "docs/s3.txt", "changed here before the first sync");
+
+    let (status, out, err) = run_once(&cl, &root, &[]);
+    assert!(status.success(), "{status}\nstdout: {out}\nstderr: {err}");
+    assert!(out.contains("is in sync with"), "{out}");
+    assert!(
+        out.contains("1 conflicts") && out.contains("conflict copy: docs/s3.conflict-"),
+        "{out}"
+    );
+    assert_eq!(
+        snapshot(&cl.server_root()),
+        snapshot(&root),
+        "not converged when --once exited\n{}",
+        diff(&snapshot(&cl.server_root()), &snapshot(&root))
+    );
+    assert!(has(
+        &cl.server_root(),
+        "photos/local.jpg",
+        &noise(200_000, 7)
+    ));
+
+    // A second run has nothing to do; with the server gone it fails and says why.
+    let (status, out, _) = run_once(&cl, &root, &[]);
+    assert!(
+        status.success() && out.contains("0 received") && out.contains("0 sent"),
+        "{out}"
+    );
+    cl.kill_server();
+    let (status, _, err) = run_once(&cl, &root, &[]);
+    assert!(!status.success(), "--once succeeded with no server");
+    assert!(err.contains("cannot connect"), "{err}");
+}
+
+#[test]
+fn max_rate_bounds_transfer_speed() {
+    const LEN: u64 = 12 << 20;
+    let mut cl = Cluster::start("max-rate", &[]);
+    cl.add_client_with("b", Watch::Auto, Vec::new(), &["--max-rate", "4M"]);
+    wait_until(
+        "b is connected",
+        || cl.log("b").contains("caught up"),
+        || cl.logs(),
+    );
+    let outside = cl.dir.0.join("file.outside");
+    random_file(&outside, LEN);
+    let bytes = std::fs::read(&outside).unwrap();
+    let started = Instant::now();
+    std::fs::rename(&outside, cl.server_root().join("file")).unwrap();
+    cl.wait_converged("the file arrives", |cl| has(&cl.root("b"), "file", &bytes));
+    // 12 MiB at 4 MiB/s is 3 s; a lower bound only (a slow machine takes longer, never less).
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(2500),
+        "12 MiB at --max-rate 4M took {took:?}"
+    );
+}
