@@ -27,7 +27,20 @@ struct Args {
 enum Cmd {
     Server(ServerArgs),
     Client(ClientArgs),
+    Status(StatusArgs),
     Demo(DemoArgs),
+}
+
+/// Show what the agent running for a tree is doing.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "status")]
+struct StatusArgs {
+    /// the agent's tree (default: the current directory)
+    #[argh(option, default = "PathBuf::from(\".\")")]
+    root: PathBuf,
+    /// print the report as JSON (for scripts)
+    #[argh(switch)]
+    json: bool,
 }
 
 /// Run the server agent: own a tree and serve it to clients.
@@ -160,7 +173,7 @@ pub fn main() -> anyhow::Result<()> {
     }
     match args.cmd {
         None => {
-            bail!("say what to run: `ferry server`, `ferry client` or `ferry demo` (see --help)")
+            bail!("say what to run: `ferry server`, `ferry client`, `ferry status` or `ferry demo` (see --help)")
         }
         Some(Cmd::Server(a)) => run_server(a),
         Some(Cmd::Client(a)) => {
@@ -170,8 +183,23 @@ pub fn main() -> anyhow::Result<()> {
             );
             client::run(client_config(a)?)
         }
+        Some(Cmd::Status(a)) => status(&a),
         Some(Cmd::Demo(a)) => demo(&a.dir),
     }
+}
+
+/// `ferry status`: exits non-zero when no agent answers.
+fn status(a: &StatusArgs) -> anyhow::Result<()> {
+    let report = crate::status::query(&a.root)?;
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        use std::io::Write;
+        writeln!(out)?;
+    } else {
+        crate::status::render(&report, crate::status::now(), &mut out)?;
+    }
+    Ok(())
 }
 
 /// `ferry 0.1.0 (x86_64-unknown-linux-gnu, default watcher inotify)`.

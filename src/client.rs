@@ -31,6 +31,7 @@ use crate::proto::msg::{
     Change, ClientMsg, Grant, Op, Outcome, ProbeTarget, ServerMsg, PROTOCOL_VERSION,
 };
 use crate::scan::Tree;
+use crate::status::{self, Board, Peer, Serving};
 use crate::store;
 use crate::watch::{Hint, WatchConfig, Watcher};
 
@@ -157,6 +158,11 @@ struct Client {
     /// Batches of watcher hints.
     hints: Receiver<Vec<Hint>>,
     stats: Stats,
+    /// What `ferry status` shows, and the socket it answers on.
+    board: Arc<Board>,
+    _status: Serving,
+    /// When the byte total in the board was last counted (it walks the cache).
+    counted_at: Option<Instant>,
 }
 
 /// One connection to the server.
@@ -229,6 +235,9 @@ impl Client {
             bail!("{} is not a directory", cfg.root.display());
         }
         fsops::prepare_state_dir(&cfg.root).context("cannot prepare the state directory")?;
+        // First: a second agent on this tree must stop before it touches the state.
+        let board = Board::new("client", &cfg.name, &cfg.root);
+        let status = status::serve(&cfg.root, board.clone())?;
         let (saved, journal) =
             store::Journal::open_or_reset::<Saved>(&fsops::state_dir(&cfg.root), "client")
                 .context("cannot open the client's state")?;
@@ -259,6 +268,9 @@ impl Client {
             renames: Vec::new(),
             hints: batch_rx,
             stats: Stats::default(),
+            board,
+            _status: status,
+            counted_at: None,
         };
         log::info!("scanning {}", client.cfg.root.display());
         let changes = client.tree.scan_all()?;
@@ -326,6 +338,7 @@ impl Client {
 
     /// Journals what changed since the last call (no fsync: see `sync`).
     fn flush(&mut self) {
+        self.post_status();
         let base = self.base.take_changes();
         let local = self.tree.take_changes();
         if base.is_empty() && local.is_empty() && self.journaled == (self.epoch, self.last_seq) {
@@ -341,6 +354,54 @@ impl Client {
             Ok(()) => self.journaled = (self.epoch, self.last_seq),
             Err(e) => log::error!("cannot write the client's journal: {e}"),
         }
+    }
+
+    /// Copies the counters `ferry status` shows to its board.
+    fn post_status(&mut self) {
+        let bytes = match self.counted_at {
+            Some(t) if t.elapsed() < Duration::from_secs(1) => None,
+            _ => {
+                self.counted_at = Some(Instant::now());
+                Some(
+                    self.tree
+                        .entries()
+                        .values()
+                        .map(|s| s.entry.size)
+                        .sum::<u64>(),
+                )
+            }
+        };
+        let st = &self.stats;
+        let (files, seq, pending) = (
+            self.tree.entries().len() as u64,
+            self.last_seq,
+            (self.dirty.len() + self.renames.len()) as u64,
+        );
+        self.board.update(|r| {
+            r.files = files;
+            if let Some(b) = bytes {
+                r.bytes = b;
+            }
+            r.seq = seq;
+            r.pending = pending;
+            r.received = st.received;
+            r.received_bytes = st.received_bytes;
+            r.sent = st.sent;
+            r.sent_bytes = st.sent_bytes;
+            r.conflicts.clone_from(&st.conflicts);
+        });
+    }
+
+    /// Tells `ferry status` whether the server is reachable.
+    fn post_peer(&self, addr: &str, connected: bool) {
+        self.board.update(|r| {
+            r.peers = vec![Peer {
+                name: "server".into(),
+                addr: addr.into(),
+                connected,
+                since: status::now(),
+            }]
+        });
     }
 
     /// fsyncs the journal, and folds it into a snapshot when it has grown.
@@ -439,6 +500,7 @@ impl Client {
         )
         .await?;
         log::info!("connected to {addr}");
+        self.post_peer(&addr.to_string(), true);
         *backoff = MIN_BACKOFF;
         if grant.epoch != self.epoch {
             if self.epoch != 0 {
@@ -505,6 +567,7 @@ impl Client {
             self.live(&mut s).await
         };
         let _ = stream.get_ref().shutdown(Shutdown::Both);
+        self.post_peer(&addr.to_string(), false);
         s.data.quit().await;
         result
     }
@@ -521,6 +584,13 @@ impl Client {
         loop {
             let hints = self.hints.clone();
             self.flush();
+            if s.caught_up
+                && s.deferred.is_empty()
+                && self.dirty.is_empty()
+                && self.renames.is_empty()
+            {
+                self.board.update(|r| r.last_sync = Some(status::now()));
+            }
             if !self.journal.unsynced() {
                 save_at = None;
             } else if save_at.is_none() {
@@ -957,7 +1027,11 @@ impl Client {
                         e.size
                     );
                 }
-                let downloaded = match s.data.download(path, &e, tmp, resume).await {
+                s.data
+                    .report_progress(self.board.transfer(path.as_str(), "download", e.size));
+                let downloaded = s.data.download(path, &e, tmp, resume).await;
+                self.board.transfer_done();
+                let downloaded = match downloaded {
                     Ok(d) => d,
                     Err(DownloadError::Changed(why)) => {
                         // A newer change for this path is on its way.
@@ -1081,7 +1155,14 @@ impl Client {
                                     e.size
                                 );
                             }
-                            let (size, hash, sent) = s.data.upload(file, &name, *resume).await?;
+                            s.data.report_progress(self.board.transfer(
+                                path.as_str(),
+                                "upload",
+                                e.size,
+                            ));
+                            let uploaded = s.data.upload(file, &name, *resume).await;
+                            self.board.transfer_done();
+                            let (size, hash, sent) = uploaded?;
                             log::debug!("uploaded {path}: {sent} bytes transferred");
                             self.stats.sent_bytes += sent;
                             (size, hash)

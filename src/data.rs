@@ -9,6 +9,8 @@ use std::io::{Seek, SeekFrom, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{ready, Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
@@ -28,6 +30,8 @@ pub struct DataConn {
     staging: String,
     /// Bytes per second at most (`--max-rate`).
     max_rate: Option<u64>,
+    /// Bytes of the current file transferred so far, for `ferry status`.
+    progress: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for DataConn {
@@ -69,6 +73,8 @@ struct HashingReader<R> {
     hasher: blake3::Hasher,
     pacer: Option<Pacer>,
     wait: Option<smol::Timer>,
+    /// Bytes of the file read so far (from the start of the file, not of this attempt).
+    progress: Arc<AtomicU64>,
 }
 
 impl<R: smol::io::AsyncRead + Unpin> smol::io::AsyncRead for HashingReader<R> {
@@ -84,6 +90,7 @@ impl<R: smol::io::AsyncRead + Unpin> smol::io::AsyncRead for HashingReader<R> {
         }
         let n = ready!(Pin::new(&mut me.inner).poll_read(cx, buf))?;
         me.hasher.update(&buf[..n]);
+        me.progress.fetch_add(n as u64, Ordering::Relaxed);
         if let Some(due) = me.pacer.as_mut().and_then(|p| p.after(n)) {
             me.wait = Some(smol::Timer::at(due));
         }
@@ -144,6 +151,7 @@ impl DataConn {
             ftp,
             staging: format!("/.ferry/staging/{staging}"),
             max_rate,
+            progress: Arc::default(),
         })
     }
 
@@ -204,6 +212,7 @@ impl DataConn {
         let mut hasher = resume.hasher;
         let mut buf = vec![0u8; 256 * 1024];
         let mut total = resume.offset;
+        self.progress.store(total, Ordering::Relaxed);
         let mut local_error = None;
         let mut pacer = Pacer::new(self.max_rate);
         let read: std::io::Result<()> = async {
@@ -213,6 +222,7 @@ impl DataConn {
                     return Ok(());
                 }
                 total += n as u64;
+                self.progress.store(total, Ordering::Relaxed);
                 hasher.update(&buf[..n]);
                 if local_error.is_none() {
                     if let Err(e) = file.write_all(&buf[..n]) {
@@ -290,7 +300,9 @@ impl DataConn {
             hasher: resume.hasher,
             pacer: Pacer::new(self.max_rate),
             wait: None,
+            progress: self.progress.clone(),
         };
+        self.progress.store(resume.offset, Ordering::Relaxed);
         let target = format!("{}/{name}", self.staging);
         if resume.offset > 0 {
             self.ftp
@@ -305,6 +317,11 @@ impl DataConn {
             .with_context(|| format!("FTP STOR {target}"))?;
         let hash = *reader.hasher.finalize().as_bytes();
         Ok((resume.offset + sent, hash, sent))
+    }
+
+    /// From now on, transfers count their bytes (of the whole file) in `progress`.
+    pub fn report_progress(&mut self, progress: Arc<AtomicU64>) {
+        self.progress = progress;
     }
 
     /// Closes politely.

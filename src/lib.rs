@@ -21,5 +21,6 @@ pub mod scan;
 #[cfg(feature = "server")]
 pub mod server;
 pub mod signals;
+pub mod status;
 pub mod store;
 pub mod watch;

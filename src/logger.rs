@@ -1,8 +1,9 @@
 //! A small stderr logger: one event a line, `TIME LEVEL AGENT: message`. Level from `-v`/`-q`,
 //! overridden by `FERRY_LOG` (error, warn, info, debug, trace).
 
+use std::collections::VecDeque;
 use std::io::Write;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
@@ -12,6 +13,18 @@ struct StderrLogger {
 }
 
 static LOGGER: OnceLock<StderrLogger> = OnceLock::new();
+
+/// The last warnings and errors, for `ferry status`.
+static PROBLEMS: Mutex<VecDeque<String>> = Mutex::new(VecDeque::new());
+const KEEP_PROBLEMS: usize = 10;
+
+/// The last few warning and error lines logged (oldest first).
+pub fn recent_problems() -> Vec<String> {
+    PROBLEMS
+        .lock()
+        .map(|p| p.iter().cloned().collect())
+        .unwrap_or_default()
+}
 
 /// Installs the logger for this process. `verbosity`: -1 quiet, 0 normal, 1+ verbose.
 pub fn init(agent: &str, verbosity: i8) {
@@ -61,6 +74,14 @@ impl Log for StderrLogger {
             self.agent,
             r.args()
         );
+        if r.level() <= Level::Warn {
+            if let Ok(mut p) = PROBLEMS.lock() {
+                if p.len() == KEEP_PROBLEMS {
+                    p.pop_front();
+                }
+                p.push_back(line.trim_end().to_string());
+            }
+        }
         let _ = std::io::stderr().lock().write_all(line.as_bytes());
     }
 

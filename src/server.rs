@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use async_channel::{Receiver, Sender};
@@ -29,6 +29,7 @@ use crate::proto::msg::{
     Change, ClientMsg, Grant, Op, Outcome, ProbeTarget, ServerMsg, PROTOCOL_VERSION,
 };
 use crate::scan::{RootLost, Tree};
+use crate::status::{self, Board, Peer, Serving};
 use crate::store;
 use crate::watch::{Hint, WatchConfig, Watcher};
 
@@ -161,6 +162,8 @@ struct ClientHandle {
     tx: Sender<ServerMsg>,
     stream: Arc<Async<TcpStream>>,
     subscribed: bool,
+    /// Unix seconds.
+    since: u64,
 }
 
 /// What connection tasks share.
@@ -192,6 +195,14 @@ struct Server {
     retention: Retention,
     /// A mark of the index not yet journaled.
     new_mark: Option<(u64, u64)>,
+    /// What `ferry status` shows, and the socket it answers on.
+    board: Arc<Board>,
+    _status: Serving,
+    /// When the entry and byte totals in the board were last counted (they walk the index).
+    counted_at: Option<Instant>,
+    /// Commits accepted, and changes published, since the start.
+    accepted: u64,
+    published: u64,
 }
 
 fn seq_file(root: &Path) -> PathBuf {
@@ -286,6 +297,9 @@ async fn serve(cfg: ServerConfig, stop: Receiver<nix::sys::signal::Signal>) -> a
         bail!("server root {} is not a directory", root.display());
     }
     fsops::prepare_state_dir(&root).context("cannot prepare the state directory")?;
+    // First: a second agent on this tree must stop before it touches the state.
+    let board = Board::new("server", "server", &root);
+    let status = status::serve(&root, board.clone())?;
     prune_staging(&root);
     std::fs::create_dir_all(staging_dir(&root))?;
 
@@ -317,6 +331,11 @@ async fn serve(cfg: ServerConfig, stop: Receiver<nix::sys::signal::Signal>) -> a
         lost: None,
         retention: cfg.retention,
         new_mark: None,
+        board,
+        _status: status,
+        counted_at: None,
+        accepted: 0,
+        published: 0,
     };
     log::info!("scanning {}", root.display());
     server.startup_scan()?;
@@ -624,6 +643,7 @@ impl Server {
                 self.clients.insert(
                     id,
                     ClientHandle {
+                        since: status::now(),
                         name,
                         staging,
                         tx,
@@ -789,6 +809,7 @@ impl Server {
         if changes.is_empty() {
             return;
         }
+        self.published += changes.len() as u64;
         if self.index.seq > self.reserved {
             self.reserved = self.index.seq + SEQ_RESERVATION;
             if let Err(e) = store::save(&seq_file(&self.root), &self.reserved) {
@@ -840,6 +861,7 @@ impl Server {
     /// Journals what changed in the index and the tree cache since the last call, and
     /// schedules the fsync.
     fn flush(&mut self) {
+        self.post_status();
         let records = self.index.take_changes();
         let local = self.tree.take_changes();
         let mark = self.new_mark.take();
@@ -865,6 +887,49 @@ impl Server {
             })
             .detach();
         }
+    }
+
+    /// Copies what `ferry status` shows to its board.
+    fn post_status(&mut self) {
+        let totals = match self.counted_at {
+            Some(t) if t.elapsed() < Duration::from_secs(1) => None,
+            _ => {
+                self.counted_at = Some(Instant::now());
+                let live = self.index.live_paths().count() as u64;
+                let bytes = self
+                    .tree
+                    .entries()
+                    .values()
+                    .map(|s| s.entry.size)
+                    .sum::<u64>();
+                Some((live, bytes))
+            }
+        };
+        let peers: Vec<Peer> = self
+            .clients
+            .values()
+            .map(|c| Peer {
+                name: c.name.clone(),
+                addr: c
+                    .stream
+                    .get_ref()
+                    .peer_addr()
+                    .map_or_else(|_| "?".into(), |a| a.to_string()),
+                connected: true,
+                since: c.since,
+            })
+            .collect();
+        let (seq, accepted, published) = (self.index.seq, self.accepted, self.published);
+        self.board.update(|r| {
+            if let Some((files, bytes)) = totals {
+                r.files = files;
+                r.bytes = bytes;
+            }
+            r.peers = peers;
+            r.seq = seq;
+            r.received = accepted;
+            r.sent = published;
+        });
     }
 
     /// Dates the index's changes (a mark an hour) and forgets tombstones past retention.
@@ -1016,6 +1081,7 @@ impl Server {
             reason: format!("{e:#}"),
         });
         if matches!(outcome, Outcome::Done { .. }) {
+            self.accepted += 1;
             log::debug!("{name}: commit of {path} accepted");
         }
         (outcome, changes)

@@ -217,3 +217,127 @@ fn max_rate_bounds_transfer_speed() {
         "12 MiB at --max-rate 4M took {took:?}"
     );
 }
+
+/// Runs `ferry status` with `args`: exit status, stdout, stderr.
+fn status(args: &[&str]) -> (std::process::ExitStatus, String, String) {
+    let out = std::process::Command::new(ferry())
+        .arg("status")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn status_json(root: &Path) -> serde_json::Value {
+    let (st, out, err) = status(&["--root", root.to_str().unwrap(), "--json"]);
+    assert!(st.success(), "ferry status failed: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+}
+
+#[test]
+fn status_reports_peers_transfers_and_conflicts() {
+    let mut cl = Cluster::start("status", &[("a", Watch::Auto)]);
+    cl.add_client_with("b", Watch::Auto, Vec::new(), &["--max-rate", "16M"]);
+    let (a, b) = (cl.root("a"), cl.root("b"));
+    write(&a, "notes.txt", "first");
+    cl.wait_converged("notes.txt is everywhere", |_| {
+        has(&b, "notes.txt", b"first")
+    });
+
+    // A conflict made on b: both sides edit while b is stopped.
+    cl.kill_client("b");
+    write(&a, "notes.txt", "a's edit");
+    write(&b, "notes.txt", "b's edit");
+    wait_until(
+        "the server has a's edit",
+        || has(&cl.server_root(), "notes.txt", b"a's edit"),
+        || cl.logs(),
+    );
+    cl.start_client("b");
+    cl.wait_converged("the conflict is settled", |_| {
+        has(&b, "notes.txt", b"a's edit")
+    });
+
+    // A transfer in flight.
+    let outside = cl.dir.0.join("big.outside");
+    random_file(&outside, 64 << 20);
+    std::fs::rename(&outside, cl.server_root().join("big")).unwrap();
+    let tmp = b.join(".ferry/tmp");
+    wait_for("the download is under way", &mut cl, |_| {
+        file_at_least(&tmp, 2 << 20)
+    });
+    let (st, text, err) = status(&["--root", b.to_str().unwrap()]);
+    assert!(st.success(), "{err}");
+    for want in [
+        "ferry client \"b\"",
+        "connected for",
+        "download big:",
+        "notes.conflict-",
+    ] {
+        assert!(text.contains(want), "{want:?} missing from:\n{text}");
+    }
+    let json = status_json(&b);
+    assert_eq!(json["role"], "client");
+    assert_eq!(json["transfer"]["path"], "big");
+    assert!(json["transfer"]["done"].as_u64().unwrap() > 0, "{json}");
+    assert_eq!(json["transfer"]["total"], 64 << 20);
+    assert_eq!(json["peers"][0]["connected"], true);
+
+    let server = status_json(&cl.server_root());
+    assert_eq!(server["role"], "server");
+    let names: Vec<&str> = server["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"a") && names.contains(&"b"), "{server}");
+
+    cl.wait_converged("big arrives", |cl| cl.root("b").join("big").exists());
+    wait_until(
+        "b reports a finished sync",
+        || {
+            let j = status_json(&b);
+            j["transfer"].is_null() && j["last_sync"].is_u64() && j["files"].as_u64() == Some(3)
+        },
+        || status(&["--root", b.to_str().unwrap()]).1,
+    );
+}
+
+#[test]
+fn status_without_an_agent_and_a_second_agent_are_refused() {
+    let mut cl = Cluster::start("status-none", &[("a", Watch::Auto)]);
+    let nobody = cl.dir.0.join("nobody");
+    std::fs::create_dir_all(&nobody).unwrap();
+    let (st, _, err) = status(&["--root", nobody.to_str().unwrap()]);
+    assert!(!st.success(), "status succeeded with no agent");
+    assert!(err.contains("no ferry agent is running"), "{err}");
+
+    // A second client on a's tree stops before touching it.
+    wait_until(
+        "a is connected",
+        || cl.log("a").contains("caught up"),
+        || cl.logs(),
+    );
+    let out = std::process::Command::new(ferry())
+        .args(["client", "--server", cl.control(), "--root"])
+        .arg(cl.root("a"))
+        .arg("--secret-file")
+        .arg(cl.secret())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("another ferry agent is already running"),
+        "{err}"
+    );
+    assert!(
+        cl.client_exited("a").is_none(),
+        "the first agent must keep running"
+    );
+}
