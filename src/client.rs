@@ -25,6 +25,7 @@ use crate::core::renames::{detect_renames, Changed, Seen};
 use crate::core::tracked::Tracked;
 use crate::data::{DataConn, DownloadError, Resume};
 use crate::fsops;
+use crate::progress::Progress;
 use crate::proto::auth::{random, Secret};
 use crate::proto::codec::{read_frame, write_frame, MAX_FRAME, MAX_HANDSHAKE_FRAME};
 use crate::proto::msg::{
@@ -182,6 +183,11 @@ struct Session {
     /// The seq our latest accepted commit of each path got, until its change comes back:
     /// a change of that path with a lower seq (delivered while we waited) is superseded.
     committed: HashMap<RelPath, u64>,
+    /// The catch-up's progress (from `Listing` to `CaughtUp`): changes handled so far, and the
+    /// bytes received before it began.
+    progress: Option<Progress>,
+    listed_count: u64,
+    bytes_before: u64,
     /// Directory renames made here (sent, or applied from the server), by old path, until the
     /// server's changes for them are in: the rename's seq and the paths moved here that the
     /// server has not yet confirmed moving.
@@ -555,6 +561,9 @@ impl Client {
             applied: 0,
             committed: HashMap::new(),
             renames: HashMap::new(),
+            progress: None,
+            listed_count: 0,
+            bytes_before: self.stats.received_bytes,
         };
         s.send(ClientMsg::Subscribe {
             epoch: self.epoch,
@@ -687,12 +696,17 @@ impl Client {
             ServerMsg::Changes(changes) => {
                 for c in changes {
                     self.on_change(s, c).await?;
+                    if let Some(p) = &mut s.progress {
+                        s.listed_count += 1;
+                        p.tick(s.listed_count, self.stats.received_bytes - s.bytes_before);
+                    }
                 }
                 if s.caught_up {
                     self.sync_local(s).await?;
                 }
             }
             ServerMsg::CaughtUp { seq, full } => {
+                s.progress = None;
                 if let Some(listed) = s.listed.take().filter(|_| full) {
                     // Known here, never listed by the server: unknown there, not deleted.
                     self.base.retain(|p, _| listed.contains(p));
@@ -717,6 +731,11 @@ impl Client {
                 self.sync_local(s).await?;
                 self.flush();
                 self.sync();
+            }
+            ServerMsg::Listing { changes, bytes } => {
+                let mut p = Progress::new("catching up", "changes");
+                p.set_total(changes, bytes);
+                s.progress = Some(p);
             }
             ServerMsg::CommitResult { id, .. } => log::debug!("late result of commit {id}"),
             ServerMsg::Ping => {}

@@ -16,6 +16,7 @@ pub mod fsops;
 #[cfg(feature = "server")]
 pub mod ftpd;
 pub mod logger;
+pub mod progress;
 pub mod proto;
 pub mod scan;
 #[cfg(feature = "server")]

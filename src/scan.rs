@@ -26,6 +26,8 @@ pub struct Tree {
     /// Device and inode of `<root>/.ferry` when the tree was opened: if the root is unmounted,
     /// replaced or moved away, this no longer matches (see `check_root`).
     marker: Option<(u64, u64)>,
+    /// While `scan_all` runs: its progress report and the bytes hashed so far.
+    progress: Option<(crate::progress::Progress, u64)>,
 }
 
 /// The root is not the tree ferry was syncing any more (unmounted, removed, replaced, or
@@ -96,6 +98,7 @@ impl Tree {
             entries: cached.into(),
             reported: HashSet::new(),
             marker,
+            progress: None,
         }
     }
 
@@ -204,7 +207,9 @@ impl Tree {
         }
         let mut changes = Vec::new();
         let mut seen = HashSet::new();
+        self.progress = Some((crate::progress::Progress::new("scanning", "entries"), 0));
         self.walk_children(None, &mut seen, &mut changes);
+        self.progress = None;
         let gone: Vec<RelPath> = self
             .entries
             .keys()
@@ -297,7 +302,12 @@ impl Tree {
                     Some(old.clone())
                 }
                 _ => match hash_file(&abs) {
-                    Ok(Some(s)) => Some(s),
+                    Ok(Some(s)) => {
+                        if let Some((_, hashed)) = &mut self.progress {
+                            *hashed += s.entry.size;
+                        }
+                        Some(s)
+                    }
                     // Still being written: its close will bring another hint.
                     Ok(None) => return,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => None,
@@ -399,6 +409,9 @@ impl Tree {
             changes.append(&mut sub);
             if self.entries.contains_key(&path) {
                 seen.insert(path.clone());
+            }
+            if let Some((progress, hashed)) = &mut self.progress {
+                progress.tick(seen.len() as u64, *hashed);
             }
             if self.entries.get(&path).is_some_and(|s| s.entry.is_dir()) {
                 self.walk_children(Some(&path), seen, changes);

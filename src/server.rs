@@ -691,6 +691,14 @@ impl Server {
                     changes.len(),
                     if full { " (full listing)" } else { "" }
                 );
+                let bytes = changes
+                    .iter()
+                    .filter_map(|c| c.entry.as_ref().map(|e| e.size))
+                    .sum();
+                let _ = c.tx.try_send(ServerMsg::Listing {
+                    changes: changes.len() as u64,
+                    bytes,
+                });
                 for chunk in changes.chunks(BATCH) {
                     let _ = c.tx.try_send(ServerMsg::Changes(chunk.to_vec()));
                 }

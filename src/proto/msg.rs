@@ -155,6 +155,9 @@ pub enum ServerMsg {
     },
     /// Keepalive.
     Ping,
+    /// Sent before a catch-up's changes: how many there are and the bytes of their files, so
+    /// the client can show progress.
+    Listing { changes: u64, bytes: u64 },
 }
 
 /// What an authenticated session gets: the index it talks to and its data-plane access.
@@ -235,6 +238,7 @@ impl ServerMsg {
             ServerMsg::CommitResult { .. } => "CommitResult",
             ServerMsg::Probed { .. } => "Probed",
             ServerMsg::Ping => "Ping",
+            ServerMsg::Listing { .. } => "Listing",
         }
     }
 }

@@ -341,3 +341,26 @@ fn status_without_an_agent_and_a_second_agent_are_refused() {
         "the first agent must keep running"
     );
 }
+
+#[test]
+fn a_long_first_sync_reports_progress() {
+    // 8 MiB at 2 MiB/s: about 4 s, past the 2 s a report waits for.
+    let mut cl = Cluster::start_with("progress", &[], |srv| {
+        for i in 0..8 {
+            write(srv, &format!("f{i}.bin"), noise(1 << 20, i));
+        }
+    });
+    cl.add_client_with("b", Watch::Auto, Vec::new(), &["--max-rate", "2M"]);
+    cl.wait_converged("the first sync is done", |cl| {
+        (0..8).all(|i| has(&cl.root("b"), &format!("f{i}.bin"), &noise(1 << 20, i)))
+    });
+    let log = cl.log("b");
+    let line = log
+        .lines()
+        .find(|l| l.contains("catching up: "))
+        .unwrap_or_else(|| panic!("no progress line in\n{log}"));
+    assert!(
+        line.contains(" of 8 changes, ") && line.contains(" of 8.0 MiB"),
+        "{line}"
+    );
+}
