@@ -85,6 +85,9 @@ struct Saved {
     last_seq: u64,
     base: BTreeMap<RelPath, Entry>,
     local: BTreeMap<RelPath, Seen>,
+    /// Downloads being put in place (journaled before the rename): after a crash, one whose
+    /// file is found in place gets its base, so the start does not mistake it for a new file.
+    applying: BTreeMap<RelPath, Entry>,
 }
 
 #[derive(Serialize)]
@@ -93,6 +96,7 @@ struct SavedRef<'a> {
     last_seq: u64,
     base: &'a BTreeMap<RelPath, Entry>,
     local: &'a BTreeMap<RelPath, Seen>,
+    applying: &'a BTreeMap<RelPath, Entry>,
 }
 
 /// One journal record: where the client stands, and the base and cache entries that changed.
@@ -102,6 +106,7 @@ struct Batch {
     last_seq: u64,
     base: Vec<(RelPath, Option<Entry>)>,
     local: Vec<(RelPath, Option<Seen>)>,
+    applying: Vec<(RelPath, Option<Entry>)>,
 }
 
 impl store::Durable for Saved {
@@ -119,6 +124,12 @@ impl store::Durable for Saved {
             match s {
                 Some(s) => self.local.insert(p, s),
                 None => self.local.remove(&p),
+            };
+        }
+        for (p, e) in b.applying {
+            match e {
+                Some(e) => self.applying.insert(p, e),
+                None => self.applying.remove(&p),
             };
         }
     }
@@ -164,6 +175,12 @@ struct Client {
     _status: Serving,
     /// When the byte total in the board was last counted (it walks the cache).
     counted_at: Option<Instant>,
+    /// See `Saved::applying`.
+    applying: Tracked<Entry>,
+    /// Paths the server refused, to try again at `retry_at` (see `send_local`).
+    failed: BTreeSet<RelPath>,
+    retry_at: Option<Instant>,
+    retry_pause: Duration,
 }
 
 /// One connection to the server.
@@ -266,6 +283,10 @@ impl Client {
             tree: Tree::new(cfg.root.clone(), saved.local),
             cfg,
             base: saved.base.into(),
+            applying: Tracked::default(),
+            failed: BTreeSet::new(),
+            retry_at: None,
+            retry_pause: RETRY_MIN,
             epoch: saved.epoch,
             last_seq: saved.last_seq,
             journal,
@@ -280,6 +301,17 @@ impl Client {
         };
         log::info!("scanning {}", client.cfg.root.display());
         let changes = client.tree.scan_all()?;
+        // Downloads cut off between their rename and their base: in place means applied.
+        for (p, e) in saved.applying {
+            if client
+                .tree
+                .get(&p)
+                .is_some_and(|s| s.entry.same_content(&e))
+            {
+                client.base.insert(p.clone(), e);
+            }
+            client.applying.remove(&p);
+        }
         client.note_local(changes);
         client.flush();
         Ok(client)
@@ -347,7 +379,12 @@ impl Client {
         self.post_status();
         let base = self.base.take_changes();
         let local = self.tree.take_changes();
-        if base.is_empty() && local.is_empty() && self.journaled == (self.epoch, self.last_seq) {
+        let applying = self.applying.take_changes();
+        if base.is_empty()
+            && local.is_empty()
+            && applying.is_empty()
+            && self.journaled == (self.epoch, self.last_seq)
+        {
             return;
         }
         let batch = Batch {
@@ -355,6 +392,7 @@ impl Client {
             last_seq: self.last_seq,
             base,
             local,
+            applying,
         };
         match self.journal.append(&batch) {
             Ok(()) => self.journaled = (self.epoch, self.last_seq),
@@ -421,6 +459,7 @@ impl Client {
                 last_seq: self.last_seq,
                 base: &self.base,
                 local: self.tree.entries(),
+                applying: &self.applying,
             };
             if let Err(e) = self.journal.compact(&saved) {
                 log::error!("cannot write the client's state snapshot: {e}");
@@ -586,6 +625,7 @@ impl Client {
             Msg(Option<ServerMsg>),
             Hints(Option<Vec<Hint>>),
             Save,
+            Retry,
         }
         // When the journal must be fsynced by: SYNC_DELAY after its first unsynced append,
         // however busy the connection stays.
@@ -605,11 +645,28 @@ impl Client {
             } else if save_at.is_none() {
                 save_at = Some(Instant::now() + SYNC_DELAY);
             }
+            if self.failed.is_empty() {
+                self.retry_at = None;
+                self.retry_pause = RETRY_MIN;
+            } else if self.retry_at.is_none() {
+                self.retry_at = Some(Instant::now() + self.retry_pause);
+                self.retry_pause = (self.retry_pause * 2).min(RETRY_MAX);
+            }
+            let retry_at = self.retry_at;
             let wake = if let Some(m) = s.deferred.pop_front() {
                 Wake::Msg(Some(m))
             } else {
                 async { Wake::Msg(s.inbox.recv().await.ok()) }
                     .or(async { Wake::Hints(hints.recv().await.ok()) })
+                    .or(async {
+                        match retry_at {
+                            Some(at) => {
+                                smol::Timer::at(at).await;
+                                Wake::Retry
+                            }
+                            None => std::future::pending().await,
+                        }
+                    })
                     .or(async {
                         match save_at {
                             Some(at) => {
@@ -634,6 +691,13 @@ impl Client {
                     }
                 }
                 Wake::Save => self.sync(),
+                Wake::Retry => {
+                    self.retry_at = None;
+                    self.dirty.append(&mut self.failed);
+                    if s.caught_up {
+                        self.sync_local(s).await?;
+                    }
+                }
             }
         }
     }
@@ -660,10 +724,15 @@ impl Client {
                     agent::scan_hints(&mut self.tree, h).map_err(|lost| Fatal(lost.to_string()))?;
                 self.note_local(changes);
             }
+            self.dirty.append(&mut self.failed);
             self.sync_local(s).await?;
             // A probe's answer comes after every change the server sent before it.
             s.probe(ProbeTarget::Staged(BARRIER.into()), 0).await?;
-            if s.deferred.is_empty() && self.dirty.is_empty() && self.renames.is_empty() {
+            if s.deferred.is_empty()
+                && self.dirty.is_empty()
+                && self.renames.is_empty()
+                && self.failed.is_empty()
+            {
                 self.flush();
                 self.sync();
                 let st = &self.stats;
@@ -685,6 +754,13 @@ impl Client {
             while let Some(m) = s.deferred.pop_front() {
                 self.on_message(s, m).await?;
             }
+        }
+        if !self.failed.is_empty() {
+            let paths: Vec<String> = self.failed.iter().map(|p| p.to_string()).collect();
+            bail!(Fatal(format!(
+                "the server kept refusing {} (see the log for why)",
+                paths.join(", ")
+            )));
         }
         bail!(Fatal(
             "the tree kept changing; not converged after 16 rounds (run again)".into()
@@ -1067,6 +1143,8 @@ impl Client {
                 let entry = e.clone();
                 // What the download replaces must still be what the plan saw.
                 let expect = self.tree.get(path).cloned();
+                self.applying.insert(path.clone(), e.clone());
+                self.flush();
                 let transferred = downloaded.transferred;
                 let installed = smol::unblock(move || {
                     fsops::install_file(
@@ -1087,6 +1165,7 @@ impl Client {
                     })
                 })
                 .await;
+                self.applying.remove(path);
                 match installed {
                     Ok(fsops::Install::Done {
                         installed: (seen, created),
@@ -1227,12 +1306,20 @@ impl Client {
                     // A directory the server keeps (something new is in it): have it here too,
                     // so what it holds has a place to arrive.
                     self.take_remote(s, path, server_has).await?;
+                } else {
+                    // Maybe a passing problem there (a race with a local program, a full
+                    // disk): tried again later, with a growing pause.
+                    self.failed.insert(path.clone());
                 }
                 Ok(None)
             }
         }
     }
 }
+
+/// The pause before a refused change is tried again, doubling up to the maximum.
+const RETRY_MIN: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(300);
 
 /// A staged name no upload uses: probing it is a round trip that answers after every change
 /// the server sent before it.
