@@ -223,9 +223,11 @@ fn client_away_past_tombstone_retention_reconciles_without_deletes() {
     let (gone, _) = &set[0];
     std::fs::remove_file(cl.root("a").join(gone)).unwrap();
     write(&cl.root("a"), "new.txt", b"made while b was away");
+    // Acknowledged to a, too: a delete whose answer a never got is a's to send again.
+    let sent = format!("sent {gone} (delete)");
     wait_until(
         "the server has a's changes",
-        || !cl.server_root().join(gone).exists() && cl.server_root().join("new.txt").exists(),
+        || cl.log("a").contains(&sent) && cl.server_root().join("new.txt").exists(),
         || cl.logs(),
     );
 
