@@ -1,4 +1,9 @@
 //! The command line (argh), turned into validated configurations before anything runs.
+//!
+//! Settings come from three places, in this order of precedence: the command line, the config
+//! file (`crate::config`), the built-in defaults. So the argh structs hold `Option`s (`None`:
+//! not on the command line), the file fills what they left out, and the defaults, written in
+//! each flag's help, are applied last, where the values are validated.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -9,6 +14,7 @@ use anyhow::{bail, Context};
 use argh::FromArgs;
 
 use crate::client::{self, ClientConfig};
+use crate::config::{self, Merge};
 use crate::proto::auth::Secret;
 use crate::watch::{default_backend, Backend, WatchConfig};
 
@@ -46,20 +52,25 @@ struct StatusArgs {
 /// Run the server agent: own a tree and serve it to clients.
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "server")]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
 #[cfg_attr(not(feature = "server"), allow(dead_code))]
 struct ServerArgs {
-    /// the directory to serve
+    /// read settings from this TOML file (default: <root>/.ferry/config.toml if it exists);
+    /// the command line overrides it
     #[argh(option)]
-    root: PathBuf,
+    config: Option<PathBuf>,
+    /// the directory to serve (required)
+    #[argh(option)]
+    root: Option<PathBuf>,
     /// control channel address (default 0.0.0.0:7700)
-    #[argh(option, default = "\"0.0.0.0:7700\".into()")]
-    listen: String,
-    /// embedded FTP server address (default 0.0.0.0:7721)
-    #[argh(option, default = "\"0.0.0.0:7721\".into()")]
-    ftp_listen: String,
-    /// file holding the shared secret (at least 16 bytes)
     #[argh(option)]
-    secret_file: PathBuf,
+    listen: Option<String>,
+    /// embedded FTP server address (default 0.0.0.0:7721)
+    #[argh(option)]
+    ftp_listen: Option<String>,
+    /// file holding the shared secret, at least 16 bytes (required)
+    #[argh(option)]
+    secret_file: Option<PathBuf>,
     /// use this external FTP server (IP:PORT, root = --root) instead of the embedded one
     #[argh(option)]
     ftp_external: Option<String>,
@@ -70,18 +81,18 @@ struct ServerArgs {
     #[argh(option)]
     ftp_password_file: Option<PathBuf>,
     /// watcher backend: auto, inotify or poll (default auto)
-    #[argh(option, default = "\"auto\".into()")]
-    watcher: String,
+    #[argh(option)]
+    watcher: Option<String>,
     /// poll watcher interval in milliseconds (default 1000)
-    #[argh(option, default = "1000")]
-    poll_interval_ms: u64,
+    #[argh(option)]
+    poll_interval_ms: Option<u64>,
     /// forget deletes after this many days; a client away longer reconciles in full, and
     /// files deleted meanwhile may come back from it (default 30)
-    #[argh(option, default = "30")]
-    tombstone_days: u64,
+    #[argh(option)]
+    tombstone_days: Option<u64>,
     /// remember at most this many deletes, forgetting the oldest first (default 100000)
-    #[argh(option, default = "100_000")]
-    max_tombstones: usize,
+    #[argh(option)]
+    max_tombstones: Option<usize>,
     /// write the bound addresses to this file once serving
     #[argh(option)]
     ready_file: Option<PathBuf>,
@@ -96,25 +107,30 @@ struct ServerArgs {
 /// Run a client agent: keep a local replica of the server's tree.
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "client")]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
 struct ClientArgs {
-    /// the server's control address, HOST:PORT
+    /// read settings from this TOML file (default: <root>/.ferry/config.toml if it exists);
+    /// the command line overrides it
     #[argh(option)]
-    server: String,
-    /// the local replica directory (created if missing)
+    config: Option<PathBuf>,
+    /// the server's control address, HOST:PORT (required)
     #[argh(option)]
-    root: PathBuf,
-    /// file holding the shared secret (the server's)
+    server: Option<String>,
+    /// the local replica directory, created if missing (required)
     #[argh(option)]
-    secret_file: PathBuf,
+    root: Option<PathBuf>,
+    /// file holding the shared secret, the server's (required)
+    #[argh(option)]
+    secret_file: Option<PathBuf>,
     /// this client's name in logs and conflict copies (default: host name)
     #[argh(option)]
     name: Option<String>,
     /// watcher backend: auto, inotify or poll (default auto)
-    #[argh(option, default = "\"auto\".into()")]
-    watcher: String,
+    #[argh(option)]
+    watcher: Option<String>,
     /// poll watcher interval in milliseconds (default 1000)
-    #[argh(option, default = "1000")]
-    poll_interval_ms: u64,
+    #[argh(option)]
+    poll_interval_ms: Option<u64>,
     /// limit file transfers to this many bytes per second (suffixes K, M, G: 2M is 2 MiB/s)
     #[argh(option, from_str_fn(parse_rate))]
     max_rate: Option<u64>,
@@ -127,6 +143,56 @@ struct ClientArgs {
     /// log only warnings and errors
     #[argh(switch, short = 'q')]
     quiet: bool,
+}
+
+impl ServerArgs {
+    /// Takes from the config file every setting the command line left out.
+    fn merge(&mut self, m: &mut Merge<'_>) -> anyhow::Result<()> {
+        m.fill("root", &mut self.root)?;
+        m.fill("listen", &mut self.listen)?;
+        m.fill("ftp-listen", &mut self.ftp_listen)?;
+        m.fill("secret-file", &mut self.secret_file)?;
+        m.fill("ftp-external", &mut self.ftp_external)?;
+        m.fill("ftp-user", &mut self.ftp_user)?;
+        m.fill("ftp-password-file", &mut self.ftp_password_file)?;
+        m.fill("watcher", &mut self.watcher)?;
+        m.fill("poll-interval-ms", &mut self.poll_interval_ms)?;
+        m.fill("tombstone-days", &mut self.tombstone_days)?;
+        m.fill("max-tombstones", &mut self.max_tombstones)?;
+        m.fill("ready-file", &mut self.ready_file)?;
+        m.fill_switches([("verbose", &mut self.verbose), ("quiet", &mut self.quiet)])
+    }
+}
+
+impl ClientArgs {
+    /// Takes from the config file every setting the command line left out.
+    fn merge(&mut self, m: &mut Merge<'_>) -> anyhow::Result<()> {
+        m.fill("server", &mut self.server)?;
+        m.fill("root", &mut self.root)?;
+        m.fill("secret-file", &mut self.secret_file)?;
+        m.fill("name", &mut self.name)?;
+        m.fill("watcher", &mut self.watcher)?;
+        m.fill("poll-interval-ms", &mut self.poll_interval_ms)?;
+        m.fill_parsed("max-rate", &mut self.max_rate, parse_rate)?;
+        m.fill_switches([("once", &mut self.once)])?;
+        m.fill_switches([("verbose", &mut self.verbose), ("quiet", &mut self.quiet)])
+    }
+}
+
+/// A setting that has no default, from the command line or the config file.
+fn required<T>(value: Option<T>, key: &str) -> anyhow::Result<T> {
+    value.with_context(|| {
+        format!("--{key} is required: give it on the command line or as `{key} = ...` in the config file")
+    })
+}
+
+/// The root, which has no default either; without it there is no `<root>/.ferry/config.toml`
+/// to look in, so only `--config` can stand in for `--root`.
+fn required_root(root: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    root.context(
+        "--root is required: give it on the command line, or as `root = ...` in a file named \
+         by --config (without a root there is no <root>/.ferry/config.toml to look in)",
+    )
 }
 
 /// Parses a rate like `500K`, `2M`, `1.5G` or `1048576` (bytes per second; K = 1024).
@@ -175,13 +241,21 @@ pub fn main() -> anyhow::Result<()> {
         None => {
             bail!("say what to run: `ferry server`, `ferry client`, `ferry status` or `ferry demo` (see --help)")
         }
-        Some(Cmd::Server(a)) => run_server(a),
-        Some(Cmd::Client(a)) => {
+        Some(Cmd::Server(mut a)) => {
+            let (explicit, root) = (a.config.clone(), a.root.clone());
+            let file = config::merge_into(explicit.as_deref(), root.as_deref(), |m| a.merge(m))?;
+            run_server(a, file)
+        }
+        Some(Cmd::Client(mut a)) => {
+            let (explicit, root) = (a.config.clone(), a.root.clone());
+            let file = config::merge_into(explicit.as_deref(), root.as_deref(), |m| a.merge(m))?;
             crate::logger::init(
                 a.name.as_deref().unwrap_or("client"),
                 verbosity(a.verbose, a.quiet),
             );
-            client::run(client_config(a)?)
+            let cfg = client_config(a)?;
+            log_settings(file.as_deref(), &cfg.watch);
+            client::run(cfg)
         }
         Some(Cmd::Status(a)) => status(&a),
         Some(Cmd::Demo(a)) => demo(&a.dir),
@@ -216,8 +290,28 @@ fn verbosity(verbose: bool, quiet: bool) -> i8 {
     i8::from(verbose) - i8::from(quiet)
 }
 
-fn watch_config(root: &Path, watcher: &str, poll_ms: u64) -> anyhow::Result<WatchConfig> {
-    let backend = match watcher {
+/// Says where the settings came from, and the one choice made at run time: the watcher.
+fn log_settings(file: Option<&Path>, watch: &WatchConfig) {
+    if let Some(file) = file {
+        log::info!("settings from {}", file.display());
+    }
+    match watch.backend {
+        Backend::Poll => log::info!(
+            "watcher: poll, every {} ms",
+            watch.poll_interval.as_millis()
+        ),
+        b => log::info!("watcher: {}", b.name()),
+    }
+}
+
+/// The watcher settings; `None`s take the defaults.
+fn watch_config(
+    root: &Path,
+    watcher: Option<&str>,
+    poll_ms: Option<u64>,
+) -> anyhow::Result<WatchConfig> {
+    let poll_ms = poll_ms.unwrap_or(1000);
+    let backend = match watcher.unwrap_or("auto") {
         "auto" => default_backend(),
         "inotify" => Backend::Inotify,
         "poll" => Backend::Poll,
@@ -240,12 +334,22 @@ fn parse_addr(flag: &str, s: &str) -> anyhow::Result<SocketAddr> {
 }
 
 #[cfg(feature = "server")]
-fn run_server(a: ServerArgs) -> anyhow::Result<()> {
+fn run_server(a: ServerArgs, file: Option<PathBuf>) -> anyhow::Result<()> {
     crate::logger::init("server", verbosity(a.verbose, a.quiet));
-    let root = std::path::absolute(&a.root)?;
+    let cfg = server_config(a)?;
+    log_settings(file.as_deref(), &cfg.watch);
+    crate::server::run(cfg)
+}
+
+#[cfg(feature = "server")]
+fn server_config(a: ServerArgs) -> anyhow::Result<crate::server::ServerConfig> {
+    let root = std::path::absolute(required_root(a.root)?)?;
     use crate::server::FtpMode;
     let ftp = match (a.ftp_external, a.ftp_user, a.ftp_password_file) {
-        (None, None, None) => FtpMode::Embedded(parse_addr("--ftp-listen", &a.ftp_listen)?),
+        (None, None, None) => FtpMode::Embedded(parse_addr(
+            "--ftp-listen",
+            a.ftp_listen.as_deref().unwrap_or("0.0.0.0:7721"),
+        )?),
         (Some(addr), Some(user), Some(pass_file)) => {
             let pass = std::fs::read_to_string(&pass_file)
                 .with_context(|| {
@@ -261,33 +365,29 @@ fn run_server(a: ServerArgs) -> anyhow::Result<()> {
         }
         _ => bail!("--ftp-external needs --ftp-user and --ftp-password-file (and they need it)"),
     };
-    let cfg = crate::server::ServerConfig {
-        watch: watch_config(&root, &a.watcher, a.poll_interval_ms)?,
-        listen: parse_addr("--listen", &a.listen)?,
+    Ok(crate::server::ServerConfig {
+        watch: watch_config(&root, a.watcher.as_deref(), a.poll_interval_ms)?,
+        listen: parse_addr("--listen", a.listen.as_deref().unwrap_or("0.0.0.0:7700"))?,
         ftp,
-        secret: Secret::load(&a.secret_file)?,
+        secret: Secret::load(&required(a.secret_file, "secret-file")?)?,
         ready_file: a.ready_file,
         retention: crate::core::index::Retention {
-            max_age_secs: a.tombstone_days.saturating_mul(86_400),
-            max_count: a.max_tombstones,
+            max_age_secs: a.tombstone_days.unwrap_or(30).saturating_mul(86_400),
+            max_count: a.max_tombstones.unwrap_or(100_000),
         },
         root,
-    };
-    crate::server::run(cfg)
+    })
 }
 
 #[cfg(not(feature = "server"))]
-fn run_server(_: ServerArgs) -> anyhow::Result<()> {
+fn run_server(_: ServerArgs, _: Option<PathBuf>) -> anyhow::Result<()> {
     bail!("this ferry was built without the server (cargo feature `server`); build it with default features")
 }
 
 fn client_config(a: ClientArgs) -> anyhow::Result<ClientConfig> {
-    if !a.server.contains(':') {
-        bail!(
-            "--server {:?} needs a port, e.g. {}:7700",
-            a.server,
-            a.server
-        );
+    let server = required(a.server, "server")?;
+    if !server.contains(':') {
+        bail!("--server {server:?} needs a port, e.g. {server}:7700");
     }
     let name = match a.name {
         Some(n) => n,
@@ -299,11 +399,11 @@ fn client_config(a: ClientArgs) -> anyhow::Result<ClientConfig> {
     if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_control()) {
         bail!("--name must be 1 to 64 printable characters");
     }
-    let root = std::path::absolute(&a.root)?;
+    let root = std::path::absolute(required_root(a.root)?)?;
     Ok(ClientConfig {
-        server: a.server,
-        watch: watch_config(&root, &a.watcher, a.poll_interval_ms)?,
-        secret: Secret::load(&a.secret_file)?,
+        server,
+        watch: watch_config(&root, a.watcher.as_deref(), a.poll_interval_ms)?,
+        secret: Secret::load(&required(a.secret_file, "secret-file")?)?,
         root,
         name,
         max_rate: a.max_rate,
@@ -413,7 +513,7 @@ fn demo(dir: &Path) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_rate;
+    use super::*;
 
     #[test]
     fn rates() {
@@ -432,5 +532,204 @@ mod tests {
             let err = parse_rate(bad).unwrap_err();
             assert!(err.contains("like"), "{bad}: {err}");
         }
+    }
+
+    /// The long flags of a subcommand, less `--help` and `--config`.
+    fn flags<T: argh::ArgsInfo>() -> Vec<&'static str> {
+        let mut flags: Vec<&str> = T::get_args_info()
+            .flags
+            .iter()
+            .map(|f| f.long.trim_start_matches("--"))
+            .filter(|f| !["help", "config"].contains(f))
+            .collect();
+        flags.sort();
+        flags
+    }
+
+    fn keys(merge: impl FnOnce(&mut Merge<'_>) -> anyhow::Result<()>) -> Vec<&'static str> {
+        let empty = config::File::parse(Path::new("empty.toml"), "").unwrap();
+        let mut m = Merge::new(&empty);
+        merge(&mut m).unwrap();
+        let mut keys = m.known().to_vec();
+        keys.sort();
+        keys
+    }
+
+    #[test]
+    fn every_flag_is_a_config_key() {
+        let mut server = ServerArgs::from_args(&["server"], &[]).unwrap();
+        assert_eq!(keys(|m| server.merge(m)), flags::<ServerArgs>());
+        let mut client = ClientArgs::from_args(&["client"], &[]).unwrap();
+        assert_eq!(keys(|m| client.merge(m)), flags::<ClientArgs>());
+    }
+
+    /// A temporary directory with a secret file in it.
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(name: &str) -> Dir {
+            let d = std::env::temp_dir().join(format!("ferry-cli-{name}-{}", std::process::id()));
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("secret"), "0123456789abcdef-test").unwrap();
+            Dir(d)
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// The client's configuration from `cli` and, if given, a config file holding `file`.
+    fn client(dir: &Path, cli: &[&str], file: Option<&str>) -> anyhow::Result<ClientConfig> {
+        let mut a =
+            ClientArgs::from_args(&["client"], cli).map_err(|e| anyhow::anyhow!("{}", e.output))?;
+        if let Some(text) = file {
+            let path = dir.join("ferry.toml");
+            let f = config::File::parse(&path, text)?;
+            let mut m = Merge::new(&f);
+            a.merge(&mut m)?;
+            m.finish()?;
+        }
+        client_config(a)
+    }
+
+    #[test]
+    fn client_settings_by_precedence() {
+        let d = Dir::new("client");
+        let secret = d.0.join("secret");
+        let secret = secret.to_str().unwrap();
+        let root = d.0.join("root");
+        let root = root.to_str().unwrap();
+        let base = ["--root", root, "--secret-file", secret];
+        let file = "server = \"nas:7700\"\nname = \"from-file\"\nwatcher = \"poll\"\n\
+                    poll-interval-ms = 500\nmax-rate = \"2M\"\nquiet = true";
+
+        // Built-in defaults: nothing but what is required.
+        let c = client(
+            &d.0,
+            &[&base[..], &["--server", "h:1", "--name", "n"]].concat(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            (c.watch.backend, c.watch.poll_interval, c.max_rate),
+            (default_backend(), Duration::from_millis(1000), None)
+        );
+
+        // The file fills everything the command line left out.
+        let c = client(&d.0, &base, Some(file)).unwrap();
+        assert_eq!(
+            (c.server.as_str(), c.name.as_str(), c.watch.backend),
+            ("nas:7700", "from-file", Backend::Poll)
+        );
+        assert_eq!(
+            (c.watch.poll_interval, c.max_rate),
+            (Duration::from_millis(500), Some(2 << 20))
+        );
+
+        // The command line wins.
+        let cli = [
+            &base[..],
+            &[
+                "--server",
+                "pi:1",
+                "--name",
+                "from-cli",
+                "--watcher",
+                "inotify",
+            ],
+            &["--poll-interval-ms", "7", "--max-rate", "1K"],
+        ]
+        .concat();
+        let c = client(&d.0, &cli, Some(file)).unwrap();
+        assert_eq!(
+            (c.server.as_str(), c.name.as_str(), c.watch.backend),
+            ("pi:1", "from-cli", Backend::Inotify)
+        );
+        assert_eq!(
+            (c.watch.poll_interval, c.max_rate),
+            (Duration::from_millis(7), Some(1024))
+        );
+
+        // Paths in the file are relative to it; the root may come from the file.
+        let c = client(
+            &d.0,
+            &[],
+            Some("server = \"h:1\"\nname = \"n\"\nroot = \"r\"\nsecret-file = \"secret\""),
+        )
+        .unwrap();
+        assert_eq!(c.root, d.0.join("r"));
+
+        // The file's values are validated like the command line's.
+        for (text, want) in [
+            ("watcher = \"fsevents\"", "unknown watcher \"fsevents\""),
+            ("max-rate = \"fast\"", "key \"max-rate\": bad rate \"fast\""),
+            ("poll-interval-ms = 0", "at least 1"),
+            ("name = \"\"", "--name must be 1 to 64"),
+        ] {
+            let cli = [&base[..], &["--server", "h:1"]].concat();
+            let err = format!("{:#}", client(&d.0, &cli, Some(text)).unwrap_err());
+            assert!(err.contains(want), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn missing_required_settings_say_where_to_give_them() {
+        let d = Dir::new("required");
+        let secret = d.0.join("secret");
+        let secret = secret.to_str().unwrap();
+        for (cli, want) in [
+            (
+                vec!["--server", "h:1", "--secret-file", secret],
+                "--root is required",
+            ),
+            (
+                vec!["--root", "r", "--secret-file", secret],
+                "--server is required",
+            ),
+            (
+                vec!["--root", "r", "--server", "h:1"],
+                "--secret-file is required",
+            ),
+        ] {
+            let err = format!("{:#}", client(&d.0, &cli, None).unwrap_err());
+            assert!(err.contains(want), "{cli:?}: {err}");
+        }
+    }
+
+    #[cfg(feature = "server")]
+    #[test]
+    fn server_settings_by_precedence() {
+        let d = Dir::new("server");
+        let path = d.0.join("ferry.toml");
+        let file = config::File::parse(
+            &path,
+            "root = \"share\"\nsecret-file = \"secret\"\nlisten = \"127.0.0.1:1\"\n\
+             tombstone-days = 2\nmax-tombstones = 5\nready-file = \"ready\"",
+        )
+        .unwrap();
+        let merged = |cli: &[&str]| {
+            let mut a = ServerArgs::from_args(&["server"], cli).unwrap();
+            let mut m = Merge::new(&file);
+            a.merge(&mut m).unwrap();
+            m.finish().unwrap();
+            server_config(a).unwrap()
+        };
+        let c = merged(&[]);
+        assert_eq!(c.root, d.0.join("share"));
+        assert_eq!(c.listen.to_string(), "127.0.0.1:1");
+        assert_eq!(c.ready_file, Some(d.0.join("ready")));
+        assert_eq!(
+            (c.retention.max_age_secs, c.retention.max_count),
+            (2 * 86_400, 5)
+        );
+        let c = merged(&["--tombstone-days", "3", "--listen", "127.0.0.1:2"]);
+        assert_eq!(c.listen.to_string(), "127.0.0.1:2");
+        assert_eq!(
+            (c.retention.max_age_secs, c.retention.max_count),
+            (3 * 86_400, 5)
+        );
     }
 }

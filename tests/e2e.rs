@@ -4,6 +4,7 @@
 mod e2e {
     pub mod util;
 
+    mod config;
     mod conflict;
     mod crash;
     mod cross;
