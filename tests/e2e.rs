@@ -11,6 +11,7 @@ mod e2e {
     mod echo;
     mod external;
     mod hostile;
+    mod ignore;
     mod random;
     mod restart;
     mod startup;
