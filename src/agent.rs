@@ -11,6 +11,7 @@ use smol::future::FutureExt;
 
 use crate::core::path::RelPath;
 use crate::core::renames::Changed;
+use crate::ignore::IGNORE_FILE;
 use crate::scan::{RootLost, Tree};
 use crate::watch::Hint;
 
@@ -160,6 +161,9 @@ pub fn scan_hints(tree: &mut Tree, hints: Vec<Hint>) -> Result<Vec<Changed>, Roo
         }
         changes
     };
+    // A `.ferryignore` that changed (seen just now, or written by ferry since the last batch).
+    let mut changes = changes;
+    changes.extend(tree.scan_rule_changes());
     if changes.iter().any(|c| c.new.is_none()) {
         tree.check_root()?;
     }
@@ -167,19 +171,73 @@ pub fn scan_hints(tree: &mut Tree, hints: Vec<Hint>) -> Result<Vec<Changed>, Roo
 }
 
 /// Orders paths for applying: creations and updates parents first, then deletions children
-/// first (`is_delete` tells which a path is).
+/// first (`is_delete` tells which a path is). Ignore rules travel ahead of what they decide
+/// on: deleted `.ferryignore` files come first, and a new or changed one before anything
+/// else of its depth.
 pub fn apply_order(mut paths: Vec<RelPath>, is_delete: impl Fn(&RelPath) -> bool) -> Vec<RelPath> {
     paths.sort();
     paths.dedup();
+    let is_rules = |p: &RelPath| p.file_name() == IGNORE_FILE;
     let (mut dels, mut puts): (Vec<RelPath>, Vec<RelPath>) =
         paths.into_iter().partition(|p| is_delete(p));
-    puts.sort_by(|a, b| a.depth().cmp(&b.depth()).then_with(|| a.cmp(b)));
-    dels.sort_by(|a, b| b.depth().cmp(&a.depth()).then_with(|| a.cmp(b)));
-    puts.extend(dels);
-    puts
+    puts.sort_by(|a, b| (a.depth(), !is_rules(a), a).cmp(&(b.depth(), !is_rules(b), b)));
+    dels.sort_by(|a, b| {
+        (!is_rules(a), std::cmp::Reverse(a.depth()), a).cmp(&(
+            !is_rules(b),
+            std::cmp::Reverse(b.depth()),
+            b,
+        ))
+    });
+    let rules_dels = dels.iter().take_while(|p| is_rules(p)).count();
+    let mut out: Vec<RelPath> = dels.drain(..rules_dels).collect();
+    out.extend(puts);
+    out.extend(dels);
+    out
 }
 
 /// Lower-case hex of some bytes.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn apply_order_puts_rules_first_parents_first_then_deletes_children_first() {
+        let paths: Vec<RelPath> = [
+            "-x.log",
+            "a/.ferryignore",
+            "a/!b",
+            "a",
+            "gone/.ferryignore",
+            "gone/f",
+            "gone",
+            ".ferryignore",
+            "z/y/x",
+        ]
+        .iter()
+        .map(|p| p.parse().unwrap())
+        .collect();
+        let deleted = |p: &RelPath| p.as_str().starts_with("gone");
+        let order: Vec<String> = apply_order(paths, deleted)
+            .into_iter()
+            .map(|p| p.to_string())
+            .collect();
+        assert_eq!(
+            order,
+            [
+                "gone/.ferryignore",
+                ".ferryignore",
+                "-x.log",
+                "a",
+                "a/.ferryignore",
+                "a/!b",
+                "z/y/x",
+                "gone/f",
+                "gone",
+            ]
+        );
+    }
 }

@@ -837,8 +837,24 @@ impl Client {
             }
             s.committed.remove(&c.path);
         }
-        self.resolve(s, &c.path, c.entry, c.moved_from.as_ref(), 0)
-            .await?;
+        if self
+            .tree
+            .ignores(&c.path, c.entry.as_ref().map(Entry::is_dir))
+        {
+            // Not applied here. The base no longer says what the server has, so it goes: if
+            // the path is un-ignored, it is reconciled as at a first contact (same bytes:
+            // nothing to do; different: a conflict copy, nothing lost).
+            if self.base.get(&c.path) != c.entry.as_ref() {
+                log::debug!(
+                    "{} is ignored here: the server's change is not applied",
+                    c.path
+                );
+                self.base.remove(&c.path);
+            }
+        } else {
+            self.resolve(s, &c.path, c.entry, c.moved_from.as_ref(), 0)
+                .await?;
+        }
         self.last_seq = self.last_seq.max(c.seq);
         Ok(())
     }
@@ -922,7 +938,7 @@ impl Client {
 
     /// Decides and carries out what to do with `path`, given what the server has (`remote`).
     /// Errors are transport failures (the session ends); a local problem with one path is
-    /// logged and sync goes on.
+    /// logged and sync goes on. An ignored path is left alone.
     async fn resolve(
         &mut self,
         s: &mut Session,
@@ -931,6 +947,9 @@ impl Client {
         moved_from: Option<&RelPath>,
         depth: u8,
     ) -> anyhow::Result<()> {
+        if self.tree.ignores(path, remote.as_ref().map(Entry::is_dir)) {
+            return Ok(());
+        }
         let (local, beneath) = self.tree.refresh(path);
         self.note_beneath(path, beneath);
         let local = local.map(|s| s.entry);

@@ -16,6 +16,7 @@ pub mod data;
 pub mod fsops;
 #[cfg(feature = "server")]
 pub mod ftpd;
+pub mod ignore;
 pub mod logger;
 pub mod progress;
 pub mod proto;

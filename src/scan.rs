@@ -4,8 +4,16 @@
 //! Watcher hints say where to look; `Tree` looks and reports what changed. Names that cannot
 //! travel (not UTF-8, CR/LF, too long) and symlinks or special files are reported once, then
 //! skipped.
+//!
+//! Ignored paths (`crate::ignore`) are never looked at or reported: a walk does not enter an
+//! ignored directory, a hint for an ignored path finds nothing. The rules are loaded as walks
+//! meet `.ferryignore` files (a directory's own file before the rest of it), and reloaded when
+//! one changes. What the cache knew of a path before it became ignored stays as it was
+//! (*frozen*): ignoring reports no delete, and when the path is un-ignored, the next look
+//! compares the disk with that entry, so an edit or delete made meanwhile is reported then.
 
 use std::collections::{BTreeMap, HashSet};
+use std::ffi::OsString;
 use std::fs::{File, Metadata};
 use std::io;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -15,6 +23,7 @@ use crate::core::entry::{Entry, Kind};
 use crate::core::path::{RelPath, STATE_DIR};
 use crate::core::renames::{Changed, Seen};
 use crate::core::tracked::Tracked;
+use crate::ignore::{Rules, IGNORE_FILE};
 
 /// The cached state of a replica's tree.
 #[derive(Debug)]
@@ -28,6 +37,13 @@ pub struct Tree {
     marker: Option<(u64, u64)>,
     /// While `scan_all` runs: its progress report and the bytes hashed so far.
     progress: Option<(crate::progress::Progress, u64)>,
+    /// What is ignored: the built-ins and the `.ferryignore` files scans have met.
+    rules: Rules,
+    /// Directories whose rules changed since `scan_rule_changes` last ran, and whether they
+    /// still need a rescan (false: a walk of them was under way, with the new rules already).
+    rules_changed: BTreeMap<PathBuf, bool>,
+    /// The rules before those changes, to tell which cached paths they un-ignored.
+    rules_before: Option<Rules>,
 }
 
 /// The root is not the tree ferry was syncing any more (unmounted, removed, replaced, or
@@ -42,6 +58,16 @@ impl std::fmt::Display for RootLost {
 }
 
 impl std::error::Error for RootLost {}
+
+/// A path as the rules take it.
+fn p(path: &RelPath) -> &Path {
+    Path::new(path.as_str())
+}
+
+/// `rel` as a `RelPath`, if it is one (nothing is reported if not).
+fn quiet_rel(rel: &Path) -> Option<RelPath> {
+    rel.to_str().and_then(|s| RelPath::new(s).ok())
+}
 
 /// Modification time in nanoseconds since the epoch.
 pub fn mtime_ns(meta: &Metadata) -> i64 {
@@ -99,7 +125,121 @@ impl Tree {
             reported: HashSet::new(),
             marker,
             progress: None,
+            rules: Rules::new(),
+            rules_changed: BTreeMap::new(),
+            rules_before: None,
         }
+    }
+
+    /// Whether `path` is ignored here. `is_dir` says what it is if the caller knows (an entry
+    /// from elsewhere); otherwise the disk, then the cache, tell.
+    pub fn ignores(&self, path: &RelPath, is_dir: Option<bool>) -> bool {
+        let is_dir = is_dir.unwrap_or_else(|| self.is_dir_here(p(path)));
+        self.rules.is_ignored(p(path), is_dir)
+    }
+
+    /// Whether `rel` is a directory on disk (if it is gone: whether the cache had one there).
+    fn is_dir_here(&self, rel: &Path) -> bool {
+        match std::fs::symlink_metadata(self.root.join(rel)) {
+            Ok(m) => m.is_dir(),
+            Err(_) => quiet_rel(rel)
+                .and_then(|r| self.entries.get(&r))
+                .is_some_and(|s| s.entry.is_dir()),
+        }
+    }
+
+    /// A cached entry the rules hide now: it stays as it was, neither looked at nor reported.
+    fn is_frozen(&self, path: &RelPath) -> bool {
+        let is_dir = self.entries.get(path).is_some_and(|s| s.entry.is_dir());
+        self.rules.is_ignored(p(path), is_dir)
+    }
+
+    /// Rebuilds the rules of `dir` if its `.ferryignore` is not what they were built from (the
+    /// cache says what it is now), and notes the change for `scan_rule_changes`, with a rescan
+    /// of `dir` if `rescan`.
+    fn reload_rules(&mut self, dir: &Path, rescan: bool) {
+        let now = quiet_rel(&dir.join(IGNORE_FILE))
+            .and_then(|f| self.entries.get(&f))
+            .filter(|s| s.entry.kind == Kind::File)
+            .map(|s| s.entry.hash);
+        if now.as_ref() == self.rules.hash(dir) {
+            return;
+        }
+        let before = self.rules_before.is_none().then(|| self.rules.clone());
+        let changed = match now {
+            None => self.rules.remove(dir),
+            Some(_) => self.rules.load(&self.root, dir),
+        };
+        if changed {
+            log::info!(
+                "ignore rules changed in {}",
+                dir.join(IGNORE_FILE).display()
+            );
+            self.rules_before = self.rules_before.take().or(before);
+            *self.rules_changed.entry(dir.to_path_buf()).or_default() |= rescan;
+        }
+    }
+
+    /// After `path` was looked at or written: if it is a `.ferryignore`, brings its directory's
+    /// rules up to date (`scan_rule_changes` then rescans the directory).
+    fn rules_file_seen(&mut self, path: &RelPath) {
+        if path.file_name() == IGNORE_FILE {
+            let dir = path
+                .parent()
+                .map_or_else(PathBuf::new, |d| PathBuf::from(d.as_str()));
+            self.reload_rules(&dir, true);
+        }
+    }
+
+    /// Catches up with rules that changed: rescans each directory whose `.ferryignore` changed
+    /// outside a walk of it, and reports every cached path they un-ignored that the rescan did
+    /// not report as *touched* (`old == new`), for the agent to look at again (the server
+    /// announces it anew for replicas that skipped it; a client sends what it had not sent).
+    pub fn scan_rule_changes(&mut self) -> Vec<Changed> {
+        let dirs = std::mem::take(&mut self.rules_changed);
+        let Some(before) = self.rules_before.take() else {
+            return Vec::new();
+        };
+        let mut changes = Vec::new();
+        if dirs.get(Path::new("")) == Some(&true) {
+            changes = self.scan_all().unwrap_or_else(|e| {
+                log::error!("cannot scan {}: {e}", self.root.display());
+                Vec::new()
+            });
+        } else {
+            for (dir, rescan) in &dirs {
+                match quiet_rel(dir) {
+                    Some(d) if *rescan && !self.ignores(&d, Some(true)) => {
+                        self.scan_one(&d, true, &mut changes)
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let reported: HashSet<RelPath> = changes.iter().map(|c| c.path.clone()).collect();
+        for dir in dirs.keys() {
+            let keys: Vec<RelPath> = match quiet_rel(dir) {
+                Some(d) => self.subtree_keys(&d),
+                None => self.entries.keys().cloned().collect(),
+            };
+            for k in keys {
+                let Some(seen) = self.entries.get(&k) else {
+                    continue;
+                };
+                let is_dir = seen.entry.is_dir();
+                if !reported.contains(&k)
+                    && before.is_ignored(p(&k), is_dir)
+                    && !self.rules.is_ignored(p(&k), is_dir)
+                {
+                    changes.push(Changed {
+                        path: k,
+                        old: Some(seen.clone()),
+                        new: Some(seen.clone()),
+                    });
+                }
+            }
+        }
+        changes
     }
 
     /// Checks that the root is still the tree this `Tree` was opened on: a readable directory
@@ -154,7 +294,8 @@ impl Tree {
         self.root.join(rel.as_str())
     }
 
-    /// Records what ferry itself just put at `path` (so the watcher's echo is no change).
+    /// Records what ferry itself just put at `path` (so the watcher's echo is no change). A
+    /// `.ferryignore` written here takes effect at once.
     pub fn set(&mut self, path: &RelPath, seen: Option<Seen>) {
         match seen {
             Some(s) => {
@@ -162,8 +303,10 @@ impl Tree {
             }
             None => {
                 self.remove_subtree(path);
+                self.rules.remove_under(p(path));
             }
         }
+        self.rules_file_seen(path);
     }
 
     /// Moves the cache of `from` and everything beneath it to `to`.
@@ -172,6 +315,9 @@ impl Tree {
         for (p, s) in moved {
             self.entries.insert(p.rebase(from, to), s);
         }
+        self.rules.rename_under(p(from), p(to));
+        self.rules_file_seen(from);
+        self.rules_file_seen(to);
     }
 
     fn take_subtree(&mut self, path: &RelPath) -> Vec<(RelPath, Seen)> {
@@ -183,6 +329,21 @@ impl Tree {
 
     fn remove_subtree(&mut self, path: &RelPath) -> Vec<(RelPath, Seen)> {
         self.take_subtree(path)
+    }
+
+    /// Takes what the cache has at and beneath `path`, which is gone from disk, to report it
+    /// gone. The rules of directories in it went with them; an entry that rules from above
+    /// still hide stays frozen.
+    fn take_gone(&mut self, path: &RelPath) -> Vec<(RelPath, Seen)> {
+        self.rules.remove_under(p(path));
+        let keys: Vec<RelPath> = self
+            .subtree_keys(path)
+            .into_iter()
+            .filter(|k| !self.is_frozen(k))
+            .collect();
+        keys.into_iter()
+            .filter_map(|k| self.entries.remove(&k).map(|s| (k, s)))
+            .collect()
     }
 
     /// `path` and every cached path beneath it.
@@ -213,7 +374,7 @@ impl Tree {
         let gone: Vec<RelPath> = self
             .entries
             .keys()
-            .filter(|k| !seen.contains(*k))
+            .filter(|k| !seen.contains(*k) && !self.is_frozen(k))
             .cloned()
             .collect();
         for path in gone {
@@ -236,18 +397,26 @@ impl Tree {
                 Vec::new()
             });
         }
+        if self.rules.is_ignored(rel, self.is_dir_here(rel)) {
+            return Vec::new();
+        }
         let Some(path) = self.rel_path(rel) else {
             return Vec::new();
         };
         let mut changes = Vec::new();
         self.scan_one(&path, true, &mut changes);
+        self.rules_file_seen(&path);
         changes
     }
 
     /// Re-stats `path` now (not its subtree) and returns its current state, updating the cache.
+    /// An ignored path is not looked at: what the cache knew of it is returned.
     pub fn refresh(&mut self, path: &RelPath) -> (Option<Seen>, Vec<Changed>) {
         let mut changes = Vec::new();
-        self.scan_one(path, false, &mut changes);
+        if !self.ignores(path, None) {
+            self.scan_one(path, false, &mut changes);
+            self.rules_file_seen(path);
+        }
         (self.entries.get(path).cloned(), changes)
     }
 
@@ -274,7 +443,7 @@ impl Tree {
         let meta = match std::fs::symlink_metadata(&abs) {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                for (p, old) in self.remove_subtree(path) {
+                for (p, old) in self.take_gone(path) {
                     changes.push(Changed {
                         path: p,
                         old: Some(old),
@@ -327,7 +496,7 @@ impl Tree {
         let is_dir = new.as_ref().is_some_and(|s| s.entry.is_dir());
         if was_dir && !is_dir {
             // A directory replaced by a file: everything that was beneath it is gone.
-            for (p, old) in self.remove_subtree(path) {
+            for (p, old) in self.take_gone(path) {
                 if &p != path {
                     changes.push(Changed {
                         path: p,
@@ -354,7 +523,7 @@ impl Tree {
             let gone: Vec<RelPath> = self
                 .subtree_keys(path)
                 .into_iter()
-                .filter(|k| k != path && !seen.contains(k))
+                .filter(|k| k != path && !seen.contains(k) && !self.is_frozen(k))
                 .collect();
             for p in gone {
                 let old = self.entries.remove(&p);
@@ -389,18 +558,39 @@ impl Tree {
                 return;
             }
         };
-        let mut names: Vec<_> = rd.filter_map(|e| e.ok().map(|e| e.file_name())).collect();
+        // `DirEntry::file_type` does not follow symlinks, and mostly costs no stat.
+        let mut names: Vec<(OsString, bool)> = rd
+            .filter_map(|e| e.ok())
+            .map(|e| (e.file_name(), e.file_type().is_ok_and(|t| t.is_dir())))
+            .collect();
         names.sort();
-        for name in names {
-            let rel: PathBuf = match dir {
-                Some(d) => Path::new(d.as_str()).join(&name),
-                None => {
-                    if name == STATE_DIR {
-                        continue;
-                    }
-                    PathBuf::from(&name)
+        let dir_rel = dir.map_or_else(PathBuf::new, |d| PathBuf::from(d.as_str()));
+        // The directory's own rules first: they decide about the rest of it.
+        let rules_file = quiet_rel(&dir_rel.join(IGNORE_FILE)).filter(|f| {
+            names.iter().any(|(n, d)| n == IGNORE_FILE && !d) || self.entries.contains_key(f)
+        });
+        if let Some(f) = &rules_file {
+            self.scan_one(f, false, changes);
+            if self.entries.contains_key(f) {
+                seen.insert(f.clone());
+            }
+        }
+        self.reload_rules(&dir_rel, false);
+        for (name, is_dir) in names {
+            if dir.is_none() && name == STATE_DIR {
+                continue;
+            }
+            if rules_file.is_some() && name == IGNORE_FILE && !is_dir {
+                continue;
+            }
+            let rel = dir_rel.join(&name);
+            if self.rules.matches(&rel, is_dir) {
+                // Not looked at; what the cache knew of it stays (frozen).
+                if let Some(path) = quiet_rel(&rel) {
+                    seen.extend(self.subtree_keys(&path));
                 }
-            };
+                continue;
+            }
             let Some(path) = self.rel_path(&rel) else {
                 continue;
             };
@@ -466,6 +656,164 @@ mod tests {
         std::fs::remove_dir_all(root.join("z")).unwrap();
         let c = t.scan_path(Path::new("z"));
         assert_eq!(paths(&c), ["z", "z/b", "z/b/f.txt"]);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// Cached paths, sorted.
+    fn cached(t: &Tree) -> Vec<&str> {
+        t.entries().keys().map(RelPath::as_str).collect()
+    }
+
+    #[test]
+    fn ignored_paths_are_not_reported_or_entered() {
+        let root = tmp("ignored");
+        std::fs::write(root.join(IGNORE_FILE), "*.log\nbuild/\n").unwrap();
+        std::fs::create_dir_all(root.join("build/deep")).unwrap();
+        std::fs::write(root.join("build/deep/out.o"), "x").unwrap();
+        std::fs::write(root.join("a.log"), "x").unwrap();
+        std::fs::write(root.join("a.txt"), "x").unwrap();
+        std::fs::write(root.join(".a.txt.swp"), "x").unwrap();
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        std::fs::write(root.join("sub").join(IGNORE_FILE), "!keep.log\n").unwrap();
+        std::fs::write(root.join("sub/keep.log"), "x").unwrap();
+        std::fs::write(root.join("sub/other.log"), "x").unwrap();
+        let mut t = Tree::new(root.clone(), BTreeMap::new());
+        let c = t.scan_all().unwrap();
+        let want = [
+            ".ferryignore",
+            "a.txt",
+            "sub",
+            "sub/.ferryignore",
+            "sub/keep.log",
+        ];
+        assert_eq!(paths(&c), want);
+        assert_eq!(cached(&t), want, "nothing beneath build/ was looked at");
+        // Hints for ignored paths find nothing.
+        std::fs::write(root.join("a.log"), "changed").unwrap();
+        std::fs::write(root.join("build/new"), "x").unwrap();
+        for hint in [
+            "a.log",
+            "build",
+            "build/new",
+            "build/deep/out.o",
+            ".a.txt.swp",
+        ] {
+            assert!(t.scan_path(Path::new(hint)).is_empty(), "{hint}");
+        }
+        assert!(t.ignores(&"build/x".parse().unwrap(), None));
+        assert!(!t.ignores(&"sub/keep.log".parse().unwrap(), Some(false)));
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn ignoring_freezes_and_un_ignoring_reports_what_changed_meanwhile() {
+        let root = tmp("freeze");
+        for f in ["edited.log", "deleted.log", "same.log", "plain.txt"] {
+            std::fs::write(root.join(f), "v1").unwrap();
+        }
+        let mut t = Tree::new(root.clone(), BTreeMap::new());
+        assert_eq!(t.scan_all().unwrap().len(), 4);
+
+        // A rule appears (seen by a hint, as inotify reports it): no deletes, nothing else.
+        std::fs::write(root.join(IGNORE_FILE), "*.log\n").unwrap();
+        let mut c = t.scan_path(Path::new(IGNORE_FILE));
+        c.extend(t.scan_rule_changes());
+        assert_eq!(paths(&c), [IGNORE_FILE]);
+        assert_eq!(
+            t.entries().len(),
+            5,
+            "the ignored files stay cached (frozen)"
+        );
+
+        // Changes to ignored files go unseen, by hints and by full scans alike.
+        std::fs::write(root.join("edited.log"), "v2, longer").unwrap();
+        std::fs::remove_file(root.join("deleted.log")).unwrap();
+        std::fs::write(root.join("new.log"), "v1").unwrap();
+        for f in ["edited.log", "deleted.log", "new.log"] {
+            assert!(t.scan_path(Path::new(f)).is_empty(), "{f}");
+        }
+        assert!(t.scan_all().unwrap().is_empty());
+        assert!(t.scan_rule_changes().is_empty());
+
+        // The rule goes (ferry itself deletes the file, as when the delete comes from
+        // elsewhere): what changed meanwhile is reported, the rest is touched.
+        std::fs::remove_file(root.join(IGNORE_FILE)).unwrap();
+        t.set(&IGNORE_FILE.parse().unwrap(), None);
+        let c = t.scan_rule_changes();
+        let got: Vec<(&str, bool, bool)> = {
+            let mut v: Vec<_> = c
+                .iter()
+                .map(|c| (c.path.as_str(), c.old.is_some(), c.new.is_some()))
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(
+            got,
+            [
+                ("deleted.log", true, false),
+                ("edited.log", true, true),
+                ("new.log", false, true),
+                ("same.log", true, true),
+            ]
+        );
+        let same = c.iter().find(|c| c.path.as_str() == "same.log").unwrap();
+        assert_eq!(
+            same.old, same.new,
+            "touched: unchanged, to be looked at again"
+        );
+        let edited = c.iter().find(|c| c.path.as_str() == "edited.log").unwrap();
+        assert_ne!(edited.old, edited.new);
+        assert!(t.scan_rule_changes().is_empty());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_rules_file_written_by_ferry_takes_effect_at_once() {
+        let root = tmp("rules-set");
+        std::fs::create_dir_all(root.join("d")).unwrap();
+        std::fs::write(root.join("d/x.tmp"), "x").unwrap();
+        let mut t = Tree::new(root.clone(), BTreeMap::new());
+        t.scan_all().unwrap();
+        let file: RelPath = format!("d/{IGNORE_FILE}").parse().unwrap();
+        std::fs::write(t.abs(&file), "*.tmp\n").unwrap();
+        let seen = hash_file(&t.abs(&file)).unwrap().unwrap();
+        t.set(&file, Some(seen));
+        assert!(t.ignores(&"d/x.tmp".parse().unwrap(), Some(false)));
+        assert!(t.ignores(&"d/y.tmp".parse().unwrap(), Some(false)));
+        assert!(!t.ignores(&"y.tmp".parse().unwrap(), Some(false)));
+        assert!(t.scan_rule_changes().is_empty(), "ignoring reports nothing");
+        // Dropping the rule: the new file there is found by the rescan that follows.
+        std::fs::write(root.join("d/y.tmp"), "y").unwrap();
+        std::fs::remove_file(t.abs(&file)).unwrap();
+        t.set(&file, None);
+        let c = t.scan_rule_changes();
+        assert_eq!(paths(&c), ["d/x.tmp", "d/y.tmp"]);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_directory_gone_takes_its_rules_and_what_they_hid() {
+        let root = tmp("rules-gone");
+        std::fs::write(root.join(IGNORE_FILE), "*.o\n").unwrap();
+        std::fs::create_dir_all(root.join("proj")).unwrap();
+        std::fs::write(root.join("proj/a.o"), "x").unwrap();
+        std::fs::write(root.join("proj/b.tmp"), "x").unwrap();
+        let mut t = Tree::new(root.clone(), BTreeMap::new());
+        t.scan_all().unwrap();
+        std::fs::write(root.join("proj").join(IGNORE_FILE), "*.tmp\n").unwrap();
+        let mut c = t.scan_path(Path::new("proj/.ferryignore"));
+        c.extend(t.scan_rule_changes());
+        assert_eq!(paths(&c), ["proj/.ferryignore"]);
+        assert_eq!(
+            t.entries().len(),
+            4,
+            "a.o (never cached) and b.tmp (frozen)"
+        );
+        std::fs::remove_dir_all(root.join("proj")).unwrap();
+        let c = t.scan_path(Path::new("proj"));
+        // b.tmp was hidden by proj's own rules, which went with it; a.o is not reported.
+        assert_eq!(paths(&c), ["proj", "proj/.ferryignore", "proj/b.tmp"]);
         std::fs::remove_dir_all(&root).unwrap();
     }
 

@@ -5,7 +5,7 @@
 //! a time, so a commit's check of the base and its rename into place can never interleave with
 //! another change to the same path. Connection tasks only speak the protocol.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -601,11 +601,13 @@ impl Server {
             .scan_all()
             .with_context(|| format!("cannot scan {}", self.root.display()))?;
         let mut out = self.ingest(changes);
-        // Entries the index has but the cache lost track of.
+        // Entries the index has but the cache lost track of (not ignored ones: ignoring never
+        // deletes).
         let missing: Vec<RelPath> = self
             .index
             .live_paths()
             .filter(|p| self.tree.get(p).is_none())
+            .filter(|p| !self.tree.ignores(p, self.index.entry(p).map(Entry::is_dir)))
             .cloned()
             .collect();
         if !missing.is_empty() {
@@ -676,12 +678,15 @@ impl Server {
     async fn on_message(&mut self, id: u64, msg: ClientMsg) {
         match msg {
             ClientMsg::Subscribe { epoch, since } => {
-                let (changes, full) =
+                let (mut changes, full) =
                     if epoch == self.index.epoch && self.index.can_catch_up_from(since) {
                         (self.index.changes_since(since), false)
                     } else {
                         (self.index.full_listing(), true)
                     };
+                // What the rules hide now is not sent (the index keeps what it knew of it).
+                let tree = &self.tree;
+                changes.retain(|c| !tree.ignores(&c.path, c.entry.as_ref().map(Entry::is_dir)));
                 let Some(c) = self.clients.get_mut(&id) else {
                     return;
                 };
@@ -780,7 +785,8 @@ impl Server {
 
     /// Turns scanned disk changes into index changes (renames recognised as such). Deletes
     /// are only believed while the root is intact; otherwise nothing is recorded and the
-    /// server stops.
+    /// server stops. Ignored paths are left as the index knew them; a path the rules stopped
+    /// hiding (`Tree::scan_rule_changes`) is announced again, for replicas that skipped it.
     fn ingest(&mut self, changes: Vec<Changed>) -> Vec<Change> {
         if self.lost.is_some() {
             return Vec::new();
@@ -801,13 +807,26 @@ impl Server {
                 paths.extend(self.index.live_subtree(&to).into_iter().map(|(p, _)| p));
             }
         }
+        let touched: HashSet<RelPath> = changes
+            .iter()
+            .filter(|c| c.old.is_some() && c.old == c.new)
+            .map(|c| c.path.clone())
+            .collect();
         paths.extend(changes.into_iter().map(|c| c.path));
         paths.sort();
         paths.dedup();
         let tree = &self.tree;
         for p in agent::apply_order(paths, |p| tree.get(p).is_none()) {
             let disk = self.tree.get(&p).map(|s| s.entry.clone());
-            out.extend(self.index.set(&p, disk));
+            let is_dir = disk.as_ref().or(self.index.entry(&p)).map(Entry::is_dir);
+            if self.tree.ignores(&p, is_dir) {
+                continue;
+            }
+            match self.index.set(&p, disk) {
+                Some(c) => out.push(c),
+                None if touched.contains(&p) => out.extend(self.index.announce(&p)),
+                None => {}
+            }
         }
         out
     }
@@ -997,6 +1016,26 @@ impl Server {
         op: Op,
         base: Option<Entry>,
     ) -> (Outcome, Vec<Change>) {
+        let ignored = match &op {
+            Op::Put { entry, .. } => self.tree.ignores(path, Some(entry.is_dir())),
+            Op::Mkdir { .. } => self.tree.ignores(path, Some(true)),
+            Op::Delete => self.tree.ignores(path, None),
+            Op::Rename { to } => {
+                let is_dir = self.tree.get(path).map(|s| s.entry.is_dir());
+                self.tree.ignores(path, is_dir) || self.tree.ignores(to, is_dir)
+            }
+        };
+        if ignored {
+            let reason = format!(
+                "{path}{} is ignored on the server (a .ferryignore rule or a built-in pattern), \
+                 so it is not synced",
+                match &op {
+                    Op::Rename { to } => format!(" -> {to}"),
+                    _ => String::new(),
+                }
+            );
+            return (Outcome::Failed { reason }, Vec::new());
+        }
         let mut changes = self.refresh(path);
         let current = self.index.entry(path).cloned();
         let conflict = |current: Option<Entry>| Outcome::Conflict { current };

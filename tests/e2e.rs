@@ -12,6 +12,7 @@ mod e2e {
     mod echo;
     mod external;
     mod hostile;
+    mod ignore;
     mod lifecycle;
     mod random;
     mod restart;

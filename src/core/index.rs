@@ -123,6 +123,28 @@ impl Index {
         self.set_moved(path, entry, None)
     }
 
+    /// Gives `path`'s live entry a new seq, unchanged, so every replica hears of it again: a
+    /// path ignore rules stopped hiding, which replicas may have skipped. `None` if it is not
+    /// live.
+    pub fn announce(&mut self, path: &RelPath) -> Option<Change> {
+        let entry = self.entry(path)?.clone();
+        self.seq += 1;
+        self.records.insert(
+            path.clone(),
+            Record {
+                entry: Some(entry.clone()),
+                seq: self.seq,
+                moved_from: None,
+            },
+        );
+        Some(Change {
+            seq: self.seq,
+            path: path.clone(),
+            entry: Some(entry),
+            moved_from: None,
+        })
+    }
+
     fn set_moved(
         &mut self,
         path: &RelPath,
@@ -319,6 +341,30 @@ mod tests {
             .map(|c| c.path.to_string())
             .collect();
         assert_eq!(full, ["b"], "tombstones are not in a full listing");
+    }
+
+    #[test]
+    fn announce_repeats_a_live_entry_under_a_new_seq() {
+        let mut ix = Index::new(7);
+        ix.set(&p("a"), file("1"));
+        ix.set(&p("b"), file("2"));
+        ix.set(&p("gone"), file("3"));
+        ix.set(&p("gone"), None);
+        let c = ix.announce(&p("a")).unwrap();
+        assert_eq!((c.seq, c.entry, c.moved_from), (5, file("1"), None));
+        assert_eq!(ix.entry(&p("a")), file("1").as_ref());
+        let since: Vec<String> = ix
+            .changes_since(4)
+            .into_iter()
+            .map(|c| c.path.to_string())
+            .collect();
+        assert_eq!(since, ["a"], "a client past the old seq hears of it again");
+        assert!(
+            ix.announce(&p("gone")).is_none(),
+            "tombstones are not announced"
+        );
+        assert!(ix.announce(&p("never")).is_none());
+        assert_eq!(ix.seq, 5);
     }
 
     #[test]

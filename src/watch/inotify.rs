@@ -7,9 +7,14 @@
 //! they appear, rewrites the map when a watched directory moves inside the tree, and drops the
 //! watches of one that moves out. Where the kernel's watch limit runs out, the directories left
 //! unwatched are polled instead (see [`Fallback`]).
+//!
+//! Ignored directories (`crate::ignore`) are not watched: the watcher keeps its own copy of the
+//! rules, read from the `.ferryignore` files as it lists directories, and when one of those
+//! files changes it drops the watches its rules now exclude and watches what they let back in.
+//! (Ignored *files* are still hinted; the scanner drops those hints.)
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -23,6 +28,7 @@ use inotify::{Event, EventMask, Inotify, WatchDescriptor, WatchMask, Watches};
 use super::poll::{hint_every, PollWatcher};
 use super::{Hint, WatchConfig};
 use crate::core::path::STATE_DIR;
+use crate::ignore::{Rules, IGNORE_FILE};
 
 /// How long a directory's MOVED_FROM waits for the MOVED_TO with its cookie. The kernel queues
 /// the two back to back within one rename, but a read can fall between them.
@@ -132,6 +138,8 @@ struct State {
     /// Hints held back while a directory's MOVED_FROM waits for its pair, so that by the time a
     /// later hint is sent the watches of a directory moved out are gone.
     out: Vec<Hint>,
+    /// Which directories not to watch (the scanner holds the rules that decide what syncs).
+    rules: Rules,
 }
 
 impl State {
@@ -157,6 +165,7 @@ impl State {
             warned_limit: false,
             fake_limit,
             out: Vec::new(),
+            rules: Rules::new().quiet(),
         }
     }
 
@@ -235,6 +244,10 @@ impl State {
         }
         let rel = dir.join(name);
         let is_dir = mask.contains(EventMask::ISDIR);
+        if !is_dir && name == IGNORE_FILE {
+            // Created, written, moved or deleted: the rules of `dir` may have changed.
+            self.rules_changed(&dir);
+        }
         if mask.contains(EventMask::MOVED_FROM) {
             if is_dir {
                 let left = self.watches_under(&rel);
@@ -300,8 +313,12 @@ impl State {
     }
 
     /// Watches `top` and every directory under it, each before listing it so nothing created
-    /// meanwhile slips between. Directories past the watch limit go to the fallback poller.
+    /// meanwhile slips between. Directories past the watch limit go to the fallback poller;
+    /// ignored ones are left alone.
     fn add_tree(&mut self, top: &Path) {
+        if !top.as_os_str().is_empty() && self.rules.is_ignored(top, true) {
+            return;
+        }
         let mut stack = vec![top.to_path_buf()];
         while let Some(dir) = stack.pop() {
             match self.add_watch(&dir) {
@@ -331,17 +348,55 @@ impl State {
             let Ok(read) = std::fs::read_dir(self.root.join(&dir)) else {
                 continue;
             };
-            for ent in read.flatten() {
-                let name = ent.file_name();
+            // `DirEntry::file_type` does not follow symlinks.
+            let entries: Vec<(OsString, bool)> = read
+                .flatten()
+                .map(|e| (e.file_name(), e.file_type().is_ok_and(|t| t.is_dir())))
+                .collect();
+            // This directory's rules first: they decide which of its directories to enter.
+            if entries.iter().any(|(n, d)| n == IGNORE_FILE && !d) {
+                self.rules.load(&self.root, &dir);
+            } else {
+                self.rules.remove(&dir);
+            }
+            for (name, is_dir) in entries {
                 if dir.as_os_str().is_empty() && name == STATE_DIR {
                     continue;
                 }
-                // `DirEntry::file_type` does not follow symlinks.
-                if ent.file_type().is_ok_and(|t| t.is_dir()) {
-                    stack.push(dir.join(name));
+                let child = dir.join(name);
+                if is_dir && !self.rules.matches(&child, true) {
+                    stack.push(child);
                 }
             }
         }
+    }
+
+    /// The `.ferryignore` in `dir` was written, moved or deleted: reload its rules, and if they
+    /// changed, bring the watches beneath `dir` in line with them.
+    fn rules_changed(&mut self, dir: &Path) {
+        if self.rules.load(&self.root, dir) {
+            self.follow_rules(dir);
+        }
+    }
+
+    /// Drops the watches (and polled subtrees) beneath `dir` that the rules exclude now, and
+    /// watches what they no longer exclude.
+    fn follow_rules(&mut self, dir: &Path) {
+        let excluded: Vec<(PathBuf, WatchDescriptor)> = self
+            .watches_under(dir)
+            .into_iter()
+            .filter(|(p, _)| !p.as_os_str().is_empty() && self.rules.is_ignored(p, true))
+            .collect();
+        for (p, wd) in excluded {
+            self.by_wd.remove(&wd);
+            self.by_path.remove(&p);
+            let _ = self.watches.remove(wd);
+        }
+        let rules = &self.rules;
+        self.fallback
+            .lock()
+            .retain(|p| p.as_os_str().is_empty() || !rules.is_ignored(p, true));
+        self.add_tree(dir);
     }
 
     /// A directory moved from `old` to `new` inside the tree. Its watches went with it, so only
@@ -373,9 +428,13 @@ impl State {
             self.by_path.insert(np, wd.clone());
         }
         self.fallback.moved(old, new);
+        self.rules.rename_under(old, new);
         if moved.is_empty() {
             // It was never watched (limit, permissions): try now, as for a directory moved in.
             self.add_tree(new);
+        } else if self.rules.has_files() || self.rules.is_ignored(new, true) {
+            // Rules from above may see the directories in it differently at the new place.
+            self.follow_rules(new);
         }
     }
 
@@ -396,6 +455,7 @@ impl State {
         }
         if !self.by_path.contains_key(old) {
             self.fallback.forget(old);
+            self.rules.remove_under(old);
         }
     }
 
@@ -441,6 +501,7 @@ impl State {
         self.by_path.clear();
         self.pending.clear();
         self.fallback.clear();
+        self.rules = Rules::new().quiet();
         self.add_tree(Path::new(""));
         for wd in old.into_keys() {
             if !self.by_wd.contains_key(&wd) {
@@ -663,6 +724,45 @@ mod tests {
         assert_none_under(&seen, "d");
         // And the kernel watches are released, not just ignored.
         assert_eq!(watched(), before - 2);
+    }
+
+    #[test]
+    fn ignored_directories_are_not_watched() {
+        let t = TempTree::new("ino-ignore");
+        fs::create_dir_all(t.path("build/a/b")).unwrap();
+        fs::create_dir_all(t.path("src/x")).unwrap();
+        fs::write(t.path(IGNORE_FILE), "build/\n").unwrap();
+        let (w, mut h) = start(&t);
+        assert_eq!(w_count(&w), 3, "the root, src and src/x");
+        let seen = h.step(|| fs::write(t.path("build/a/b/f"), b"x").unwrap());
+        assert_none_under(&seen, "build");
+        // One made later is not watched either.
+        h.step(|| fs::create_dir_all(t.path("src/build/deep")).unwrap());
+        let seen = h.step(|| fs::write(t.path("src/build/deep/f"), b"x").unwrap());
+        assert_none_under(&seen, "src/build");
+        assert_eq!(w_count(&w), 3);
+
+        // The rule goes: they are watched, and report.
+        let seen = h.step(|| fs::write(t.path(IGNORE_FILE), "# nothing\n").unwrap());
+        assert_hinted(&seen, &[IGNORE_FILE]);
+        assert_eq!(
+            w_count(&w),
+            8,
+            "and build, build/a, build/a/b, src/build, src/build/deep"
+        );
+        let seen = h.step(|| fs::write(t.path("build/a/b/g"), b"y").unwrap());
+        assert_hinted(&seen, &["build/a/b/g"]);
+
+        // It comes back in a deeper file: those under src/ are dropped again.
+        h.step(|| fs::write(t.path("src").join(IGNORE_FILE), "build*/\n").unwrap());
+        assert_eq!(w_count(&w), 6);
+        let seen = h.step(|| fs::write(t.path("src/build/deep/g"), b"y").unwrap());
+        assert_none_under(&seen, "src/build");
+        // A directory moved to where the rules exclude it is dropped too.
+        h.step(|| fs::rename(t.path("build/a"), t.path("src/build-moved")).unwrap());
+        assert_eq!(w_count(&w), 4, "the root, src, src/x and build");
+        let seen = h.step(|| fs::write(t.path("src/build-moved/b/h"), b"z").unwrap());
+        assert_none_under(&seen, "src/build-moved");
     }
 
     /// How many watches the kernel holds for this watcher's inotify instance.

@@ -15,7 +15,7 @@ fn connect(cl: &Cluster) -> TcpStream {
     s
 }
 
-fn recv(s: &mut TcpStream) -> std::io::Result<ServerMsg> {
+pub(super) fn recv(s: &mut TcpStream) -> std::io::Result<ServerMsg> {
     let mut len = [0u8; 4];
     s.read_exact(&mut len)?;
     let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
@@ -24,7 +24,7 @@ fn recv(s: &mut TcpStream) -> std::io::Result<ServerMsg> {
 }
 
 /// Authenticates as a client named "hostile" with the right secret.
-fn authenticated(cl: &Cluster) -> TcpStream {
+pub(super) fn authenticated(cl: &Cluster) -> TcpStream {
     let mut s = connect(cl);
     let secret = Secret::load(cl.secret()).unwrap();
     let nonce = random::<32>();
