@@ -2,7 +2,8 @@
 # Builds every ferry target that can be built on this machine and prints a table: target,
 # build, stripped size, linkage, default watcher. Fails if a binary is over its size budget.
 # What cannot be built here is skipped with the reason. Needs (Debian): gcc-arm-linux-gnueabihf
-# libc6-dev-armhf-cross gcc-aarch64-linux-gnu qemu-user clang llvm, and the rustup targets.
+# libc6-dev-armhf-cross gcc-aarch64-linux-gnu
+# libc6-dev-arm64-cross (headers for the C in ring) qemu-user clang llvm, and the rustup targets.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
