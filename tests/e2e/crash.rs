@@ -4,7 +4,6 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use super::util::*;
 
@@ -13,22 +12,6 @@ const BIG: u64 = 256 << 20;
 const PART: u64 = 32 << 20;
 /// Slow enough that the kill lands mid-transfer, fast enough to finish in seconds.
 const RATE: &str = "64M";
-
-/// Waits (bounded) until `f` returns something.
-fn wait_for<T>(what: &str, cl: &Cluster, mut f: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + DEADLINE;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < end,
-            "timed out waiting until {what}\n{}",
-            cl.logs()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
 
 /// The number in `log` right after the last occurrence of `prefix`.
 fn last_number_after(log: &str, prefix: &str) -> Option<u64> {
@@ -82,7 +65,7 @@ fn server_killed_mid_upload_resumes_it() {
     let bytes = move_in_big(&cl, &cl.root("a"));
 
     let staging = cl.server_root().join(".ferry/staging");
-    wait_for("part of the upload is staged", &cl, || {
+    wait_for("part of the upload is staged", &mut cl, |_| {
         file_at_least(&staging, PART)
     });
     cl.kill_server();
@@ -114,8 +97,8 @@ fn client_killed_mid_download_resumes_it() {
     let tmp = cl.root("b").join(".ferry/tmp");
     wait_for(
         "part of the download is in b's state directory",
-        &cl,
-        || file_at_least(&tmp, PART),
+        &mut cl,
+        |_| file_at_least(&tmp, PART),
     );
     cl.kill_client("b");
     assert!(
@@ -172,7 +155,7 @@ fn burst_with_kill(
     for (p, b) in &set {
         write(&cl.root("a"), p, b);
     }
-    let at_kill = wait_for("some of the burst arrived", cl, || {
+    let at_kill = wait_for("some of the burst arrived", cl, |_| {
         let n = count(victim, &set);
         (n >= 100).then_some(n)
     });

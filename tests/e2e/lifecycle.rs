@@ -9,22 +9,6 @@ use super::util::*;
 
 const BIG: u64 = 96 << 20;
 
-/// Waits (bounded) until `f` returns something.
-fn wait_for<T>(what: &str, cl: &mut Cluster, mut f: impl FnMut(&mut Cluster) -> Option<T>) -> T {
-    let end = Instant::now() + DEADLINE;
-    loop {
-        if let Some(v) = f(cl) {
-            return v;
-        }
-        assert!(
-            Instant::now() < end,
-            "timed out waiting until {what}\n{}",
-            cl.logs()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// Names under `root` (outside `.ferry`) other than `allowed`.
 fn strays(root: &Path, allowed: &[&str]) -> Vec<String> {
     snapshot(root)

@@ -202,6 +202,26 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// Waits (bounded by `DEADLINE`) until `f` returns something, and returns it.
+pub fn wait_for<T>(
+    what: &str,
+    cl: &mut Cluster,
+    mut f: impl FnMut(&mut Cluster) -> Option<T>,
+) -> T {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = f(cl) {
+            return v;
+        }
+        assert!(
+            Instant::now() < end,
+            "timed out waiting until {what}\n{}",
+            cl.logs()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Writes `len` random bytes to `path` (from the kernel's generator: fast for big files).
 pub fn random_file(path: &Path, len: u64) {
     use std::io::Read;
