@@ -445,32 +445,21 @@ mod tests {
         assert!(t.exists());
         assert_eq!(fs::read(root.join("f")).unwrap(), b"made here");
 
+        let install_remote = |t: &Path, seen: &Seen| {
+            let file = File::open(t).unwrap();
+            install_file(&root, file, t, &rel, &entry(b"remote"), Some(seen)).unwrap()
+        };
+
         // Seen, then written again: left alone.
         let seen = seen_at(&root, "f");
         fs::write(root.join("f"), b"made here, edited").unwrap();
-        let got = install_file(
-            &root,
-            File::open(&t).unwrap(),
-            &t,
-            &rel,
-            &entry(b"remote"),
-            Some(&seen),
-        )
-        .unwrap();
+        let got = install_remote(&t, &seen);
         assert!(matches!(got, Install::ChangedHere), "{got:?}");
         assert_eq!(fs::read(root.join("f")).unwrap(), b"made here, edited");
 
         // Unchanged since seen: replaced, and nothing left beside it.
         let seen = seen_at(&root, "f");
-        let got = install_file(
-            &root,
-            File::open(&t).unwrap(),
-            &t,
-            &rel,
-            &entry(b"remote"),
-            Some(&seen),
-        )
-        .unwrap();
+        let got = install_remote(&t, &seen);
         assert!(
             matches!(
                 got,
