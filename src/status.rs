@@ -161,10 +161,17 @@ pub fn serve(root: &Path, board: Arc<Board>) -> anyhow::Result<Serving> {
         );
     }
     let _ = std::fs::remove_file(&path); // left by an agent that was killed
-    let listener = Async::new(
-        UnixListener::bind(&path)
-            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", path.display()))?,
-    )?;
+    let listener = match UnixListener::bind(&path).and_then(Async::new) {
+        Ok(l) => l,
+        Err(e) => {
+            // Not worth stopping the agent for (a root path too long for a socket, say).
+            log::warn!(
+                "`ferry status` will not reach this agent: cannot listen on {}: {e}",
+                path.display()
+            );
+            return Ok(Serving { bound: None });
+        }
+    };
     let task = smol::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let report = serde_json::to_vec(&board.snapshot()).unwrap_or_default();
@@ -176,19 +183,22 @@ pub fn serve(root: &Path, board: Arc<Board>) -> anyhow::Result<Serving> {
             .detach();
         }
     });
-    Ok(Serving { path, _task: task })
+    Ok(Serving {
+        bound: Some((path, task)),
+    })
 }
 
-/// The status socket of a running agent.
+/// The status socket of a running agent (if it could be made).
 #[derive(Debug)]
 pub struct Serving {
-    path: PathBuf,
-    _task: smol::Task<()>,
+    bound: Option<(PathBuf, smol::Task<()>)>,
 }
 
 impl Drop for Serving {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if let Some((path, _)) = &self.bound {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
