@@ -953,7 +953,14 @@ impl Client {
         let (local, beneath) = self.tree.refresh(path);
         self.note_beneath(path, beneath);
         let local = local.map(|s| s.entry);
-        if let (Some(from), Some(r)) = (moved_from, &remote) {
+        // A path whose directory was moved here already (its rename still settling) moved
+        // with it: whatever stands at the old path now is newer than that, and stays.
+        let moved_with_dir = moved_from.is_some_and(|from| {
+            s.renames
+                .keys()
+                .any(|dir| from.starts_with(dir) && from != dir)
+        });
+        if let (Some(from), Some(r), false) = (moved_from, &remote, moved_with_dir) {
             let (local_from, beneath) = self.tree.refresh(from);
             self.note_beneath(from, beneath);
             let base_from = self.base.get(from);

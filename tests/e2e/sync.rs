@@ -203,6 +203,14 @@ fn directory_renames_move_instead_of_transferring() {
                 .iter()
                 .all(|(p, bytes)| has(&b, &p.replace("photos/", "album/"), bytes))
     });
+    // b has not only moved the files but settled the rename (its applied seq is the
+    // server's): a user moving things again before that is another test.
+    let seq = status_seq(&cl.server_root()).expect("the server answers");
+    wait_until(
+        "b has applied everything",
+        || status_seq(&b).is_some_and(|s| s >= seq),
+        || cl.logs(),
+    );
     fs::rename(b.join("album"), b.join("photos")).unwrap();
     cl.wait_converged("the rename back reaches every tree", |_| {
         !a.join("album").exists() && files.iter().all(|(p, bytes)| has(&a, p, bytes))

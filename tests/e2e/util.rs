@@ -222,6 +222,18 @@ pub fn wait_for<T>(
     }
 }
 
+/// The seq in `ferry status` of the agent for `root`: the server's latest, or the last one a
+/// client has applied. `None` if no agent answers.
+pub fn status_seq(root: &Path) -> Option<u64> {
+    let out = Command::new(ferry())
+        .args(["status", "--json", "--root"])
+        .arg(root)
+        .output()
+        .ok()?;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    report["seq"].as_u64()
+}
+
 /// Writes `len` random bytes to `path` (from the kernel's generator: fast for big files).
 pub fn random_file(path: &Path, len: u64) {
     use std::io::Read;
