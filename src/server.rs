@@ -164,6 +164,8 @@ struct ClientHandle {
     subscribed: bool,
     /// Unix seconds.
     since: u64,
+    /// Its address, for `ferry status`.
+    addr: String,
 }
 
 /// What connection tasks share.
@@ -642,10 +644,15 @@ impl Server {
                 tx,
                 stream,
             } => {
+                let addr = stream
+                    .get_ref()
+                    .peer_addr()
+                    .map_or_else(|_| "?".into(), |a| a.to_string());
                 self.clients.insert(
                     id,
                     ClientHandle {
                         since: status::now(),
+                        addr,
                         name,
                         staging,
                         tx,
@@ -937,11 +944,7 @@ impl Server {
             .values()
             .map(|c| Peer {
                 name: c.name.clone(),
-                addr: c
-                    .stream
-                    .get_ref()
-                    .peer_addr()
-                    .map_or_else(|_| "?".into(), |a| a.to_string()),
+                addr: c.addr.clone(),
                 connected: true,
                 since: c.since,
             })
