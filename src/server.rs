@@ -56,7 +56,7 @@ pub struct ServerConfig {
 #[derive(Debug, Clone)]
 pub enum FtpMode {
     /// The embedded server (libunftp), listening here: per-session credentials, writes
-    /// confined to the session's staging area.
+    /// confined to the replica's staging area.
     Embedded(SocketAddr),
     /// The NAS's own FTP server, whose root is the same tree: one shared account handed to every
     /// authenticated client (see README for what this gives up).

@@ -82,10 +82,10 @@ pub enum ProbeTarget {
 /// A change a client asks the server to make.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Op {
-    /// Put a file: its bytes were uploaded to the session's staging area as `staged`; `None`
+    /// Put a file: its bytes were uploaded to the replica's staging area as `staged`; `None`
     /// when only metadata (mtime, mode) changes and the server already has these bytes.
     Put {
-        /// Name of the uploaded file in `.ferry/staging/<session>/`.
+        /// Name of the uploaded file in `.ferry/staging/<replica>/` (see `Grant::staging`).
         staged: Option<String>,
         /// The file's final entry (the server checks size and hash against it).
         entry: Entry,
