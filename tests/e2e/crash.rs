@@ -43,16 +43,6 @@ fn assert_exactly(cl: &Cluster, files: &[String]) {
     }
 }
 
-/// Makes a big random file outside the trees and moves it into `root` as `big`, so the
-/// watcher sees it whole.
-fn move_in_big(cl: &Cluster, root: &Path) -> Vec<u8> {
-    let outside = cl.dir.0.join("big.outside");
-    random_file(&outside, BIG);
-    let bytes = std::fs::read(&outside).unwrap();
-    std::fs::rename(&outside, root.join("big")).unwrap();
-    bytes
-}
-
 #[test]
 fn server_killed_mid_upload_resumes_it() {
     let mut cl = Cluster::start("crash-upload", &[]);
@@ -62,7 +52,7 @@ fn server_killed_mid_upload_resumes_it() {
         || cl.log("a").contains("caught up"),
         || cl.logs(),
     );
-    let bytes = move_in_big(&cl, &cl.root("a"));
+    let bytes = move_in_random(&cl, &cl.root("a"), "big", BIG);
 
     let staging = cl.server_root().join(".ferry/staging");
     wait_for("part of the upload is staged", &mut cl, |_| {
@@ -92,7 +82,7 @@ fn client_killed_mid_download_resumes_it() {
         || cl.log("b").contains("caught up"),
         || cl.logs(),
     );
-    let bytes = move_in_big(&cl, &cl.server_root());
+    let bytes = move_in_random(&cl, &cl.server_root(), "big", BIG);
 
     let tmp = cl.root("b").join(".ferry/tmp");
     wait_for(

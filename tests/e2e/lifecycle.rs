@@ -26,10 +26,7 @@ fn sigterm_mid_download_stops_cleanly_and_resumes() {
         || cl.log("b").contains("caught up"),
         || cl.logs(),
     );
-    let outside = cl.dir.0.join("big.outside");
-    random_file(&outside, BIG);
-    let bytes = std::fs::read(&outside).unwrap();
-    std::fs::rename(&outside, cl.server_root().join("big")).unwrap();
+    let bytes = move_in_random(&cl, &cl.server_root(), "big", BIG);
     let tmp = cl.root("b").join(".ferry/tmp");
     wait_for("the download is under way", &mut cl, |_| {
         file_at_least(&tmp, 8 << 20)
@@ -64,10 +61,7 @@ fn sigterm_mid_upload_stops_the_server_cleanly() {
         || cl.log("a").contains("caught up"),
         || cl.logs(),
     );
-    let outside = cl.dir.0.join("big.outside");
-    random_file(&outside, BIG);
-    let bytes = std::fs::read(&outside).unwrap();
-    std::fs::rename(&outside, cl.root("a").join("big")).unwrap();
+    let bytes = move_in_random(&cl, &cl.root("a"), "big", BIG);
     let staging = cl.server_root().join(".ferry/staging");
     wait_for("the upload is under way", &mut cl, |_| {
         file_at_least(&staging, 8 << 20)
@@ -247,9 +241,7 @@ fn status_reports_peers_transfers_and_conflicts() {
     });
 
     // A transfer in flight.
-    let outside = cl.dir.0.join("big.outside");
-    random_file(&outside, 64 << 20);
-    std::fs::rename(&outside, cl.server_root().join("big")).unwrap();
+    move_in_random(&cl, &cl.server_root(), "big", 64 << 20);
     let tmp = b.join(".ferry/tmp");
     wait_for("the download is under way", &mut cl, |_| {
         file_at_least(&tmp, 2 << 20)

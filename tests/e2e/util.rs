@@ -242,6 +242,16 @@ pub fn random_file(path: &Path, len: u64) {
     assert_eq!(std::io::copy(&mut src, &mut dst).unwrap(), len);
 }
 
+/// Makes `len` random bytes outside the trees and moves them into `root` as `name`, so a
+/// watcher sees the file whole. Returns the bytes.
+pub fn move_in_random(cl: &Cluster, root: &Path, name: &str, len: u64) -> Vec<u8> {
+    let outside = cl.dir.0.join(format!("{name}.outside"));
+    random_file(&outside, len);
+    let bytes = fs::read(&outside).unwrap();
+    fs::rename(&outside, root.join(name)).unwrap();
+    bytes
+}
+
 /// The first file beneath `dir` (recursively) of at least `len` bytes.
 pub fn file_at_least(dir: &Path, len: u64) -> Option<PathBuf> {
     for e in fs::read_dir(dir).ok()?.flatten() {
