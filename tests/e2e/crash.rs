@@ -45,13 +45,7 @@ fn assert_exactly(cl: &Cluster, files: &[String]) {
 
 #[test]
 fn server_killed_mid_upload_resumes_it() {
-    let mut cl = Cluster::start("crash-upload", &[]);
-    cl.add_client_with("a", Watch::Auto, Vec::new(), &["--max-rate", RATE]);
-    wait_until(
-        "a is connected",
-        || cl.log("a").contains("caught up"),
-        || cl.logs(),
-    );
+    let mut cl = Cluster::start_paced("crash-upload", "a", RATE);
     let bytes = move_in_random(&cl, &cl.root("a"), "big", BIG);
 
     let staging = cl.server_root().join(".ferry/staging");
@@ -75,13 +69,7 @@ fn server_killed_mid_upload_resumes_it() {
 
 #[test]
 fn client_killed_mid_download_resumes_it() {
-    let mut cl = Cluster::start("crash-download", &[]);
-    cl.add_client_with("b", Watch::Auto, Vec::new(), &["--max-rate", RATE]);
-    wait_until(
-        "b is connected",
-        || cl.log("b").contains("caught up"),
-        || cl.logs(),
-    );
+    let mut cl = Cluster::start_paced("crash-download", "b", RATE);
     let bytes = move_in_random(&cl, &cl.server_root(), "big", BIG);
 
     let tmp = cl.root("b").join(".ferry/tmp");

@@ -19,13 +19,7 @@ fn strays(root: &Path, allowed: &[&str]) -> Vec<String> {
 
 #[test]
 fn sigterm_mid_download_stops_cleanly_and_resumes() {
-    let mut cl = Cluster::start("sigterm-client", &[]);
-    cl.add_client_with("b", Watch::Auto, Vec::new(), &["--max-rate", "32M"]);
-    wait_until(
-        "b is connected",
-        || cl.log("b").contains("caught up"),
-        || cl.logs(),
-    );
+    let mut cl = Cluster::start_paced("sigterm-client", "b", "32M");
     let bytes = move_in_random(&cl, &cl.server_root(), "big", BIG);
     let tmp = cl.root("b").join(".ferry/tmp");
     wait_for("the download is under way", &mut cl, |_| {
@@ -54,13 +48,7 @@ fn sigterm_mid_download_stops_cleanly_and_resumes() {
 
 #[test]
 fn sigterm_mid_upload_stops_the_server_cleanly() {
-    let mut cl = Cluster::start("sigterm-server", &[]);
-    cl.add_client_with("a", Watch::Auto, Vec::new(), &["--max-rate", "32M"]);
-    wait_until(
-        "a is connected",
-        || cl.log("a").contains("caught up"),
-        || cl.logs(),
-    );
+    let mut cl = Cluster::start_paced("sigterm-server", "a", "32M");
     let bytes = move_in_random(&cl, &cl.root("a"), "big", BIG);
     let staging = cl.server_root().join(".ferry/staging");
     wait_for("the upload is under way", &mut cl, |_| {
@@ -175,13 +163,7 @@ fn once_syncs_both_ways_then_exits() {
 #[test]
 fn max_rate_bounds_transfer_speed() {
     const LEN: u64 = 12 << 20;
-    let mut cl = Cluster::start("max-rate", &[]);
-    cl.add_client_with("b", Watch::Auto, Vec::new(), &["--max-rate", "4M"]);
-    wait_until(
-        "b is connected",
-        || cl.log("b").contains("caught up"),
-        || cl.logs(),
-    );
+    let cl = Cluster::start_paced("max-rate", "b", "4M");
     let outside = cl.dir.0.join("file.outside");
     random_file(&outside, LEN);
     let bytes = std::fs::read(&outside).unwrap();

@@ -349,6 +349,19 @@ impl Cluster {
         self.add_client_with(name, watch, program, &[]);
     }
 
+    /// A server and one inotify client whose transfers are paced to `rate` (`--max-rate`),
+    /// started and connected: big transfers then last long enough to be interrupted.
+    pub fn start_paced(test: &str, client: &str, rate: &str) -> Cluster {
+        let mut cl = Cluster::start(test, &[]);
+        cl.add_client_with(client, Watch::Auto, Vec::new(), &["--max-rate", rate]);
+        wait_until(
+            &format!("{client} is connected"),
+            || cl.log(client).contains("caught up"),
+            || cl.logs(),
+        );
+        cl
+    }
+
     /// Arguments added to the server's command line from its next start on.
     pub fn set_server_args(&mut self, args: &[&str]) {
         self.server_extra = args.iter().map(|a| a.to_string()).collect();
