@@ -21,8 +21,12 @@ pub const KEEPALIVE: Duration = Duration::from_secs(15);
 /// A connection silent for this long is dead.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(45);
 
-/// Time allowed for the whole handshake.
+/// Time a client allows for connecting and the whole handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Time the server allows a new connection to finish TLS and prove the secret: it is closed
+/// if it has not authenticated by then.
+pub const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A burst of hints is gathered until it has been quiet this long...
 const QUIET: Duration = Duration::from_millis(5);
@@ -81,12 +85,12 @@ pub fn keys_under<V>(map: &BTreeMap<RelPath, V>, path: &RelPath) -> Vec<RelPath>
 /// connection has been idle for `KEEPALIVE`. When `rx` closes or a write fails, it shuts the
 /// socket down, which ends the reader too.
 pub fn spawn_writer<M: serde::Serialize + Send + Sync + 'static>(
-    stream: std::sync::Arc<smol::Async<std::net::TcpStream>>,
+    mut writer: crate::tls::Writer,
+    socket: std::sync::Arc<smol::Async<std::net::TcpStream>>,
     rx: async_channel::Receiver<M>,
     ping: impl Fn() -> M + Send + Sync + 'static,
 ) -> smol::Task<()> {
     smol::spawn(async move {
-        let mut s = &*stream;
         loop {
             let next = async { rx.recv().await.ok() }
                 .or(async {
@@ -95,14 +99,14 @@ pub fn spawn_writer<M: serde::Serialize + Send + Sync + 'static>(
                 })
                 .await;
             let Some(msg) = next else { break };
-            if crate::proto::codec::write_frame(&mut s, &msg)
+            if crate::proto::codec::write_frame(&mut writer, &msg)
                 .await
                 .is_err()
             {
                 break;
             }
         }
-        let _ = stream.get_ref().shutdown(std::net::Shutdown::Both);
+        let _ = socket.get_ref().shutdown(std::net::Shutdown::Both);
     })
 }
 

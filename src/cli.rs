@@ -93,7 +93,14 @@ struct ServerArgs {
     /// remember at most this many deletes, forgetting the oldest first (default 100000)
     #[argh(option)]
     max_tombstones: Option<usize>,
-    /// write the bound addresses to this file once serving
+    /// connections open at once, at most (default 64)
+    #[argh(option)]
+    max_connections: Option<usize>,
+    /// no TLS: the control channel and FTP run unencrypted and unauthenticated by
+    /// certificate (for tests and old FTP servers; --ftp-external needs it)
+    #[argh(switch)]
+    insecure_plaintext: bool,
+    /// write the bound addresses and certificate fingerprint to this file once serving
     #[argh(option)]
     ready_file: Option<PathBuf>,
     /// log more detail
@@ -137,6 +144,13 @@ struct ClientArgs {
     /// sync until in step with the server, print a summary and exit (0 when in sync)
     #[argh(switch)]
     once: bool,
+    /// trust only the server certificate with this fingerprint (sha256:..., as the server
+    /// logs at start); default: the one pinned on first contact
+    #[argh(option)]
+    server_fingerprint: Option<String>,
+    /// no TLS: for a server started with --insecure-plaintext
+    #[argh(switch)]
+    insecure_plaintext: bool,
     /// log more detail
     #[argh(switch, short = 'v')]
     verbose: bool,
@@ -159,7 +173,9 @@ impl ServerArgs {
         m.fill("poll-interval-ms", &mut self.poll_interval_ms)?;
         m.fill("tombstone-days", &mut self.tombstone_days)?;
         m.fill("max-tombstones", &mut self.max_tombstones)?;
+        m.fill("max-connections", &mut self.max_connections)?;
         m.fill("ready-file", &mut self.ready_file)?;
+        m.fill_switches([("insecure-plaintext", &mut self.insecure_plaintext)])?;
         m.fill_switches([("verbose", &mut self.verbose), ("quiet", &mut self.quiet)])
     }
 }
@@ -174,7 +190,9 @@ impl ClientArgs {
         m.fill("watcher", &mut self.watcher)?;
         m.fill("poll-interval-ms", &mut self.poll_interval_ms)?;
         m.fill_parsed("max-rate", &mut self.max_rate, parse_rate)?;
+        m.fill("server-fingerprint", &mut self.server_fingerprint)?;
         m.fill_switches([("once", &mut self.once)])?;
+        m.fill_switches([("insecure-plaintext", &mut self.insecure_plaintext)])?;
         m.fill_switches([("verbose", &mut self.verbose), ("quiet", &mut self.quiet)])
     }
 }
@@ -365,6 +383,17 @@ fn server_config(a: ServerArgs) -> anyhow::Result<crate::server::ServerConfig> {
         }
         _ => bail!("--ftp-external needs --ftp-user and --ftp-password-file (and they need it)"),
     };
+    if matches!(ftp, FtpMode::External { .. }) && !a.insecure_plaintext {
+        bail!(
+            "--ftp-external sends file contents and the FTP password unencrypted: add \
+             --insecure-plaintext (here and on every client) to accept that, or use the \
+             embedded FTP server, which speaks TLS"
+        );
+    }
+    let max_connections = a.max_connections.unwrap_or(64);
+    if max_connections == 0 {
+        bail!("--max-connections must be at least 1");
+    }
     Ok(crate::server::ServerConfig {
         watch: watch_config(&root, a.watcher.as_deref(), a.poll_interval_ms)?,
         listen: parse_addr("--listen", a.listen.as_deref().unwrap_or("0.0.0.0:7700"))?,
@@ -375,6 +404,8 @@ fn server_config(a: ServerArgs) -> anyhow::Result<crate::server::ServerConfig> {
             max_age_secs: a.tombstone_days.unwrap_or(30).saturating_mul(86_400),
             max_count: a.max_tombstones.unwrap_or(100_000),
         },
+        insecure_plaintext: a.insecure_plaintext,
+        max_connections,
         root,
     })
 }
@@ -408,6 +439,17 @@ fn client_config(a: ClientArgs) -> anyhow::Result<ClientConfig> {
         name,
         max_rate: a.max_rate,
         once: a.once,
+        insecure_plaintext: a.insecure_plaintext,
+        server_fingerprint: match a.server_fingerprint {
+            Some(fp) if a.insecure_plaintext => {
+                bail!("--server-fingerprint {fp} cannot be checked with --insecure-plaintext: drop one")
+            }
+            Some(fp) => Some(
+                fp.parse()
+                    .map_err(|e: String| anyhow::anyhow!("--server-fingerprint: {e}"))?,
+            ),
+            None => None,
+        },
     })
 }
 

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,7 +26,7 @@ use crate::core::tracked::Tracked;
 use crate::data::{DataConn, DownloadError, Resume};
 use crate::fsops;
 use crate::progress::Progress;
-use crate::proto::auth::{random, Secret};
+use crate::proto::auth::{random, Channel, Secret};
 use crate::proto::codec::{read_frame, write_frame, MAX_FRAME, MAX_HANDSHAKE_FRAME};
 use crate::proto::msg::{
     Change, ClientMsg, Grant, Op, Outcome, ProbeTarget, ServerMsg, PROTOCOL_VERSION,
@@ -34,6 +34,7 @@ use crate::proto::msg::{
 use crate::scan::Tree;
 use crate::status::{self, Board, Peer, Serving};
 use crate::store;
+use crate::tls::{self, Fingerprint, Link};
 use crate::watch::{Hint, WatchConfig, Watcher};
 
 /// Everything the client needs to run.
@@ -53,6 +54,11 @@ pub struct ClientConfig {
     pub max_rate: Option<u64>,
     /// Sync until converged with the server once, then exit (`--once`).
     pub once: bool,
+    /// No TLS on the control channel or FTP (`--insecure-plaintext`).
+    pub insecure_plaintext: bool,
+    /// The server certificate to trust (`--server-fingerprint`); `None`: the one pinned in
+    /// the state directory, or on first use the one the server shows.
+    pub server_fingerprint: Option<Fingerprint>,
 }
 
 /// What this client has done since it started: `--once` prints it, `ferry status` shows it.
@@ -183,6 +189,25 @@ struct Client {
     retry_pause: Duration,
 }
 
+/// Where the server's certificate is pinned: `<root>/.ferry/server.fingerprint`.
+fn pin_file(root: &Path) -> PathBuf {
+    fsops::state_dir(root).join("server.fingerprint")
+}
+
+/// The pinned fingerprint, if one was pinned.
+fn read_pin(file: &Path) -> anyhow::Result<Option<Fingerprint>> {
+    match std::fs::read_to_string(file) {
+        Ok(text) => text.parse().map(Some).map_err(|e: String| {
+            anyhow!(
+                "{}: {e}; delete it to trust the server's certificate anew",
+                file.display()
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(anyhow!("cannot read {}: {e}", file.display())),
+    }
+}
+
 /// One connection to the server.
 struct Session {
     tx: Sender<ClientMsg>,
@@ -227,6 +252,12 @@ impl Session {
 /// Runs the client until it fails or is told to stop (SIGINT, SIGTERM).
 pub fn run(cfg: ClientConfig) -> anyhow::Result<()> {
     let stop = crate::signals::listen().context("cannot set up signal handling")?;
+    if cfg.insecure_plaintext {
+        log::warn!(
+            "--insecure-plaintext: the control channel and FTP run unencrypted; anyone on the \
+             network can read file contents and impersonate the server"
+        );
+    }
     smol::block_on(async {
         let mut client = Client::start(cfg)?;
         // Stopping drops whatever `run` was doing: a download in flight stays in
@@ -486,12 +517,80 @@ impl Client {
         Err(last)
     }
 
-    async fn handshake(&self, stream: &Async<TcpStream>) -> anyhow::Result<Grant> {
-        let mut s = stream;
+    /// TLS (pinned), then the shared-secret handshake. Returns the link, the grant, and the
+    /// certificate the session runs under (`None` in plaintext).
+    async fn open(
+        &self,
+        socket: Async<TcpStream>,
+    ) -> anyhow::Result<(Link, Grant, Option<Fingerprint>)> {
+        if self.cfg.insecure_plaintext {
+            let mut link = Link::plain(socket);
+            let grant = match self.handshake(&mut link, &Fingerprint::PLAINTEXT.0).await {
+                Err(e) if e.downcast_ref::<Fatal>().is_none() => {
+                    Err(e
+                        .context("if the server uses TLS (the default), drop --insecure-plaintext"))
+                }
+                other => other,
+            }?;
+            return Ok((link, grant, None));
+        }
+        let file = pin_file(&self.cfg.root);
+        let stored = read_pin(&file)?;
+        let expected = self.cfg.server_fingerprint.or(stored);
+        let (config, pin) = tls::client_config(expected);
+        let mut link = match Link::connect(socket, config).await {
+            Ok(link) => link,
+            Err(e) => match (expected, pin.seen()) {
+                (Some(want), Some(got)) if want != got => {
+                    let source = if self.cfg.server_fingerprint.is_some() {
+                        "given with --server-fingerprint".to_string()
+                    } else {
+                        format!("pinned in {}", file.display())
+                    };
+                    bail!(Fatal(format!(
+                        "REFUSING the server: its certificate {got} is not the one trusted \
+                         ({want}, {source}). Someone may be intercepting the connection. If the \
+                         server's key was replaced on purpose, run once with \
+                         --server-fingerprint {got}"
+                    )))
+                }
+                _ => bail!(
+                    "TLS handshake with the server failed: {e} (if the server runs with \
+                     --insecure-plaintext, pass it here too)"
+                ),
+            },
+        };
+        let seen = pin
+            .seen()
+            .context("the TLS handshake ended without a certificate")?;
+        let grant = self.handshake(&mut link, &seen.0).await?;
+        // Pinned only now that the server has proved it knows the secret.
+        if stored != Some(seen) {
+            store::write_atomic(&file, format!("{seen}\n").as_bytes()).with_context(|| {
+                format!("cannot pin the server's certificate in {}", file.display())
+            })?;
+            if expected.is_none() {
+                log::warn!(
+                    "trusting the server's certificate {seen} on first use; pinned in {}. \
+                     Compare it with the one the server logged at start (or `ferry status` there)",
+                    file.display()
+                );
+            } else {
+                log::info!(
+                    "pinned the server's certificate {seen} in {}",
+                    file.display()
+                );
+            }
+        }
+        Ok((link, grant, Some(seen)))
+    }
+
+    async fn handshake(&self, link: &mut Link, channel: &Channel) -> anyhow::Result<Grant> {
+        let (r, w) = (&mut link.reader, &mut link.writer);
         let cnonce = random::<32>();
         let secret = &self.cfg.secret;
         write_frame(
-            &mut s,
+            w,
             &ClientMsg::Hello {
                 version: PROTOCOL_VERSION,
                 name: self.cfg.name.clone(),
@@ -500,18 +599,18 @@ impl Client {
             },
         )
         .await?;
-        let snonce = match read_frame(&mut s, MAX_HANDSHAKE_FRAME).await? {
+        let snonce = match read_frame(r, MAX_HANDSHAKE_FRAME).await? {
             ServerMsg::Challenge { nonce, .. } => nonce,
             ServerMsg::Refused { reason } => {
                 bail!(Fatal(format!("the server refused us: {reason}")))
             }
             other => bail!("unexpected {} instead of Challenge", other.kind()),
         };
-        let proof = secret.client_proof(&snonce, &cnonce, &self.cfg.name);
-        write_frame(&mut s, &ClientMsg::Auth { proof }).await?;
-        match read_frame(&mut s, MAX_HANDSHAKE_FRAME).await? {
+        let proof = secret.client_proof(channel, &snonce, &cnonce, &self.cfg.name);
+        write_frame(w, &ClientMsg::Auth { proof }).await?;
+        match read_frame(r, MAX_HANDSHAKE_FRAME).await? {
             ServerMsg::Welcome { proof, grant } => {
-                if !secret.verify_server(&cnonce, &snonce, &proof) {
+                if !secret.verify_server(channel, &cnonce, &snonce, &proof) {
                     bail!(Fatal(
                         "the server could not prove it knows the secret: wrong server, or a different secret file".into()
                     ));
@@ -527,9 +626,9 @@ impl Client {
 
     /// One connection's life: handshake, catch-up, then live sync until it breaks.
     async fn session(&mut self, backoff: &mut Duration) -> anyhow::Result<()> {
-        let (stream, addr) = self.connect().await?;
-        let grant =
-            agent::within(HANDSHAKE_TIMEOUT, "the handshake", self.handshake(&stream)).await?;
+        let (socket, addr) = self.connect().await?;
+        let (link, grant, fingerprint) =
+            agent::within(HANDSHAKE_TIMEOUT, "the handshake", self.open(socket)).await?;
         let ftp_ip = match &grant.ftp_host {
             Some(h) => h
                 .parse()
@@ -542,9 +641,17 @@ impl Client {
             &grant.ftp_pass,
             &grant.staging,
             self.cfg.max_rate,
+            // The embedded FTP server shows the same certificate.
+            fingerprint.map(|fp| tls::client_config(Some(fp)).0),
         )
         .await?;
         log::info!("connected to {addr}");
+        self.board.update(|r| {
+            r.security = fingerprint.map_or_else(
+                || "plaintext (--insecure-plaintext)".into(),
+                |fp| format!("TLS, server certificate {fp}"),
+            )
+        });
         self.post_peer(&addr.to_string(), true);
         *backoff = MIN_BACKOFF;
         if grant.epoch != self.epoch {
@@ -557,18 +664,20 @@ impl Client {
             self.base.clear();
         }
 
-        let stream = Arc::new(stream);
+        let Link {
+            mut reader,
+            writer,
+            socket,
+        } = link;
         let (tx, out_rx) = async_channel::unbounded::<ClientMsg>();
         let (in_tx, inbox) = async_channel::unbounded::<ServerMsg>();
-        let _writer = agent::spawn_writer(stream.clone(), out_rx, || ClientMsg::Ping);
+        let _writer = agent::spawn_writer(writer, socket.clone(), out_rx, || ClientMsg::Ping);
         let _reader = {
-            let stream = stream.clone();
             smol::spawn(async move {
-                let mut s = &*stream;
                 loop {
                     match agent::timeout(
                         IDLE_TIMEOUT,
-                        read_frame::<_, ServerMsg>(&mut s, MAX_FRAME),
+                        read_frame::<_, ServerMsg>(&mut reader, MAX_FRAME),
                     )
                     .await
                     {
@@ -614,7 +723,7 @@ impl Client {
         } else {
             self.live(&mut s).await
         };
-        let _ = stream.get_ref().shutdown(Shutdown::Both);
+        let _ = socket.get_ref().shutdown(Shutdown::Both);
         self.post_peer(&addr.to_string(), false);
         s.data.quit().await;
         result

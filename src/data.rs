@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use smol::io::AsyncReadExt;
-use suppaftp::smol::AsyncFtpStream;
+use suppaftp::smol::{AsyncRustlsConnector, AsyncRustlsFtpStream};
 use suppaftp::types::FileType;
 use suppaftp::FtpError;
 
@@ -25,7 +25,7 @@ use crate::core::path::RelPath;
 
 /// One logged-in FTP connection.
 pub struct DataConn {
-    ftp: AsyncFtpStream,
+    ftp: AsyncRustlsFtpStream,
     /// `.ferry/staging/<client>` on the server, as an FTP path.
     staging: String,
     /// Bytes per second at most (`--max-rate`).
@@ -138,10 +138,19 @@ impl DataConn {
         pass: &str,
         staging: &str,
         max_rate: Option<u64>,
+        tls: Option<Arc<rustls::ClientConfig>>,
     ) -> anyhow::Result<DataConn> {
-        let mut ftp = AsyncFtpStream::connect_timeout(addr, Duration::from_secs(10))
+        let mut ftp = AsyncRustlsFtpStream::connect_timeout(addr, Duration::from_secs(10))
             .await
             .with_context(|| format!("cannot reach the FTP data plane at {addr}"))?;
+        if let Some(config) = tls {
+            // Explicit FTPS: AUTH TLS before the login, then every data connection private.
+            let connector = AsyncRustlsConnector::from(futures_rustls::TlsConnector::from(config));
+            ftp = ftp
+                .into_secure(connector, crate::tls::SERVER_NAME)
+                .await
+                .with_context(|| format!("cannot start TLS with the FTP server at {addr}"))?;
+        }
         ftp.login(user, pass)
             .await
             .with_context(|| format!("FTP login at {addr} refused"))?;

@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use async_trait::async_trait;
+use libunftp::options::FtpsRequired;
 use unftp_core::auth::{
     AuthenticationError, Authenticator, Credentials, Principal, UserDetail, UserDetailError,
     UserDetailProvider,
@@ -90,6 +91,7 @@ pub fn start(
     root: PathBuf,
     listen: SocketAddr,
     creds: FtpCredentials,
+    tls: Option<Arc<rustls::ServerConfig>>,
 ) -> anyhow::Result<EmbeddedFtp> {
     let listener = std::net::TcpListener::bind(listen).with_context(|| {
         format!("cannot listen for FTP on {listen} (in use? try another --ftp-listen)")
@@ -105,14 +107,19 @@ pub fn start(
         .context("cannot start the FTP server's runtime")?;
     let thread = std::thread::Builder::new()
         .name("ftp".into())
-        .spawn(move || runtime.block_on(serve(listener, root, creds)))?;
+        .spawn(move || runtime.block_on(serve(listener, root, creds, tls)))?;
     Ok(EmbeddedFtp {
         addr,
         _thread: thread,
     })
 }
 
-async fn serve(listener: std::net::TcpListener, root: PathBuf, creds: FtpCredentials) {
+async fn serve(
+    listener: std::net::TcpListener,
+    root: PathBuf,
+    creds: FtpCredentials,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -131,7 +138,7 @@ async fn serve(listener: std::net::TcpListener, root: PathBuf, creds: FtpCredent
         };
         // Replies are small and answered at once: don't let Nagle hold them back.
         let _ = stream.set_nodelay(true);
-        let server = match build(&root, &creds) {
+        let server = match build(&root, &creds, tls.clone()) {
             Ok(s) => s,
             Err(e) => {
                 log::error!("FTP session from {peer} not served: {e}");
@@ -151,10 +158,11 @@ async fn serve(listener: std::net::TcpListener, root: PathBuf, creds: FtpCredent
 fn build(
     root: &Path,
     creds: &FtpCredentials,
+    tls: Option<Arc<rustls::ServerConfig>>,
 ) -> anyhow::Result<libunftp::Server<Confined, SessionUser>> {
     let root = root.to_path_buf();
     let fs_root = root.clone();
-    libunftp::ServerBuilder::with_user_detail_provider(
+    let builder = libunftp::ServerBuilder::with_user_detail_provider(
         Box::new(move || Confined {
             fs: Filesystem::new(fs_root.clone()).expect("the root was opened at start"),
             root: fs_root.clone(),
@@ -163,9 +171,17 @@ fn build(
     )
     .authenticator(Arc::new(Auth(creds.clone())))
     .greeting("ferry")
-    .idle_session_timeout(300)
-    .build()
-    .map_err(|e| anyhow::anyhow!("cannot configure the FTP server: {e}"))
+    .idle_session_timeout(300);
+    // With TLS, nothing is accepted in plaintext: not the login, not a byte of a file.
+    let builder = match tls {
+        Some(config) => builder
+            .ftps_manual::<PathBuf>(config)
+            .ftps_required(FtpsRequired::All, FtpsRequired::All),
+        None => builder,
+    };
+    builder
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot configure the FTP server: {e}"))
 }
 
 /// A logged-in FTP user: which staging area it may write.

@@ -16,6 +16,8 @@ pub mod data;
 pub mod fsops;
 #[cfg(feature = "server")]
 pub mod ftpd;
+#[cfg(feature = "server")]
+pub mod gate;
 pub mod ignore;
 pub mod logger;
 pub mod progress;
@@ -26,4 +28,5 @@ pub mod server;
 pub mod signals;
 pub mod status;
 pub mod store;
+pub mod tls;
 pub mod watch;

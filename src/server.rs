@@ -16,14 +16,15 @@ use async_channel::{Receiver, Sender};
 use serde::{Deserialize, Serialize};
 use smol::Async;
 
-use crate::agent::{self, hex, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT};
+use crate::agent::{self, hex, AUTH_TIMEOUT, IDLE_TIMEOUT};
 use crate::core::entry::{Entry, Kind};
 use crate::core::index::{Index, Record, Retention, MARK_EVERY_SECS};
 use crate::core::path::RelPath;
 use crate::core::renames::{detect_renames, Changed, Seen};
 use crate::fsops;
 use crate::ftpd::{self, FtpCredentials};
-use crate::proto::auth::{random, Secret};
+use crate::gate::{Gate, Ticket};
+use crate::proto::auth::{random, Channel, Secret};
 use crate::proto::codec::{read_frame, write_frame, MAX_FRAME, MAX_HANDSHAKE_FRAME};
 use crate::proto::msg::{
     Change, ClientMsg, Grant, Op, Outcome, ProbeTarget, ServerMsg, PROTOCOL_VERSION,
@@ -31,6 +32,7 @@ use crate::proto::msg::{
 use crate::scan::{RootLost, Tree};
 use crate::status::{self, Board, Peer, Serving};
 use crate::store;
+use crate::tls::{self, Link};
 use crate::watch::{Hint, WatchConfig, Watcher};
 
 /// Everything the server needs to run.
@@ -50,6 +52,10 @@ pub struct ServerConfig {
     pub retention: Retention,
     /// Written with the bound addresses once the server accepts connections.
     pub ready_file: Option<PathBuf>,
+    /// No TLS on the control channel or the embedded FTP server (`--insecure-plaintext`).
+    pub insecure_plaintext: bool,
+    /// Connections open at once, at most (`--max-connections`).
+    pub max_connections: usize,
 }
 
 /// The data plane's FTP server.
@@ -138,7 +144,7 @@ enum Event {
         name: String,
         staging: String,
         tx: Sender<ServerMsg>,
-        stream: Arc<Async<TcpStream>>,
+        socket: Arc<Async<TcpStream>>,
     },
     Msg {
         id: u64,
@@ -160,7 +166,7 @@ struct ClientHandle {
     /// Its staging directory's name (see `Grant::staging`).
     staging: String,
     tx: Sender<ServerMsg>,
-    stream: Arc<Async<TcpStream>>,
+    socket: Arc<Async<TcpStream>>,
     subscribed: bool,
     /// Unix seconds.
     since: u64,
@@ -179,6 +185,11 @@ struct Shared {
     /// The external server's shared account; `None` with the embedded server.
     external: Option<(String, String)>,
     creds: FtpCredentials,
+    /// TLS for the control channel (`None`: `--insecure-plaintext`).
+    tls: Option<Arc<rustls::ServerConfig>>,
+    /// What the handshake is bound to: the certificate's fingerprint (zeros in plaintext).
+    channel: Channel,
+    gate: Arc<Gate>,
 }
 
 struct Server {
@@ -304,6 +315,20 @@ async fn serve(cfg: ServerConfig, stop: Receiver<nix::sys::signal::Signal>) -> a
     let status = status::serve(&root, board.clone())?;
     prune_staging(&root);
     std::fs::create_dir_all(staging_dir(&root))?;
+    let identity = if cfg.insecure_plaintext {
+        log::warn!(
+            "--insecure-plaintext: the control channel and FTP run unencrypted; anyone on the \
+             network can read file contents and the FTP passwords, and impersonate this server"
+        );
+        None
+    } else {
+        let id = tls::load_or_create(&fsops::state_dir(&root).join("tls"))?;
+        log::info!(
+            "TLS certificate {} (clients pin it: --server-fingerprint)",
+            id.fingerprint
+        );
+        Some(id)
+    };
 
     let (saved, journal) =
         store::Journal::open_or_reset::<Saved>(&fsops::state_dir(&root), "server")
@@ -349,7 +374,8 @@ async fn serve(cfg: ServerConfig, stop: Receiver<nix::sys::signal::Signal>) -> a
     // The embedded server lives as long as this function (its thread stops with the process).
     let (_embedded, ftp_addr, external) = match &cfg.ftp {
         FtpMode::Embedded(listen) => {
-            let ftp = ftpd::start(root.clone(), *listen, creds.clone())?;
+            let tls = identity.as_ref().map(|id| id.config.clone());
+            let ftp = ftpd::start(root.clone(), *listen, creds.clone(), tls)?;
             let addr = ftp.addr;
             (Some(ftp), addr, None)
         }
@@ -377,11 +403,20 @@ async fn serve(cfg: ServerConfig, stop: Receiver<nix::sys::signal::Signal>) -> a
         server.index.epoch
     );
     if let Some(ready) = &cfg.ready_file {
-        let text = format!("control={control}\nftp={ftp_addr}\n");
+        let fingerprint = identity
+            .as_ref()
+            .map_or_else(|| "none".to_string(), |id| id.fingerprint.to_string());
+        let text = format!("control={control}\nftp={ftp_addr}\nfingerprint={fingerprint}\n");
         store::write_atomic(ready, text.as_bytes())
             .with_context(|| format!("cannot write ready file {}", ready.display()))?;
     }
 
+    server.board.update(|r| {
+        r.security = identity.as_ref().map_or_else(
+            || "plaintext (--insecure-plaintext)".into(),
+            |id| format!("TLS, certificate {}", id.fingerprint),
+        )
+    });
     let shared = Arc::new(Shared {
         root: root.clone(),
         secret: cfg.secret.clone(),
@@ -390,6 +425,12 @@ async fn serve(cfg: ServerConfig, stop: Receiver<nix::sys::signal::Signal>) -> a
         ftp_port: ftp_addr.port(),
         external,
         creds,
+        channel: identity
+            .as_ref()
+            .map_or(tls::Fingerprint::PLAINTEXT, |id| id.fingerprint)
+            .0,
+        tls: identity.map(|id| id.config),
+        gate: Gate::new(cfg.max_connections),
     });
     smol::spawn(accept_loop(listener, shared, events_tx.clone())).detach();
     {
@@ -442,12 +483,24 @@ async fn accept_loop(listener: Async<TcpListener>, shared: Arc<Shared>, events: 
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                let now = Instant::now();
+                let ticket = match shared.gate.admit(peer.ip(), now) {
+                    Ok(t) => t,
+                    Err(refusal) => {
+                        // Closed at once, before a byte is read.
+                        if shared.gate.should_log(now) {
+                            log::warn!("{peer}: refused: {refusal}");
+                        }
+                        continue;
+                    }
+                };
                 next_id += 1;
                 let _ = stream.get_ref().set_nodelay(true);
                 smol::spawn(connection(
                     stream,
                     peer,
                     next_id,
+                    ticket,
                     shared.clone(),
                     events.clone(),
                 ))
@@ -463,48 +516,47 @@ async fn accept_loop(listener: Async<TcpListener>, shared: Arc<Shared>, events: 
 
 /// Reads the handshake; returns the client's name, staging directory and FTP user.
 async fn handshake(
-    stream: &Async<TcpStream>,
+    link: &mut Link,
     shared: &Shared,
     id: u64,
 ) -> anyhow::Result<(String, String, String)> {
-    let mut s = stream;
+    let (r, w) = (&mut link.reader, &mut link.writer);
     let ClientMsg::Hello {
         version,
         name,
         id: client_id,
         nonce: cnonce,
-    } = read_frame(&mut s, MAX_HANDSHAKE_FRAME).await?
+    } = read_frame(r, MAX_HANDSHAKE_FRAME).await?
     else {
         bail!("expected Hello as the first frame");
     };
     let refuse = |reason: String| ServerMsg::Refused { reason };
     if version != PROTOCOL_VERSION {
         let why = format!("protocol version {version}; this server speaks {PROTOCOL_VERSION}");
-        write_frame(&mut s, &refuse(why.clone())).await?;
+        write_frame(w, &refuse(why.clone())).await?;
         bail!(why);
     }
     if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_control()) {
-        write_frame(&mut s, &refuse("bad client name".into())).await?;
+        write_frame(w, &refuse("bad client name".into())).await?;
         bail!("bad client name {name:?}");
     }
     let snonce = random::<32>();
     write_frame(
-        &mut s,
+        w,
         &ServerMsg::Challenge {
             version: PROTOCOL_VERSION,
             nonce: snonce,
         },
     )
     .await?;
-    let ClientMsg::Auth { proof } = read_frame(&mut s, MAX_HANDSHAKE_FRAME).await? else {
+    let ClientMsg::Auth { proof } = read_frame(r, MAX_HANDSHAKE_FRAME).await? else {
         bail!("expected Auth after Challenge");
     };
-    if !shared.secret.verify_client(&snonce, &cnonce, &name, &proof) {
-        write_frame(
-            &mut s,
-            &refuse("authentication failed: wrong secret".into()),
-        )
-        .await?;
+    if !shared
+        .secret
+        .verify_client(&shared.channel, &snonce, &cnonce, &name, &proof)
+    {
+        write_frame(w, &refuse("authentication failed: wrong secret".into())).await?;
         bail!("client {name:?} failed authentication (wrong secret)");
     }
     let staging = hex(&client_id);
@@ -525,9 +577,11 @@ async fn handshake(
         }
     };
     write_frame(
-        &mut s,
+        w,
         &ServerMsg::Welcome {
-            proof: shared.secret.server_proof(&cnonce, &snonce),
+            proof: shared
+                .secret
+                .server_proof(&shared.channel, &cnonce, &snonce),
             grant: Grant {
                 epoch: shared.epoch,
                 ftp_host: shared.ftp_host.clone(),
@@ -546,18 +600,51 @@ async fn connection(
     stream: Async<TcpStream>,
     peer: SocketAddr,
     id: u64,
+    mut ticket: Ticket,
     shared: Arc<Shared>,
     events: Sender<Event>,
 ) {
-    let stream = Arc::new(stream);
-    let hs = handshake(&stream, &shared, id);
-    let (name, staging, user) = match agent::within(HANDSHAKE_TIMEOUT, "the handshake", hs).await {
-        Ok(v) => v,
+    let hs = async {
+        let mut link = match &shared.tls {
+            Some(config) => Link::accept(stream, config.clone()).await.map_err(|e| {
+                anyhow::anyhow!("TLS handshake failed: {e} (a client with --insecure-plaintext?)")
+            })?,
+            None => Link::plain(stream),
+        };
+        let who = handshake(&mut link, &shared, id).await.map_err(|e| {
+            if shared.tls.is_none() && e.to_string().contains("exceeds the limit") {
+                e.context("a TLS client? this server runs with --insecure-plaintext")
+            } else {
+                e
+            }
+        })?;
+        Ok((link, who))
+    };
+    let (link, (name, staging, user)) = match agent::within(AUTH_TIMEOUT, "the handshake", hs).await
+    {
+        Ok(v) => {
+            ticket.authenticated();
+            v
+        }
         Err(e) => {
-            log::warn!("{peer}: refused: {e}");
+            log::warn!("{peer}: refused: {e:#}");
+            if let Some(block) = ticket.failed(Instant::now()) {
+                log::warn!(
+                    "{}: {} failed handshakes within {} s; refusing it for {} s",
+                    peer.ip(),
+                    crate::gate::MAX_FAILURES,
+                    crate::gate::WINDOW.as_secs(),
+                    block.as_secs()
+                );
+            }
             return;
         }
     };
+    let Link {
+        mut reader,
+        writer,
+        socket,
+    } = link;
     log::info!("{name} connected from {peer}");
     let (tx, rx) = async_channel::unbounded();
     let _ = events
@@ -566,13 +653,17 @@ async fn connection(
             name: name.clone(),
             staging,
             tx,
-            stream: stream.clone(),
+            socket: socket.clone(),
         })
         .await;
-    let writer = agent::spawn_writer(stream.clone(), rx, || ServerMsg::Ping);
-    let mut s = &*stream;
+    let writer = agent::spawn_writer(writer, socket.clone(), rx, || ServerMsg::Ping);
     loop {
-        match agent::timeout(IDLE_TIMEOUT, read_frame::<_, ClientMsg>(&mut s, MAX_FRAME)).await {
+        match agent::timeout(
+            IDLE_TIMEOUT,
+            read_frame::<_, ClientMsg>(&mut reader, MAX_FRAME),
+        )
+        .await
+        {
             Ok(msg) => {
                 if events.send(Event::Msg { id, msg }).await.is_err() {
                     break;
@@ -590,8 +681,9 @@ async fn connection(
     }
     shared.creds.remove(&user);
     let _ = events.send(Event::Gone { id }).await;
-    let _ = stream.get_ref().shutdown(Shutdown::Both);
+    let _ = socket.get_ref().shutdown(Shutdown::Both);
     writer.await;
+    drop(ticket);
 }
 
 impl Server {
@@ -642,9 +734,9 @@ impl Server {
                 name,
                 staging,
                 tx,
-                stream,
+                socket,
             } => {
-                let addr = stream
+                let addr = socket
                     .get_ref()
                     .peer_addr()
                     .map_or_else(|_| "?".into(), |a| a.to_string());
@@ -656,7 +748,7 @@ impl Server {
                         name,
                         staging,
                         tx,
-                        stream,
+                        socket,
                         subscribed: false,
                     },
                 );
@@ -786,7 +878,7 @@ impl Server {
 
     fn drop_client(&mut self, id: u64) {
         if let Some(c) = self.clients.remove(&id) {
-            let _ = c.stream.get_ref().shutdown(Shutdown::Both);
+            let _ = c.socket.get_ref().shutdown(Shutdown::Both);
         }
     }
 

@@ -50,6 +50,10 @@ pub struct Report {
     pub conflicts: Vec<String>,
     /// The last warnings and errors logged.
     pub errors: Vec<String>,
+    /// "TLS, certificate sha256:..." (the server's own, or the one a client pinned), or
+    /// "plaintext".
+    #[serde(default)]
+    pub security: String,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
@@ -249,6 +253,9 @@ pub fn render(r: &Report, now: u64, out: &mut impl Write) -> io::Result<()> {
         human_bytes(r.bytes)
     )?;
     writeln!(out, "  seq        {}", r.seq)?;
+    if !r.security.is_empty() {
+        writeln!(out, "  security   {}", r.security)?;
+    }
     match &r.transfer {
         Some(t) => writeln!(
             out,

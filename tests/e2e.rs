@@ -16,6 +16,7 @@ mod e2e {
     mod lifecycle;
     mod random;
     mod restart;
+    mod security;
     mod startup;
     mod sync;
 }

@@ -1,5 +1,7 @@
 //! The shared-secret handshake: each side proves it knows the secret with an HMAC-SHA256 over
 //! both nonces, so neither proof can be replayed and the client knows the server is genuine.
+//! Both proofs also cover the fingerprint of the TLS certificate the client saw (`channel`):
+//! a relay that terminates TLS with its own certificate cannot pass them on.
 
 use std::path::Path;
 
@@ -8,6 +10,9 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use super::msg::{Nonce, Proof};
+
+/// The SHA-256 of the server certificate the connection runs under (zeros in plaintext).
+pub type Channel = [u8; 32];
 
 /// The shortest secret we accept.
 pub const MIN_SECRET: usize = 16;
@@ -52,9 +57,17 @@ impl Secret {
         Secret(bytes.to_vec())
     }
 
-    fn mac(&self, label: &[u8], first: &Nonce, second: &Nonce, name: &str) -> Hmac<Sha256> {
+    fn mac(
+        &self,
+        label: &[u8],
+        channel: &Channel,
+        first: &Nonce,
+        second: &Nonce,
+        name: &str,
+    ) -> Hmac<Sha256> {
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes any key length");
         mac.update(label);
+        mac.update(channel);
         mac.update(first);
         mac.update(second);
         mac.update(name.as_bytes());
@@ -62,31 +75,50 @@ impl Secret {
     }
 
     /// The client's proof: over the server's nonce, then the client's, then its name.
-    pub fn client_proof(&self, server: &Nonce, client: &Nonce, name: &str) -> Proof {
-        self.mac(b"ferry-v1 client", server, client, name)
+    pub fn client_proof(
+        &self,
+        channel: &Channel,
+        server: &Nonce,
+        client: &Nonce,
+        name: &str,
+    ) -> Proof {
+        self.mac(b"ferry-v1 client", channel, server, client, name)
             .finalize()
             .into_bytes()
             .into()
     }
 
     /// Checks a client's proof in constant time.
-    pub fn verify_client(&self, server: &Nonce, client: &Nonce, name: &str, proof: &Proof) -> bool {
-        self.mac(b"ferry-v1 client", server, client, name)
+    pub fn verify_client(
+        &self,
+        channel: &Channel,
+        server: &Nonce,
+        client: &Nonce,
+        name: &str,
+        proof: &Proof,
+    ) -> bool {
+        self.mac(b"ferry-v1 client", channel, server, client, name)
             .verify_slice(proof)
             .is_ok()
     }
 
     /// The server's proof: over the client's nonce, then its own.
-    pub fn server_proof(&self, client: &Nonce, server: &Nonce) -> Proof {
-        self.mac(b"ferry-v1 server", client, server, "")
+    pub fn server_proof(&self, channel: &Channel, client: &Nonce, server: &Nonce) -> Proof {
+        self.mac(b"ferry-v1 server", channel, client, server, "")
             .finalize()
             .into_bytes()
             .into()
     }
 
     /// Checks the server's proof in constant time.
-    pub fn verify_server(&self, client: &Nonce, server: &Nonce, proof: &Proof) -> bool {
-        self.mac(b"ferry-v1 server", client, server, "")
+    pub fn verify_server(
+        &self,
+        channel: &Channel,
+        client: &Nonce,
+        server: &Nonce,
+        proof: &Proof,
+    ) -> bool {
+        self.mac(b"ferry-v1 server", channel, client, server, "")
             .verify_slice(proof)
             .is_ok()
     }
@@ -108,14 +140,23 @@ mod tests {
         let s = Secret::from_bytes(b"0123456789abcdef");
         let other = Secret::from_bytes(b"0123456789abcdeX");
         let (sn, cn) = (random::<32>(), random::<32>());
-        let p = s.client_proof(&sn, &cn, "laptop");
-        assert!(s.verify_client(&sn, &cn, "laptop", &p));
-        assert!(!other.verify_client(&sn, &cn, "laptop", &p));
-        assert!(!s.verify_client(&sn, &cn, "phone", &p));
-        assert!(!s.verify_client(&cn, &sn, "laptop", &p));
-        let sp = s.server_proof(&cn, &sn);
-        assert!(s.verify_server(&cn, &sn, &sp));
-        assert!(!other.verify_server(&cn, &sn, &sp));
+        let (tls, relay) = ([1; 32], [2; 32]);
+        let p = s.client_proof(&tls, &sn, &cn, "laptop");
+        assert!(s.verify_client(&tls, &sn, &cn, "laptop", &p));
+        assert!(!other.verify_client(&tls, &sn, &cn, "laptop", &p));
+        assert!(!s.verify_client(&tls, &sn, &cn, "phone", &p));
+        assert!(!s.verify_client(&tls, &cn, &sn, "laptop", &p));
+        assert!(
+            !s.verify_client(&relay, &sn, &cn, "laptop", &p),
+            "bound to the certificate"
+        );
+        let sp = s.server_proof(&tls, &cn, &sn);
+        assert!(s.verify_server(&tls, &cn, &sn, &sp));
+        assert!(!other.verify_server(&tls, &cn, &sn, &sp));
+        assert!(
+            !s.verify_server(&relay, &cn, &sn, &sp),
+            "bound to the certificate"
+        );
         assert_ne!(sp, p, "client and server proofs differ");
     }
 

@@ -9,7 +9,7 @@ use crate::core::entry::{Entry, Hash};
 use crate::core::path::RelPath;
 
 /// Bumped whenever a message changes shape; peers with different versions refuse each other.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Random bytes each side contributes to the handshake, so a proof is never replayed.
 pub type Nonce = [u8; 32];

@@ -71,6 +71,8 @@ fn syncs_through_an_external_vsftpd() {
             user.clone(),
             "--ftp-password-file".into(),
             pass_file,
+            // vsftpd is set up without TLS, like the old NAS servers this mode is for.
+            "--insecure-plaintext".into(),
         ]),
         |dir| {
             let tree = dir.join("server");
@@ -93,6 +95,10 @@ fn syncs_through_an_external_vsftpd() {
     });
     let log = fs::read_to_string(cl.dir.0.join("server.log")).unwrap();
     assert!(log.contains("using the external FTP server"), "{log}");
+    assert!(
+        log.contains("--insecure-plaintext: the control channel and FTP run unencrypted"),
+        "{log}"
+    );
 }
 
 struct KillOnDrop(std::process::Child);

@@ -4,18 +4,36 @@
 use ferry::proto::auth::{random, Secret};
 use ferry::proto::codec::encode;
 use ferry::proto::msg::{ClientMsg, Op, ServerMsg, PROTOCOL_VERSION};
+use ferry::tls::Fingerprint;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 
 use super::util::*;
 
-fn connect(cl: &Cluster) -> TcpStream {
+/// A TLS connection to the server, trusting its certificate as an honest client would.
+pub(super) type Conn = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// A plain TCP connection to the server (which expects TLS on it).
+fn connect_raw(cl: &Cluster) -> TcpStream {
     let s = TcpStream::connect(cl.control()).unwrap();
     s.set_read_timeout(Some(DEADLINE)).unwrap();
     s
 }
 
-pub(super) fn recv(s: &mut TcpStream) -> std::io::Result<ServerMsg> {
+/// A TLS connection, handshake done, nothing sent yet.
+pub(super) fn connect(cl: &Cluster) -> Conn {
+    let fp: Fingerprint = cl.fingerprint().parse().unwrap();
+    let (config, _) = ferry::tls::client_config(Some(fp));
+    let name = ferry::tls::SERVER_NAME.try_into().unwrap();
+    let tls = rustls::ClientConnection::new(config, name).unwrap();
+    let mut s = rustls::StreamOwned::new(tls, connect_raw(cl));
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).unwrap();
+    }
+    s
+}
+
+pub(super) fn recv(s: &mut impl Read) -> std::io::Result<ServerMsg> {
     let mut len = [0u8; 4];
     s.read_exact(&mut len)?;
     let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
@@ -24,7 +42,7 @@ pub(super) fn recv(s: &mut TcpStream) -> std::io::Result<ServerMsg> {
 }
 
 /// Authenticates as a client named "hostile" with the right secret.
-pub(super) fn authenticated(cl: &Cluster) -> TcpStream {
+pub(super) fn authenticated(cl: &Cluster) -> Conn {
     let mut s = connect(cl);
     let secret = Secret::load(cl.secret()).unwrap();
     let nonce = random::<32>();
@@ -41,7 +59,8 @@ pub(super) fn authenticated(cl: &Cluster) -> TcpStream {
     let ServerMsg::Challenge { nonce: sn, .. } = recv(&mut s).unwrap() else {
         panic!("no challenge")
     };
-    let proof = secret.client_proof(&sn, &nonce, "hostile");
+    let channel = cl.fingerprint().parse::<Fingerprint>().unwrap().0;
+    let proof = secret.client_proof(&channel, &sn, &nonce, "hostile");
     s.write_all(&encode(&ClientMsg::Auth { proof }).unwrap())
         .unwrap();
     assert!(matches!(recv(&mut s).unwrap(), ServerMsg::Welcome { .. }));
@@ -49,7 +68,7 @@ pub(super) fn authenticated(cl: &Cluster) -> TcpStream {
 }
 
 /// True once the server has closed `s` (reads hit end of stream or an error).
-fn closed(s: &mut TcpStream) -> bool {
+fn closed(s: &mut impl Read) -> bool {
     let mut buf = [0u8; 4096];
     loop {
         match s.read(&mut buf) {
@@ -83,6 +102,11 @@ fn hostile_frames_are_refused_and_honest_clients_keep_syncing() {
     let cl = Cluster::start("hostile", &[("a", Watch::Auto), ("b", Watch::Poll)]);
     let (a, b) = (cl.root("a"), cl.root("b"));
     let outside = cl.dir.0.clone();
+
+    // Before TLS: plaintext where TLS is expected.
+    let mut s = connect_raw(&cl);
+    s.write_all(&encode(&ClientMsg::Ping).unwrap()).unwrap();
+    assert!(closed(&mut s), "plaintext closes the connection");
 
     // Before authentication: garbage, an oversized length, a wrong secret.
     let mut s = connect(&cl);

@@ -295,6 +295,8 @@ pub struct Cluster {
     server: Option<Proc>,
     control: String,
     ftp: String,
+    /// The server certificate's fingerprint, from its ready file ("none" in plaintext).
+    fingerprint: String,
     /// Arguments naming an external FTP server, used instead of `--ftp-listen`.
     ftp_args: Option<Vec<String>>,
     /// Extra server arguments (see `set_server_args`).
@@ -333,6 +335,7 @@ impl Cluster {
             server: None,
             control: "127.0.0.1:0".into(),
             ftp: "127.0.0.1:0".into(),
+            fingerprint: String::new(),
             ftp_args,
             server_extra: Vec::new(),
             clients: Vec::new(),
@@ -418,6 +421,21 @@ impl Cluster {
         &self.control
     }
 
+    /// The embedded FTP server's address.
+    pub fn ftp_addr(&self) -> &str {
+        &self.ftp
+    }
+
+    /// Sets the extra arguments `name` gets at its next start.
+    pub fn set_client_args(&mut self, name: &str, args: &[&str]) {
+        self.client_mut(name).extra = args.iter().map(|a| a.to_string()).collect();
+    }
+
+    /// The server certificate's fingerprint as it printed it (`sha256:...`).
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
     fn client(&self, name: &str) -> &ClientProc {
         self.clients
             .iter()
@@ -470,6 +488,9 @@ impl Cluster {
             if let Some(a) = line.strip_prefix("ftp=") {
                 self.ftp = a.to_string();
             }
+            if let Some(a) = line.strip_prefix("fingerprint=") {
+                self.fingerprint = a.to_string();
+            }
         }
     }
 
@@ -504,6 +525,11 @@ impl Cluster {
         }
         let extra = c.extra.clone();
         args.extend(extra.iter().map(String::as_str));
+        if self.fingerprint == "none" {
+            // The server runs without TLS (`--insecure-plaintext`): so must its clients.
+            args.push("--insecure-plaintext");
+        }
+        let c = self.client_mut(name);
         c.proc = Some(if c.program.is_empty() {
             Proc::spawn(&args, &log)
         } else {
