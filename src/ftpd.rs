@@ -13,7 +13,8 @@
 //!   control channel, not from FTP.
 //!
 //! Credentials are per control session (`FtpCredentials`): inserted when a client authenticates
-//! on the control channel, removed when that session ends.
+//! on the control channel, removed when that session ends; from then on an FTP login made with
+//! them can do nothing more.
 
 use std::collections::HashMap;
 use std::fmt::{self, Debug, Display};
@@ -74,6 +75,11 @@ impl FtpCredentials {
 
     fn staging(&self, user: &str) -> Option<String> {
         self.lock().get(user).map(|(_, s)| s.clone())
+    }
+
+    /// True while `user`'s control session lives.
+    fn live(&self, user: &str) -> bool {
+        self.lock().contains_key(user)
     }
 }
 
@@ -162,10 +168,12 @@ fn build(
 ) -> anyhow::Result<libunftp::Server<Confined, SessionUser>> {
     let root = root.to_path_buf();
     let fs_root = root.clone();
+    let session_creds = creds.clone();
     let builder = libunftp::ServerBuilder::with_user_detail_provider(
         Box::new(move || Confined {
             fs: Filesystem::new(fs_root.clone()).expect("the root was opened at start"),
             root: fs_root.clone(),
+            creds: session_creds.clone(),
         }),
         Arc::new(Users(creds.clone())),
     )
@@ -187,6 +195,7 @@ fn build(
 /// A logged-in FTP user: which staging area it may write.
 #[derive(Debug, Clone)]
 pub struct SessionUser {
+    name: String,
     staging: String,
 }
 
@@ -230,7 +239,10 @@ impl UserDetailProvider for Users {
 
     async fn provide_user_detail(&self, p: &Principal) -> Result<SessionUser, UserDetailError> {
         match self.0.staging(&p.username) {
-            Some(staging) => Ok(SessionUser { staging }),
+            Some(staging) => Ok(SessionUser {
+                name: p.username.clone(),
+                staging,
+            }),
             None => Err(UserDetailError::UserNotFound {
                 username: p.username.clone(),
             }),
@@ -279,6 +291,18 @@ fn denied() -> Error {
 struct Confined {
     fs: Filesystem,
     root: PathBuf,
+    creds: FtpCredentials,
+}
+
+impl Confined {
+    /// What `path` is to `user`, or `None` if it may not touch it — or anything at all once
+    /// its control session has ended (a login outlives its credentials only until then).
+    fn place(&self, user: &SessionUser, path: &Path) -> Option<Place> {
+        if !self.creds.live(&user.name) {
+            return None;
+        }
+        place(user, path)
+    }
 }
 
 #[async_trait]
@@ -294,7 +318,7 @@ impl StorageBackend<SessionUser> for Confined {
         user: &SessionUser,
         path: P,
     ) -> StorageResult<Meta> {
-        match place(user, path.as_ref()) {
+        match self.place(user, path.as_ref()) {
             Some(Place::Tree | Place::OwnStaging) => self.fs.metadata(user, path).await,
             _ => Err(denied()),
         }
@@ -314,7 +338,7 @@ impl StorageBackend<SessionUser> for Confined {
         path: P,
         start_pos: u64,
     ) -> StorageResult<Box<dyn tokio::io::AsyncRead + Send + Sync + Unpin>> {
-        match place(user, path.as_ref()) {
+        match self.place(user, path.as_ref()) {
             Some(Place::Tree | Place::OwnStaging) => self.fs.get(user, path, start_pos).await,
             _ => Err(denied()),
         }
@@ -330,7 +354,7 @@ impl StorageBackend<SessionUser> for Confined {
         path: P,
         start_pos: u64,
     ) -> StorageResult<u64> {
-        if place(user, path.as_ref()) != Some(Place::OwnStaging) {
+        if self.place(user, path.as_ref()) != Some(Place::OwnStaging) {
             return Err(denied());
         }
         let dir = self
@@ -347,7 +371,7 @@ impl StorageBackend<SessionUser> for Confined {
         user: &SessionUser,
         path: P,
     ) -> StorageResult<()> {
-        match place(user, path.as_ref()) {
+        match self.place(user, path.as_ref()) {
             Some(Place::OwnStaging) => self.fs.del(user, path).await,
             _ => Err(denied()),
         }
@@ -383,7 +407,7 @@ impl StorageBackend<SessionUser> for Confined {
         user: &SessionUser,
         path: P,
     ) -> StorageResult<()> {
-        match place(user, path.as_ref()) {
+        match self.place(user, path.as_ref()) {
             Some(Place::Root) => Ok(()),
             _ => Err(denied()),
         }
@@ -397,6 +421,7 @@ mod tests {
     #[test]
     fn places_table() {
         let u = SessionUser {
+            name: "ferry-1".into(),
             staging: "7-ab".into(),
         };
         #[rustfmt::skip]

@@ -373,3 +373,81 @@ fn the_server_key_must_be_private() {
         "{err}"
     );
 }
+
+/// Sends one FTP command and returns the reply line.
+fn ftp(s: &mut TcpStream, command: &str) -> String {
+    s.write_all(format!("{command}\r\n").as_bytes()).unwrap();
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while !line.ends_with(b"\r\n") {
+        assert_eq!(s.read(&mut byte).unwrap(), 1, "FTP server closed");
+        line.push(byte[0]);
+    }
+    String::from_utf8_lossy(&line).into_owned()
+}
+
+#[test]
+fn ftp_logins_die_with_their_control_session() {
+    // Plaintext, to speak FTP by hand; the confinement is the same with TLS.
+    let cl = Cluster::start_custom(
+        "ftp-session",
+        &[],
+        Some(vec![
+            "--ftp-listen".into(),
+            "127.0.0.1:0".into(),
+            "--insecure-plaintext".into(),
+        ]),
+        |dir| write(&dir.join("server"), "shared.txt", "12345"),
+    );
+    let secret = Secret::load(cl.secret()).unwrap();
+    let mut control = TcpStream::connect(cl.control()).unwrap();
+    control.set_read_timeout(Some(DEADLINE)).unwrap();
+    let nonce = random::<32>();
+    let hello = ClientMsg::Hello {
+        version: PROTOCOL_VERSION,
+        name: "short-lived".into(),
+        id: [5; 16],
+        nonce,
+    };
+    control.write_all(&encode(&hello).unwrap()).unwrap();
+    let Ok(ServerMsg::Challenge { nonce: sn, .. }) = recv(&mut control) else {
+        panic!("no challenge")
+    };
+    let proof = secret.client_proof(&[0; 32], &sn, &nonce, "short-lived");
+    control
+        .write_all(&encode(&ClientMsg::Auth { proof }).unwrap())
+        .unwrap();
+    let Ok(ServerMsg::Welcome { grant, .. }) = recv(&mut control) else {
+        panic!("no welcome")
+    };
+
+    let mut data = TcpStream::connect(cl.ftp_addr()).unwrap();
+    data.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut greeting = [0u8; 256];
+    let n = data.read(&mut greeting).unwrap();
+    assert!(greeting[..n].starts_with(b"220"));
+    assert!(ftp(&mut data, &format!("USER {}", grant.ftp_user)).starts_with("331"));
+    assert!(ftp(&mut data, &format!("PASS {}", grant.ftp_pass)).starts_with("230"));
+    let size = ftp(&mut data, "SIZE /shared.txt");
+    assert!(
+        size.starts_with("213 5"),
+        "readable while the session lives: {size}"
+    );
+    let listing = ftp(&mut data, "MKD /new");
+    assert!(
+        listing.starts_with('5'),
+        "no directories over FTP: {listing}"
+    );
+
+    drop(control);
+    wait_until(
+        "the server notices the session ended",
+        || cl.log("server").contains("short-lived disconnected"),
+        || cl.logs(),
+    );
+    let size = ftp(&mut data, "SIZE /shared.txt");
+    assert!(
+        size.starts_with('5'),
+        "the login is worthless once its control session is gone: {size}"
+    );
+}
