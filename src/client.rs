@@ -1260,8 +1260,9 @@ impl Client {
                 } else {
                     // Named by content, so an upload broken off resumes under the same name.
                     let name = format!("h{}", agent::hex(&e.hash[..16]));
-                    let src = self.tree.abs(path);
-                    let file = match std::fs::File::open(&src) {
+                    // Opened beneath the root, following no symlink: what is sent is the
+                    // file in the tree, never what a link points to.
+                    let file = match crate::beneath::open_file(&self.cfg.root, path) {
                         Ok(f) => f,
                         Err(err) => {
                             log::debug!("{path} vanished before upload: {err}");
@@ -1269,7 +1270,7 @@ impl Client {
                             return Ok(None);
                         }
                     };
-                    let (size, hash) = match s.resume_upload(&name, e, &src).await? {
+                    let (size, hash) = match s.resume_upload(&name, e, &file).await? {
                         Staged::Complete => (e.size, e.hash),
                         Staged::From(resume) => {
                             if resume.offset > 0 {
@@ -1384,10 +1385,10 @@ fn replica_id(root: &std::path::Path) -> std::io::Result<[u8; 16]> {
     Ok(id)
 }
 
-/// BLAKE3 state over the first `len` bytes of `path`; `None` if it is shorter.
-fn hash_prefix(path: PathBuf, len: u64) -> Option<blake3::Hasher> {
-    use std::io::Read;
-    let file = std::fs::File::open(path).ok()?;
+/// BLAKE3 state over the first `len` bytes of `file`; `None` if it is shorter.
+fn hash_prefix(mut file: std::fs::File, len: u64) -> Option<blake3::Hasher> {
+    use std::io::{Read, Seek};
+    file.rewind().ok()?;
     let mut hasher = blake3::Hasher::new();
     let n = std::io::copy(&mut file.take(len), &mut hasher).ok()?;
     (n == len).then_some(hasher)
@@ -1422,7 +1423,7 @@ impl Session {
         &mut self,
         name: &str,
         e: &Entry,
-        src: &std::path::Path,
+        src: &std::fs::File,
     ) -> anyhow::Result<Staged> {
         if e.size < RESUME_MIN {
             // Sending it again costs less than the round trip that asks.
@@ -1438,7 +1439,8 @@ impl Session {
         if size == 0 || size >= e.size {
             return Ok(Staged::From(Box::default()));
         }
-        let src = src.to_path_buf();
+        // (A second descriptor shares the offset: `upload` seeks to where it starts.)
+        let src = src.try_clone()?;
         Ok(Staged::From(Box::new(
             match smol::unblock(move || hash_prefix(src, size)).await {
                 Some(h) if *h.finalize().as_bytes() == hash => Resume {
@@ -1462,7 +1464,9 @@ impl Session {
         if have == 0 || have >= e.size {
             return Ok(Resume::default());
         }
-        let tmp = tmp.to_path_buf();
+        let Ok(tmp) = std::fs::File::open(tmp) else {
+            return Ok(Resume::default());
+        };
         let Some(local) = smol::unblock(move || hash_prefix(tmp, have)).await else {
             return Ok(Resume::default());
         };

@@ -14,11 +14,13 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsString;
-use std::fs::{File, Metadata};
+use std::fs::Metadata;
 use std::io;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use crate::beneath::{self, Dir};
 use crate::core::entry::{Entry, Kind};
 use crate::core::path::{RelPath, STATE_DIR};
 use crate::core::renames::{Changed, Seen};
@@ -82,18 +84,19 @@ pub fn dir_seen(meta: &Metadata) -> Seen {
     }
 }
 
-/// Hashes a file, retrying while it is being written; `None` if it kept changing.
-/// Never follows a symlink. Returns the entry with the metadata the hash belongs to.
-pub fn hash_file(path: &Path) -> io::Result<Option<Seen>> {
+/// Hashes the file `rel` beneath `root`, retrying while it is being written; `None` if it kept
+/// changing. Follows no symlink, on the way or at the end. Returns the entry with the metadata
+/// the hash belongs to.
+pub fn hash_file(root: &Path, rel: &RelPath) -> io::Result<Option<Seen>> {
+    let (dir, name, _) = beneath::parent(root, rel, false)?;
+    hash_at(&dir, name)
+}
+
+/// Hashes the file `name` in `dir` (see `hash_file`).
+fn hash_at(dir: &Dir, name: &str) -> io::Result<Option<Seen>> {
     for _ in 0..3 {
-        let file = File::options()
-            .read(true)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(path)?;
+        let file = dir.open_file(name)?;
         let before = file.metadata()?;
-        if !before.is_file() {
-            return Err(io::Error::other("not a regular file"));
-        }
         let mut hasher = blake3::Hasher::new();
         hasher.update_reader(&file)?;
         let after = file.metadata()?;
@@ -140,11 +143,12 @@ impl Tree {
 
     /// Whether `rel` is a directory on disk (if it is gone: whether the cache had one there).
     fn is_dir_here(&self, rel: &Path) -> bool {
-        match std::fs::symlink_metadata(self.root.join(rel)) {
+        let Some(r) = quiet_rel(rel) else {
+            return false; // a name that cannot travel: skipped whatever it is
+        };
+        match beneath::parent(&self.root, &r, false).and_then(|(dir, name, _)| dir.stat(name)) {
             Ok(m) => m.is_dir(),
-            Err(_) => quiet_rel(rel)
-                .and_then(|r| self.entries.get(&r))
-                .is_some_and(|s| s.entry.is_dir()),
+            Err(_) => self.entries.get(&r).is_some_and(|s| s.entry.is_dir()),
         }
     }
 
@@ -369,7 +373,8 @@ impl Tree {
         let mut changes = Vec::new();
         let mut seen = HashSet::new();
         self.progress = Some((crate::progress::Progress::new("scanning", "entries"), 0));
-        self.walk_children(None, &mut seen, &mut changes);
+        let fd = Dir::root(&self.root)?;
+        self.walk_children(None, &fd, &mut seen, &mut changes);
         self.progress = None;
         let gone: Vec<RelPath> = self
             .entries
@@ -439,19 +444,32 @@ impl Tree {
 
     /// Stats `path`; on a directory with `deep`, walks it. Pushes what changed.
     fn scan_one(&mut self, path: &RelPath, deep: bool, changes: &mut Vec<Changed>) {
-        let abs = self.abs(path);
-        let meta = match std::fs::symlink_metadata(&abs) {
+        match beneath::parent(&self.root, path, false) {
+            Ok((dir, _, _)) => self.scan_at(&dir, path, deep, changes),
+            // Not in the tree: a directory on the way is missing, or is a symlink or a file.
+            Err(e) if beneath::is_absent(&e) => self.gone(path, changes),
+            Err(e) => log::warn!("cannot stat {path}: {e}"),
+        }
+    }
+
+    /// Reports `path` and what the cache had beneath it as gone.
+    fn gone(&mut self, path: &RelPath, changes: &mut Vec<Changed>) {
+        for (p, old) in self.take_gone(path) {
+            changes.push(Changed {
+                path: p,
+                old: Some(old),
+                new: None,
+            });
+        }
+    }
+
+    /// `scan_one` for `path`, whose parent directory is `dir`: everything is looked at through
+    /// it, so a symlink swapped in on the way is never followed.
+    fn scan_at(&mut self, dir: &Dir, path: &RelPath, deep: bool, changes: &mut Vec<Changed>) {
+        let name = path.file_name();
+        let meta = match dir.stat(name) {
             Ok(m) => m,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                for (p, old) in self.take_gone(path) {
-                    changes.push(Changed {
-                        path: p,
-                        old: Some(old),
-                        new: None,
-                    });
-                }
-                return;
-            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return self.gone(path, changes),
             Err(e) => {
                 log::warn!("cannot stat {path}: {e}");
                 return;
@@ -470,7 +488,7 @@ impl Tree {
                 {
                     Some(old.clone())
                 }
-                _ => match hash_file(&abs) {
+                _ => match hash_at(dir, name) {
                     Ok(Some(s)) => {
                         if let Some((_, hashed)) = &mut self.progress {
                             *hashed += s.entry.size;
@@ -487,7 +505,7 @@ impl Tree {
                 },
             }
         } else {
-            if self.reported.insert(abs.clone()) {
+            if self.reported.insert(self.abs(path)) {
                 log::warn!("skipped {path}: symlinks and special files are not synced");
             }
             None
@@ -519,7 +537,7 @@ impl Tree {
         }
         if deep && is_dir {
             let mut seen = HashSet::new();
-            self.walk_children(Some(path), &mut seen, changes);
+            self.walk_into(dir, path, &mut seen, changes);
             let gone: Vec<RelPath> = self
                 .subtree_keys(path)
                 .into_iter()
@@ -536,21 +554,38 @@ impl Tree {
         }
     }
 
-    /// Scans every entry beneath `dir` (the root if `None`), recording each path seen.
-    fn walk_children(
+    /// Opens the directory `path` in `parent` and walks it (see `walk_children`); if it cannot
+    /// be opened, keeps what was known beneath it rather than reporting it all deleted.
+    fn walk_into(
         &mut self,
-        dir: Option<&RelPath>,
+        parent: &Dir,
+        path: &RelPath,
         seen: &mut HashSet<RelPath>,
         changes: &mut Vec<Changed>,
     ) {
-        let abs = match dir {
-            Some(d) => self.abs(d),
-            None => self.root.clone(),
-        };
-        let rd = match std::fs::read_dir(&abs) {
-            Ok(rd) => rd,
+        match parent.open_dir(path.file_name()) {
+            Ok(fd) => self.walk_children(Some(path), &fd, seen, changes),
             Err(e) => {
-                log::warn!("cannot list {}: {e}", abs.display());
+                log::warn!("cannot list {path}: {e}");
+                seen.extend(self.subtree_keys(path));
+            }
+        }
+    }
+
+    /// Scans every entry beneath `dir` (the root if `None`), whose directory `fd` holds,
+    /// recording each path seen.
+    fn walk_children(
+        &mut self,
+        dir: Option<&RelPath>,
+        fd: &Dir,
+        seen: &mut HashSet<RelPath>,
+        changes: &mut Vec<Changed>,
+    ) {
+        let mut list = match fd.list() {
+            Ok(list) => list,
+            Err(e) => {
+                let shown = dir.map_or_else(|| self.root.display().to_string(), |d| d.to_string());
+                log::warn!("cannot list {shown}: {e}");
                 // Keep what we knew beneath it rather than reporting it all deleted.
                 if let Some(d) = dir {
                     seen.extend(self.subtree_keys(d));
@@ -558,10 +593,21 @@ impl Tree {
                 return;
             }
         };
-        // `DirEntry::file_type` does not follow symlinks, and mostly costs no stat.
-        let mut names: Vec<(OsString, bool)> = rd
+        // The entry's type mostly costs no stat, and never follows a symlink.
+        let mut names: Vec<(OsString, bool)> = list
+            .iter()
             .filter_map(|e| e.ok())
-            .map(|e| (e.file_name(), e.file_type().is_ok_and(|t| t.is_dir())))
+            .filter(|e| !matches!(e.file_name().to_bytes(), b"." | b".."))
+            .map(|e| {
+                let name = OsString::from_vec(e.file_name().to_bytes().to_vec());
+                let is_dir = match e.file_type() {
+                    Some(t) => t == nix::dir::Type::Directory,
+                    None => name
+                        .to_str()
+                        .is_some_and(|n| fd.stat(n).is_ok_and(|m| m.is_dir())),
+                };
+                (name, is_dir)
+            })
             .collect();
         names.sort();
         let dir_rel = dir.map_or_else(PathBuf::new, |d| PathBuf::from(d.as_str()));
@@ -570,7 +616,7 @@ impl Tree {
             names.iter().any(|(n, d)| n == IGNORE_FILE && !d) || self.entries.contains_key(f)
         });
         if let Some(f) = &rules_file {
-            self.scan_one(f, false, changes);
+            self.scan_at(fd, f, false, changes);
             if self.entries.contains_key(f) {
                 seen.insert(f.clone());
             }
@@ -595,7 +641,7 @@ impl Tree {
                 continue;
             };
             let mut sub = Vec::new();
-            self.scan_one(&path, false, &mut sub);
+            self.scan_at(fd, &path, false, &mut sub);
             changes.append(&mut sub);
             if self.entries.contains_key(&path) {
                 seen.insert(path.clone());
@@ -604,7 +650,7 @@ impl Tree {
                 progress.tick(seen.len() as u64, *hashed);
             }
             if self.entries.get(&path).is_some_and(|s| s.entry.is_dir()) {
-                self.walk_children(Some(&path), seen, changes);
+                self.walk_into(fd, &path, seen, changes);
             }
         }
     }
@@ -777,7 +823,7 @@ mod tests {
         t.scan_all().unwrap();
         let file: RelPath = format!("d/{IGNORE_FILE}").parse().unwrap();
         std::fs::write(t.abs(&file), "*.tmp\n").unwrap();
-        let seen = hash_file(&t.abs(&file)).unwrap().unwrap();
+        let seen = hash_file(&root, &file).unwrap().unwrap();
         t.set(&file, Some(seen));
         assert!(t.ignores(&"d/x.tmp".parse().unwrap(), Some(false)));
         assert!(t.ignores(&"d/y.tmp".parse().unwrap(), Some(false)));
@@ -815,6 +861,37 @@ mod tests {
         // b.tmp was hidden by proj's own rules, which went with it; a.o is not reported.
         assert_eq!(paths(&c), ["proj", "proj/.ferryignore", "proj/b.tmp"]);
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn nothing_is_looked_at_through_a_symlink() {
+        let root = tmp("through-link");
+        let outside = tmp("through-link-outside");
+        std::fs::write(outside.join("secret"), "outside").unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
+        std::fs::create_dir(root.join("d")).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("d/link")).unwrap();
+        let mut t = Tree::new(root.clone(), BTreeMap::new());
+        assert_eq!(paths(&t.scan_all().unwrap()), ["d"]);
+        // Hints and refreshes for paths through the links find nothing there.
+        for hint in ["link/secret", "d/link/secret"] {
+            assert!(t.scan_path(Path::new(hint)).is_empty(), "{hint}");
+            let (seen, changes) = t.refresh(&hint.parse().unwrap());
+            assert!(seen.is_none() && changes.is_empty(), "{hint}");
+            assert!(hash_file(&root, &hint.parse().unwrap()).is_err(), "{hint}");
+        }
+        // A cached directory swapped for a symlink: what it held is gone, nothing of the
+        // link's target is reported.
+        std::fs::write(root.join("d/f"), "x").unwrap();
+        assert_eq!(paths(&t.scan_path(Path::new("d/f"))), ["d/f"]);
+        std::fs::rename(root.join("d"), root.join("d.away")).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("d")).unwrap();
+        let c = t.scan_path(Path::new("d/f"));
+        assert_eq!(paths(&c), ["d/f"]);
+        assert!(c[0].new.is_none());
+        assert!(t.scan_path(Path::new("d/secret")).is_empty());
+        std::fs::remove_dir_all(&root).unwrap();
+        std::fs::remove_dir_all(&outside).unwrap();
     }
 
     #[test]

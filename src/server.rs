@@ -231,19 +231,12 @@ fn staged_path(root: &Path, staging: &str, name: &str) -> anyhow::Result<PathBuf
     Ok(staging_dir(root).join(staging).join(name))
 }
 
-/// Size of `file` and BLAKE3 of its first `len` bytes; (0, hash of nothing) if it is absent or
-/// not a regular file.
-fn prefix_hash(file: &Path, len: u64) -> (u64, crate::core::entry::Hash) {
+/// Size of `file` and BLAKE3 of its first `len` bytes; (0, hash of nothing) if it could not
+/// be opened or is not a regular file.
+fn prefix_hash(file: std::io::Result<std::fs::File>, len: u64) -> (u64, crate::core::entry::Hash) {
     use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
     let none = (0, *blake3::hash(b"").as_bytes());
-    let Ok(f) = std::fs::File::options()
-        .read(true)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(file)
-    else {
-        return none;
-    };
+    let Ok(f) = file else { return none };
     let Ok(meta) = f.metadata() else { return none };
     if !meta.is_file() {
         return none;
@@ -253,6 +246,15 @@ fn prefix_hash(file: &Path, len: u64) -> (u64, crate::core::entry::Hash) {
         Ok(_) => (meta.len(), *hasher.finalize().as_bytes()),
         Err(_) => none,
     }
+}
+
+/// Opens a staged upload for reading (not through a symlink: staging areas hold files only).
+fn open_staged(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::File::options()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)
 }
 
 /// Removes staged uploads nobody came back for, and anything else that does not belong.
@@ -747,21 +749,26 @@ impl Server {
                 let Some(c) = self.clients.get(&id) else {
                     return;
                 };
-                let file = match target {
+                type Open = Box<dyn FnOnce() -> std::io::Result<std::fs::File> + Send>;
+                let open: Open = match target {
                     ProbeTarget::Staged(name) => match staged_path(&self.root, &c.staging, &name) {
-                        Ok(p) => p,
+                        Ok(p) => Box::new(move || open_staged(&p)),
                         Err(e) => {
                             log::warn!("{}: {e}; closing", c.name);
                             self.drop_client(id);
                             return;
                         }
                     },
-                    ProbeTarget::File(path) => self.tree.abs(&path),
+                    // Beneath the root, following no symlink (see `beneath`).
+                    ProbeTarget::File(path) => {
+                        let root = self.root.clone();
+                        Box::new(move || crate::beneath::open_file(&root, &path))
+                    }
                 };
                 // Hashing may read a large file: off the actor, answered when done.
                 let tx = c.tx.clone();
                 smol::spawn(async move {
-                    let (size, hash) = smol::unblock(move || prefix_hash(&file, len)).await;
+                    let (size, hash) = smol::unblock(move || prefix_hash(open(), len)).await;
                     let _ = tx
                         .send(ServerMsg::Probed {
                             id: pid,
@@ -1191,7 +1198,7 @@ impl Server {
         let expect = self.tree.get(path).cloned();
         // Hashing and fsync are slow: off the executor's threads.
         let installed = smol::unblock(move || -> anyhow::Result<Option<fsops::Install>> {
-            let file = std::fs::File::open(&staged_path)
+            let file = open_staged(&staged_path)
                 .with_context(|| format!("staged upload {staged} is missing"))?;
             let mut hasher = blake3::Hasher::new();
             hasher.update_reader(&file)?;
