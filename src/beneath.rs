@@ -241,24 +241,23 @@ impl AsFd for Dir {
 }
 
 /// The directory that holds `rel`, opened beneath `root`, and `rel`'s last component. With
-/// `create`, missing directories on the way are made; they are returned, parents first, with
-/// their metadata. Without it, a missing one is a `NotFound` error. A symlink or file on the
-/// way is an error naming it.
+/// `created`, missing directories on the way are made and pushed there (parents first, with
+/// their metadata); without it, a missing one is a `NotFound` error. A symlink or file on the
+/// way is a `NotADirectory` error naming it.
 pub fn parent<'a>(
     root: &Path,
     rel: &'a RelPath,
-    create: bool,
-) -> io::Result<(Dir, &'a str, Vec<(RelPath, Metadata)>)> {
+    mut created: Option<&mut Vec<(RelPath, Metadata)>>,
+) -> io::Result<(Dir, &'a str)> {
     let mut dir = Dir::root(root)?;
-    let mut created = Vec::new();
     let s = rel.as_str();
     let mut end = 0;
     let parts: Vec<&str> = s.split('/').collect();
     let (name, parents) = parts.split_last().expect("a RelPath has a component");
     for part in parents {
         end += part.len();
-        let next = match dir.open_dir(part) {
-            Err(Errno::ENOENT) if create => {
+        let next = match (dir.open_dir(part), created.as_deref_mut()) {
+            (Err(Errno::ENOENT), Some(created)) => {
                 let made = match dir.mkdir(part) {
                     Ok(()) => true,
                     Err(Errno::EEXIST) => false, // made meanwhile: opened like any other
@@ -271,7 +270,7 @@ pub fn parent<'a>(
                 }
                 next
             }
-            other => other,
+            (other, _) => other,
         };
         dir = match next {
             Ok(d) => d,
@@ -280,7 +279,7 @@ pub fn parent<'a>(
         };
         end += 1;
     }
-    Ok((dir, name, created))
+    Ok((dir, name))
 }
 
 /// The directory that holds `path` (a file in ferry's state directory, named by path) and the
@@ -297,7 +296,7 @@ pub fn state_parent(path: &Path) -> io::Result<(Dir, &str)> {
 /// Opens the regular file `rel` beneath `root` for reading, following no symlink on the way or
 /// at the end: what feeds an upload is always a file in the tree.
 pub fn open_file(root: &Path, rel: &RelPath) -> io::Result<File> {
-    let (dir, name, _) = parent(root, rel, false)?;
+    let (dir, name) = parent(root, rel, None)?;
     dir.open_file(name)
 }
 

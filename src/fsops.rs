@@ -76,16 +76,17 @@ pub fn system_time(ns: i64) -> SystemTime {
     }
 }
 
+/// Directories ferry had to create on the way to a path, parents first.
+pub type Created = Vec<(RelPath, Seen)>;
+
 /// What now stands at a path ferry wrote, plus the parent directories it had to create.
-pub type Installed = (Seen, Vec<(RelPath, Seen)>);
+pub type Installed = (Seen, Created);
 
 /// Opens the directory that holds `rel` beneath `root`, creating missing directories on the
 /// way (returned, parents first); a symlink or file on the way is refused.
-fn parent_made<'a>(
-    root: &Path,
-    rel: &'a RelPath,
-) -> io::Result<(Dir, &'a str, Vec<(RelPath, Seen)>)> {
-    let (dir, name, created) = beneath::parent(root, rel, true)?;
+fn parent_made<'a>(root: &Path, rel: &'a RelPath) -> io::Result<(Dir, &'a str, Created)> {
+    let mut created = Vec::new();
+    let (dir, name) = beneath::parent(root, rel, Some(&mut created))?;
     let created = created
         .into_iter()
         .map(|(p, meta)| (p, dir_seen(&meta)))
@@ -215,7 +216,7 @@ fn source(root: &Path, from: &Path) -> io::Result<(Dir, String)> {
         .and_then(Path::to_str)
         .and_then(|s| RelPath::new(s).ok())
         .ok_or_else(|| io::Error::other(format!("{} is not in the tree", from.display())))?;
-    let (dir, name, _) = beneath::parent(root, &rel, false)?;
+    let (dir, name) = beneath::parent(root, &rel, None)?;
     Ok((dir, name.to_string()))
 }
 
@@ -284,7 +285,7 @@ fn set_mode_and_mtime(
 
 /// Sets a file's mode and mtime (bytes unchanged). Returns its new state.
 pub fn set_meta(root: &Path, rel: &RelPath, entry: &Entry) -> io::Result<Seen> {
-    let (dir, name, _) = beneath::parent(root, rel, false)?;
+    let (dir, name) = beneath::parent(root, rel, None)?;
     let mtime = (entry.kind == Kind::File).then_some(entry.mtime_ns);
     let meta = set_mode_and_mtime(&dir, name, rel, entry.mode, mtime)?;
     let mut e = entry.clone();
@@ -309,8 +310,8 @@ pub enum Removed {
 /// Deletes a file or an empty directory at `rel` (a symlink there is removed itself).
 pub fn remove(root: &Path, rel: &RelPath) -> io::Result<Removed> {
     // A missing directory on the way: the path is gone already.
-    let (dir, name) = match beneath::parent(root, rel, false) {
-        Ok((dir, name, _)) => (dir, name),
+    let (dir, name) = match beneath::parent(root, rel, None) {
+        Ok(found) => found,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Removed::Gone),
         Err(e) => return Err(e),
     };
@@ -339,7 +340,7 @@ pub fn rename_noreplace(
     from: &RelPath,
     to: &RelPath,
 ) -> io::Result<Vec<(RelPath, Seen)>> {
-    let (from_dir, from_name, _) = beneath::parent(root, from, false)?;
+    let (from_dir, from_name) = beneath::parent(root, from, None)?;
     move_noreplace(root, &from_dir, from_name, to)
 }
 
@@ -633,7 +634,7 @@ mod tests {
         let outside = tmp("swap-outside");
         fs::create_dir(root.join("d")).unwrap();
         let rel: RelPath = "d/big".parse().unwrap();
-        let (dir, name, _) = beneath::parent(&root, &rel, false).unwrap();
+        let (dir, name) = beneath::parent(&root, &rel, None).unwrap();
         let t = tmp_path(&root);
         fs::write(&t, b"bytes").unwrap();
         let (tmp_dir, tmp_name) = beneath::state_parent(&t).unwrap();
@@ -644,7 +645,7 @@ mod tests {
         assert_eq!(fs::read(root.join("d.away/big")).unwrap(), b"bytes");
         assert!(!outside.join("big").exists());
         // And the next walk refuses the symlink.
-        let e = beneath::parent(&root, &rel, false).unwrap_err();
+        let e = beneath::parent(&root, &rel, None).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::NotADirectory);
         fs::remove_dir_all(&root).unwrap();
         fs::remove_dir_all(&outside).unwrap();

@@ -88,7 +88,7 @@ pub fn dir_seen(meta: &Metadata) -> Seen {
 /// changing. Follows no symlink, on the way or at the end. Returns the entry with the metadata
 /// the hash belongs to.
 pub fn hash_file(root: &Path, rel: &RelPath) -> io::Result<Option<Seen>> {
-    let (dir, name, _) = beneath::parent(root, rel, false)?;
+    let (dir, name) = beneath::parent(root, rel, None)?;
     hash_at(&dir, name)
 }
 
@@ -146,7 +146,7 @@ impl Tree {
         let Some(r) = quiet_rel(rel) else {
             return false; // a name that cannot travel: skipped whatever it is
         };
-        match beneath::parent(&self.root, &r, false).and_then(|(dir, name, _)| dir.stat(name)) {
+        match beneath::parent(&self.root, &r, None).and_then(|(dir, name)| dir.stat(name)) {
             Ok(m) => m.is_dir(),
             Err(_) => self.entries.get(&r).is_some_and(|s| s.entry.is_dir()),
         }
@@ -444,8 +444,8 @@ impl Tree {
 
     /// Stats `path`; on a directory with `deep`, walks it. Pushes what changed.
     fn scan_one(&mut self, path: &RelPath, deep: bool, changes: &mut Vec<Changed>) {
-        match beneath::parent(&self.root, path, false) {
-            Ok((dir, _, _)) => self.scan_at(&dir, path, deep, changes),
+        match beneath::parent(&self.root, path, None) {
+            Ok((dir, _)) => self.scan_at(&dir, path, deep, changes),
             // Not in the tree: a directory on the way is missing, or is a symlink or a file.
             Err(e) if beneath::is_absent(&e) => self.gone(path, changes),
             Err(e) => log::warn!("cannot stat {path}: {e}"),

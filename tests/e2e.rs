@@ -4,6 +4,7 @@
 mod e2e {
     pub mod util;
 
+    mod beneath;
     mod config;
     mod conflict;
     mod crash;
