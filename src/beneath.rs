@@ -136,6 +136,16 @@ impl Dir {
         )?)
     }
 
+    /// The target of the symlink `name` (EINVAL if it is not one).
+    pub fn read_link(&self, name: &str) -> io::Result<std::ffi::OsString> {
+        Ok(nix::fcntl::readlinkat(&self.0, name)?)
+    }
+
+    /// Creates the symlink `name` pointing at `target` (never resolved: any text will do).
+    pub fn symlink(&self, target: &str, name: &str) -> nix::Result<()> {
+        nix::unistd::symlinkat(target, &self.0, name)
+    }
+
     /// Creates the directory `name` (mode 0o777 less the umask, as `mkdir` does).
     pub fn mkdir(&self, name: &str) -> nix::Result<()> {
         nix::sys::stat::mkdirat(&self.0, name, Mode::from_bits_truncate(0o777))
@@ -298,6 +308,15 @@ pub fn state_parent(path: &Path) -> io::Result<(Dir, &str)> {
 pub fn open_file(root: &Path, rel: &RelPath) -> io::Result<File> {
     let (dir, name) = parent(root, rel, None)?;
     dir.open_file(name)
+}
+
+/// The target of the symlink `rel` beneath `root` (its own text: nothing is followed), if it is
+/// one and its target is UTF-8 (what can travel).
+pub fn read_link(root: &Path, rel: &RelPath) -> io::Result<String> {
+    let (dir, name) = parent(root, rel, None)?;
+    dir.read_link(name)?
+        .into_string()
+        .map_err(|_| io::Error::other("the symlink's target is not UTF-8"))
 }
 
 /// True if `e` says `rel` is not in the tree: missing, or a symlink or file stands where one

@@ -181,6 +181,8 @@ struct Client {
     failed: BTreeSet<RelPath>,
     retry_at: Option<Instant>,
     retry_pause: Duration,
+    /// Links this storage refused to hold (Android's shared storage): each is reported once.
+    unlinkable: HashSet<RelPath>,
 }
 
 /// One connection to the server.
@@ -209,6 +211,8 @@ struct Session {
     /// server's changes for them are in: the rename's seq and the paths moved here that the
     /// server has not yet confirmed moving.
     renames: HashMap<RelPath, (u64, BTreeSet<RelPath>)>,
+    /// Targets of the server's symlink changes, checked, until they are applied here.
+    targets: HashMap<RelPath, String>,
 }
 
 impl Session {
@@ -287,6 +291,7 @@ impl Client {
             failed: BTreeSet::new(),
             retry_at: None,
             retry_pause: RETRY_MIN,
+            unlinkable: HashSet::new(),
             epoch: saved.epoch,
             last_seq: saved.last_seq,
             journal,
@@ -600,6 +605,7 @@ impl Client {
             applied: 0,
             committed: HashMap::new(),
             renames: HashMap::new(),
+            targets: HashMap::new(),
             progress: None,
             listed_count: 0,
             bytes_before: self.stats.received_bytes,
@@ -836,6 +842,27 @@ impl Client {
                 return Ok(());
             }
             s.committed.remove(&c.path);
+        }
+        s.targets.remove(&c.path);
+        if let Some(e) = c.entry.as_ref().filter(|e| e.kind == Kind::Symlink) {
+            let checked = match &c.target {
+                Some(t) => e.check_link(t).map(|()| t.clone()),
+                None => Err("no target"),
+            };
+            match checked {
+                Ok(target) => {
+                    s.targets.insert(c.path.clone(), target);
+                }
+                Err(why) => {
+                    if c.target.is_some() {
+                        log::error!("refused the server's link {}: {why}", c.path);
+                    } else {
+                        log::debug!("{} changed on the server; a newer change follows", c.path);
+                    }
+                    self.last_seq = self.last_seq.max(c.seq);
+                    return Ok(());
+                }
+            }
         }
         if self
             .tree
@@ -1128,7 +1155,10 @@ impl Client {
                 }
                 Err(e) => log::error!("cannot delete {path}: {e}"),
             },
-            Some(e) if e.kind == Kind::Dir => match fsops::make_dir(&root, path, e.mode) {
+            Some(e) if e.kind == Kind::Dir => match self
+                .unlink_for_dir(path)
+                .and_then(|()| fsops::make_dir(&root, path, e.mode))
+            {
                 Ok((seen, created)) => {
                     self.note_created(created);
                     self.tree.set(path, Some(seen));
@@ -1138,6 +1168,7 @@ impl Client {
                 }
                 Err(err) => log::error!("cannot create directory {path}: {err}"),
             },
+            Some(e) if e.kind == Kind::Symlink => self.take_link(s, path, e),
             Some(e) => {
                 let tmp = fsops::partial_path(&root, &e.hash);
                 let resume = s.resume_download(path, &e, &tmp).await?;
@@ -1220,6 +1251,59 @@ impl Client {
             }
         }
         Ok(())
+    }
+
+    /// Removes the symlink the cache knows at `path` (the link itself), so a directory can take
+    /// its place; `make_dir` keeps any other.
+    fn unlink_for_dir(&self, path: &RelPath) -> std::io::Result<()> {
+        if self
+            .tree
+            .get(path)
+            .is_some_and(|s| s.entry.kind == Kind::Symlink)
+        {
+            fsops::remove(&self.cfg.root, path)?;
+        }
+        Ok(())
+    }
+
+    /// Makes the local path the server's symlink `e`, with the target its change brought.
+    fn take_link(&mut self, s: &mut Session, path: &RelPath, e: Entry) {
+        let Some(target) = s.targets.get(path).filter(|t| e.check_link(t).is_ok()) else {
+            log::debug!("no target yet for the link {path}; its change is on the way");
+            return;
+        };
+        // What the link replaces must still be what the plan saw.
+        let expect = self.tree.get(path).cloned();
+        match fsops::make_link(&self.cfg.root, path, target, expect.as_ref()) {
+            Ok(fsops::Install::Done {
+                installed: (seen, created),
+                displaced,
+            }) => {
+                s.targets.remove(path);
+                self.note_created(created);
+                self.tree.set(path, Some(seen));
+                self.set_base(path, Some(e));
+                self.stats.received += 1;
+                log::log!(s.applied(), "applied {path} (link)");
+                if let Some(old) = displaced {
+                    self.keep_displaced(path, &old);
+                }
+            }
+            Ok(fsops::Install::ChangedHere) => {
+                log::debug!("{path} changed here meanwhile; deciding again");
+                self.dirty.insert(path.clone());
+            }
+            // Storage that holds no symlinks (Android's shared storage): said once, skipped.
+            Err(err) if err.raw_os_error() == Some(nix::libc::EPERM) => {
+                if self.unlinkable.insert(path.clone()) {
+                    log::error!(
+                        "cannot create the link {path}: this storage does not hold symlinks \
+                         ({err}); it is skipped here"
+                    );
+                }
+            }
+            Err(err) => log::error!("cannot create the link {path}: {err}"),
+        }
     }
 
     /// Keeps a local edit that finished while the server's version was being put in place.
@@ -1307,6 +1391,19 @@ impl Client {
                         },
                         format!("{} bytes", e.size),
                     )
+                }
+            }
+            Some(e) if e.kind == Kind::Symlink => {
+                // Read again, beneath the root: sent only if it is still what the entry says.
+                match crate::beneath::read_link(&self.cfg.root, path) {
+                    Ok(target) if e.check_link(&target).is_ok() => {
+                        (Op::Link { target }, "link".to_string())
+                    }
+                    _ => {
+                        log::debug!("{path} changed before it was sent; it will be sent again");
+                        self.dirty.insert(path.clone());
+                        return Ok(None);
+                    }
                 }
             }
             Some(e) => (Op::Mkdir { mode: e.mode }, "mkdir".to_string()),

@@ -139,42 +139,104 @@ pub fn install_file(
     drop(file);
     let (tmp_dir, tmp_name) = beneath::state_parent(tmp)?;
     let (dir, name, created) = parent_made(root, rel)?;
-    let mut aside = None;
+    let aside = tmp.with_extension("replaced");
+    match replace((&tmp_dir, tmp_name), (&dir, name), expect, &aside)? {
+        None => Ok(Install::ChangedHere),
+        Some(displaced) => Ok(Install::Done {
+            installed: (seen, created),
+            displaced,
+        }),
+    }
+}
+
+/// Creates the symlink `rel` pointing at `target` (any text: it is never resolved), replacing
+/// what stands there provided it is still `expect`, as `install_file` does. The link is made
+/// under a temporary name in the same directory and renamed into place, so a link whose
+/// target changes is replaced atomically. It has no mode or mtime to set.
+pub fn make_link(
+    root: &Path,
+    rel: &RelPath,
+    target: &str,
+    expect: Option<&Seen>,
+) -> io::Result<Install> {
+    let (dir, name, created) = parent_made(root, rel)?;
+    // `.#` names are ignored by the built-in rules (emacs lock files, which are symlinks
+    // too): a watcher that sees this one in its moment does not sync it.
+    let n: [u8; 8] = crate::proto::auth::random();
+    let tmp_name = format!(".#ferry-{:016x}", u64::from_le_bytes(n));
+    dir.symlink(target, &tmp_name)?;
+    let made = dir.stat(&tmp_name).and_then(|meta| {
+        let aside = tmp_path(root).with_extension("replaced");
+        let placed = replace((&dir, &tmp_name), (&dir, name), expect, &aside)?;
+        Ok(placed.map(|displaced| (meta.ino(), displaced)))
+    });
+    match made {
+        Ok(Some((ino, displaced))) => Ok(Install::Done {
+            installed: (
+                Seen {
+                    entry: Entry::link(target),
+                    ino,
+                },
+                created,
+            ),
+            displaced,
+        }),
+        Ok(None) => {
+            let _ = dir.remove_file(&tmp_name);
+            Ok(Install::ChangedHere)
+        }
+        Err(e) => {
+            let _ = dir.remove_file(&tmp_name);
+            Err(e)
+        }
+    }
+}
+
+/// Renames `from` (a directory and a name in it) to `to`, provided what stands at `to` is
+/// still `expect`; `None` (nothing done) if not. A directory standing there must be empty
+/// (its children were deleted first); `remove_dir` refuses anything else.
+///
+/// A replaced file is hard-linked aside first, as `aside` (a free path in the state
+/// directory), and checked after the rename, so an edit that finished in between is kept:
+/// returned as where it went. Otherwise the replaced entry is gone.
+fn replace(
+    from: (&Dir, &str),
+    to: (&Dir, &str),
+    expect: Option<&Seen>,
+    aside: &Path,
+) -> io::Result<Option<Option<PathBuf>>> {
+    let (dir, name) = to;
+    let mut kept = None;
     match dir.stat(name) {
-        // A directory standing where the file goes must be empty (its children were deleted
-        // first); `remove_dir` refuses anything else.
         Ok(m) if m.is_dir() => dir.remove_dir(name)?,
         Ok(m) => match expect {
             Some(seen) if unchanged(&m, seen) => {
-                let aside_name = format!("{tmp_name}.replaced");
-                let _ = tmp_dir.remove_file(&aside_name);
+                let (aside_dir, aside_name) = beneath::state_parent(aside)?;
+                let _ = aside_dir.remove_file(aside_name);
                 // Without hard links (some Android storage) the window is only the rename.
-                aside = dir
-                    .hard_link(name, &tmp_dir, &aside_name)
+                kept = dir
+                    .hard_link(name, &aside_dir, aside_name)
                     .is_ok()
-                    .then_some((aside_name, seen));
+                    .then_some((aside_dir, aside_name, seen));
             }
-            _ => return Ok(Install::ChangedHere),
+            _ => return Ok(None),
         },
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    tmp_dir.rename(tmp_name, &dir, name)?;
+    from.0.rename(from.1, dir, name)?;
     dir.sync()?;
-    let displaced = match aside {
-        Some((aside_name, seen)) => match tmp_dir.stat(&aside_name) {
-            Ok(m) if !unchanged(&m, seen) => Some(tmp.with_file_name(aside_name)),
-            _ => {
-                let _ = tmp_dir.remove_file(&aside_name);
-                None
-            }
-        },
-        None => None,
-    };
-    Ok(Install::Done {
-        installed: (seen, created),
-        displaced,
-    })
+    let displaced =
+        kept.and_then(
+            |(aside_dir, aside_name, seen)| match aside_dir.stat(aside_name) {
+                Ok(m) if !unchanged(&m, seen) => Some(aside.to_path_buf()),
+                _ => {
+                    let _ = aside_dir.remove_file(aside_name);
+                    None
+                }
+            },
+        );
+    Ok(Some(displaced))
 }
 
 /// Moves `from` (a local version that lost to another for `path`) to the first free conflict
@@ -220,12 +282,15 @@ fn source(root: &Path, from: &Path) -> io::Result<(Dir, String)> {
     Ok((dir, name.to_string()))
 }
 
-/// True if `meta` is still the file `seen` describes (same inode, size and mtime).
+/// True if `meta` is still the file or symlink `seen` describes (same inode, size, and for a
+/// file mtime; a symlink's target cannot change in place).
 fn unchanged(meta: &Metadata, seen: &Seen) -> bool {
-    meta.is_file()
-        && meta.ino() == seen.ino
-        && meta.len() == seen.entry.size
-        && mtime_ns(meta) == seen.entry.mtime_ns
+    let same_kind = match seen.entry.kind {
+        Kind::File => meta.is_file() && mtime_ns(meta) == seen.entry.mtime_ns,
+        Kind::Symlink => meta.file_type().is_symlink(),
+        Kind::Dir => false,
+    };
+    same_kind && meta.ino() == seen.ino && meta.len() == seen.entry.size
 }
 
 /// Creates directory `rel` (or sets its mode if it exists). Returns its state.
@@ -237,13 +302,14 @@ pub fn make_dir(root: &Path, rel: &RelPath, mode: u32) -> io::Result<Installed> 
             dir.remove_file(name)?;
             dir.mkdir(name)?;
         }
+        // A symlink the caller knows of is removed first (`remove`); any other is kept.
         Ok(_) => return Err(io::Error::other(format!("{rel}: a symlink is in the way"))),
         Err(e) if e.kind() == io::ErrorKind::NotFound => dir.mkdir(name)?,
         Err(e) => return Err(e),
     }
     let meta = set_mode_and_mtime(&dir, name, rel, mode, None)?;
     if !meta.is_dir() {
-        return Err(io::Error::other(format!("{rel}: a symlink is in the way")));
+        return Err(io::Error::other(format!("{rel} is not a directory")));
     }
     Ok((dir_seen(&meta), created))
 }
@@ -591,8 +657,6 @@ mod tests {
 
         let e = set_meta(&root, &rel("to-file"), &file_entry(b"outside")).unwrap_err();
         assert_eq!(e.to_string(), "to-file is a symlink");
-        let e = make_dir(&root, &rel("to-dir"), 0o700).unwrap_err();
-        assert_eq!(e.to_string(), "to-dir: a symlink is in the way");
         let e = set_meta(&root, &rel("to-dir"), &Entry::dir(0o700)).unwrap_err();
         assert_eq!(e.to_string(), "to-dir is a symlink");
         // A download for a path where a symlink stands replaces nothing.
@@ -616,10 +680,92 @@ mod tests {
         let meta = fs::metadata(root.join("locked")).unwrap();
         assert_eq!(meta.mode() & 0o7777, 0o600);
         assert_eq!(mtime_ns(&meta), file_entry(b"x").mtime_ns);
+        let e = make_dir(&root, &rel("to-dir"), 0o700).unwrap_err();
+        assert_eq!(e.to_string(), "to-dir: a symlink is in the way");
         // Removing a symlink removes the link, not what it points to.
         assert_eq!(remove(&root, &rel("to-dir")).unwrap(), Removed::Gone);
         assert_eq!(remove(&root, &rel("to-file")).unwrap(), Removed::Gone);
         assert!(fs::symlink_metadata(root.join("to-file")).is_err());
+        assert_eq!(listing(&outside), before, "nothing outside changed");
+        fs::remove_dir_all(&root).unwrap();
+        fs::remove_dir_all(&outside).unwrap();
+    }
+
+    #[test]
+    fn links_are_made_and_replaced_as_links() {
+        let root = tmp("links");
+        let outside = tmp("links-outside");
+        fs::write(outside.join("target"), "outside").unwrap();
+        let before = listing(&outside);
+        let rel = |s: &str| -> RelPath { s.parse().unwrap() };
+        let made = |r: io::Result<Install>| match r.unwrap() {
+            Install::Done {
+                installed: (seen, created),
+                displaced: None,
+            } => (seen, created),
+            other => panic!("{other:?}"),
+        };
+        let target = outside.join("target");
+        let target = target.to_str().unwrap();
+
+        // New, with its parents; absolute, dangling and `..` targets are just text.
+        let (seen, created) = made(make_link(&root, &rel("a/b/abs"), target, None));
+        assert_eq!(seen.entry, Entry::link(target));
+        assert_eq!(created.len(), 2);
+        assert_eq!(
+            fs::read_link(root.join("a/b/abs")).unwrap(),
+            Path::new(target)
+        );
+        made(make_link(&root, &rel("dangling"), "../../nowhere", None));
+        assert_eq!(
+            fs::read_link(root.join("dangling")).unwrap(),
+            Path::new("../../nowhere")
+        );
+
+        // A new target replaces the link, provided it is still the one seen.
+        let (seen2, _) = made(make_link(&root, &rel("a/b/abs"), "elsewhere", Some(&seen)));
+        assert_eq!(seen2.entry, Entry::link("elsewhere"));
+        let got = make_link(&root, &rel("a/b/abs"), "third", Some(&seen)).unwrap();
+        assert!(matches!(got, Install::ChangedHere), "{got:?}");
+        assert_eq!(
+            fs::read_link(root.join("a/b/abs")).unwrap(),
+            Path::new("elsewhere")
+        );
+        let got = make_link(&root, &rel("a/b/abs"), "third", None).unwrap();
+        assert!(matches!(got, Install::ChangedHere), "{got:?}");
+
+        // A file becomes a link (and a link a file) when what was seen still stands there.
+        fs::write(root.join("f"), "file").unwrap();
+        let seen_f = seen_at(&root, "f");
+        made(make_link(&root, &rel("f"), "to", Some(&seen_f)));
+        assert_eq!(fs::read_link(root.join("f")).unwrap(), Path::new("to"));
+        let t = tmp_path(&root);
+        fs::write(&t, b"x").unwrap();
+        let link_seen = Seen {
+            entry: Entry::link("to"),
+            ino: fs::symlink_metadata(root.join("f")).unwrap().ino(),
+        };
+        let got = install_file(
+            &root,
+            File::open(&t).unwrap(),
+            &t,
+            &rel("f"),
+            &file_entry(b"x"),
+            Some(&link_seen),
+        )
+        .unwrap();
+        assert!(matches!(got, Install::Done { .. }), "{got:?}");
+        assert_eq!(fs::read(root.join("f")).unwrap(), b"x");
+
+        // An empty directory gives way; nothing temporary is left behind.
+        fs::create_dir(root.join("was-dir")).unwrap();
+        made(make_link(&root, &rel("was-dir"), "x", None));
+        let names: Vec<String> = fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with(".#"))
+            .collect();
+        assert!(names.is_empty(), "{names:?}");
         assert_eq!(listing(&outside), before, "nothing outside changed");
         fs::remove_dir_all(&root).unwrap();
         fs::remove_dir_all(&outside).unwrap();

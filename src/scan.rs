@@ -2,8 +2,12 @@
 //! rescan hashes only what moved (size, mtime or inode changed).
 //!
 //! Watcher hints say where to look; `Tree` looks and reports what changed. Names that cannot
-//! travel (not UTF-8, CR/LF, too long) and symlinks or special files are reported once, then
-//! skipped.
+//! travel (not UTF-8, CR/LF, too long), symlinks whose target cannot (not UTF-8, too long) and
+//! special files are reported once, then skipped.
+//!
+//! A symlink is an entry of its own (its target text, see `Kind::Symlink`), never followed:
+//! everything is looked at through descriptors of the directories on the way (`beneath`), so a
+//! walk does not enter a symlinked directory and a hint for a path through one finds nothing.
 //!
 //! Ignored paths (`crate::ignore`) are never looked at or reported: a walk does not enter an
 //! ignored directory, a hint for an ignored path finds nothing. The rules are loaded as walks
@@ -21,7 +25,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::beneath::{self, Dir};
-use crate::core::entry::{Entry, Kind};
+use crate::core::entry::{check_target, Entry, Kind, MAX_LINK_TARGET};
 use crate::core::path::{RelPath, STATE_DIR};
 use crate::core::renames::{Changed, Seen};
 use crate::core::tracked::Tracked;
@@ -504,9 +508,34 @@ impl Tree {
                     }
                 },
             }
+        } else if meta.file_type().is_symlink() {
+            match dir.read_link(name).map(OsString::into_string) {
+                Ok(Ok(target)) if check_target(&target).is_ok() => Some(Seen {
+                    entry: Entry::link(&target),
+                    ino: meta.ino(),
+                }),
+                Ok(_) => {
+                    if self.reported.insert(self.abs(path)) {
+                        log::warn!(
+                            "skipped {path}: its symlink target cannot be synced (not UTF-8, or \
+                             longer than {MAX_LINK_TARGET} bytes)"
+                        );
+                    }
+                    None
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                // Replaced by something else since the stat: the next look sees what.
+                Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => return,
+                Err(e) => {
+                    log::warn!("cannot read the symlink {path}: {e}");
+                    return;
+                }
+            }
         } else {
             if self.reported.insert(self.abs(path)) {
-                log::warn!("skipped {path}: symlinks and special files are not synced");
+                log::warn!(
+                    "skipped {path}: special files (FIFOs, sockets, devices) are not synced"
+                );
             }
             None
         };
@@ -872,7 +901,8 @@ mod tests {
         std::fs::create_dir(root.join("d")).unwrap();
         std::os::unix::fs::symlink(&outside, root.join("d/link")).unwrap();
         let mut t = Tree::new(root.clone(), BTreeMap::new());
-        assert_eq!(paths(&t.scan_all().unwrap()), ["d"]);
+        // The links are entries of their own; nothing beneath them is.
+        assert_eq!(paths(&t.scan_all().unwrap()), ["d", "d/link", "link"]);
         // Hints and refreshes for paths through the links find nothing there.
         for hint in ["link/secret", "d/link/secret"] {
             assert!(t.scan_path(Path::new(hint)).is_empty(), "{hint}");
@@ -890,6 +920,16 @@ mod tests {
         assert_eq!(paths(&c), ["d/f"]);
         assert!(c[0].new.is_none());
         assert!(t.scan_path(Path::new("d/secret")).is_empty());
+        let c = t.scan_path(Path::new("d"));
+        assert_eq!(
+            paths(&c),
+            ["d", "d/link"],
+            "d is a link now; what it held is gone"
+        );
+        assert_eq!(
+            t.get(&"d".parse().unwrap()).unwrap().entry.kind,
+            Kind::Symlink
+        );
         std::fs::remove_dir_all(&root).unwrap();
         std::fs::remove_dir_all(&outside).unwrap();
     }
@@ -898,13 +938,42 @@ mod tests {
     fn names_that_cannot_travel_are_skipped() {
         use std::os::unix::ffi::OsStrExt;
         let root = tmp("names");
-        std::fs::write(root.join(std::ffi::OsStr::from_bytes(b"bad\xff")), "x").unwrap();
+        let bad = std::ffi::OsStr::from_bytes(b"bad\xff");
+        std::fs::write(root.join(bad), "x").unwrap();
         std::fs::write(root.join("line\nbreak"), "x").unwrap();
-        std::os::unix::fs::symlink("/etc", root.join("link")).unwrap();
+        std::os::unix::fs::symlink(bad, root.join("bad-target")).unwrap();
+        nix::unistd::mkfifo(&root.join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
         std::fs::write(root.join("good"), "x").unwrap();
         let mut t = Tree::new(root.clone(), BTreeMap::new());
         let c = t.scan_all().unwrap();
         assert_eq!(paths(&c), ["good"]);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn symlinks_are_entries_of_their_target_text() {
+        let root = tmp("links");
+        std::fs::create_dir(root.join("d")).unwrap();
+        std::os::unix::fs::symlink("/etc", root.join("abs")).unwrap();
+        std::os::unix::fs::symlink("../nowhere", root.join("d/dangling")).unwrap();
+        std::os::unix::fs::symlink("d", root.join("to-d")).unwrap();
+        let mut t = Tree::new(root.clone(), BTreeMap::new());
+        let c = t.scan_all().unwrap();
+        assert_eq!(paths(&c), ["abs", "d", "d/dangling", "to-d"]);
+        let entry = |t: &Tree, p: &str| t.get(&p.parse().unwrap()).unwrap().entry.clone();
+        assert_eq!(entry(&t, "abs"), Entry::link("/etc"));
+        assert_eq!(entry(&t, "d/dangling"), Entry::link("../nowhere"));
+        assert!(t.scan_all().unwrap().is_empty(), "unchanged");
+        // A new target is a change; so is a link replaced by a file.
+        std::fs::remove_file(root.join("abs")).unwrap();
+        std::os::unix::fs::symlink("/usr", root.join("abs")).unwrap();
+        let c = t.scan_path(Path::new("abs"));
+        assert_eq!(paths(&c), ["abs"]);
+        assert_eq!(c[0].new.as_ref().unwrap().entry, Entry::link("/usr"));
+        std::fs::remove_file(root.join("to-d")).unwrap();
+        std::fs::write(root.join("to-d"), "now a file").unwrap();
+        let c = t.scan_path(Path::new("to-d"));
+        assert_eq!(c[0].new.as_ref().unwrap().entry.kind, Kind::File);
         std::fs::remove_dir_all(&root).unwrap();
     }
 }

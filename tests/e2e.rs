@@ -15,6 +15,7 @@ mod e2e {
     mod hostile;
     mod ignore;
     mod lifecycle;
+    mod links;
     mod random;
     mod restart;
     mod startup;
