@@ -1,6 +1,7 @@
 //! Changes to a replica's tree, made so that no reader ever sees a half-written file under its
 //! real name: bytes land in a temporary file in the state directory, are checked, fsynced and
-//! given their mtime and mode, then renamed into place.
+//! given their mtime and mode, then renamed into place. A symlink is made under a temporary
+//! name beside its place and renamed into it the same way.
 //!
 //! Every path passed here is a validated `RelPath`, and every change is made through
 //! descriptors of the directories on the way, opened one component at a time beneath the root

@@ -43,7 +43,7 @@ fn read_through(root: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn links_travel_as_their_target_text_and_are_never_followed() {
-    let mut cl = Cluster::start("links", &[("a", Watch::Auto), ("b", Watch::Poll)]);
+    let cl = Cluster::start("links", &[("a", Watch::Auto), ("b", Watch::Poll)]);
     let outside_dir = outside(&cl.dir.0);
     fs::create_dir_all(outside_dir.join("sub")).unwrap();
     fs::write(outside_dir.join("sub/deeper"), "also outside").unwrap();
@@ -147,4 +147,81 @@ fn a_link_where_the_server_has_a_directory_is_a_conflict_not_a_way_out() {
             "read through a link"
         );
     }
+}
+
+/// A commit of a link whose target cannot be one (empty, NUL, over 4096 bytes), or a put that
+/// claims to be a link, is refused with the reason; nothing is created and the connection
+/// stays usable.
+#[test]
+fn bad_link_commits_are_refused() {
+    use ferry::core::entry::Entry;
+    use ferry::proto::codec::encode;
+    use ferry::proto::msg::{ClientMsg, Op, Outcome, ServerMsg};
+    use std::io::Write;
+
+    let cl = Cluster::start("links-hostile", &[]);
+    let mut s = super::hostile::authenticated(&cl);
+    let long = "x".repeat(4097);
+    let commits: Vec<(&str, Op, &str)> = vec![
+        (
+            "empty",
+            Op::Link {
+                target: String::new(),
+            },
+            "empty symlink target",
+        ),
+        (
+            "nul",
+            Op::Link {
+                target: "a\0b".into(),
+            },
+            "contains a NUL byte",
+        ),
+        ("long", Op::Link { target: long }, "longer than 4096 bytes"),
+        (
+            "put-link",
+            Op::Put {
+                staged: None,
+                entry: Entry::link("/etc"),
+            },
+            "a put carries a file's entry",
+        ),
+    ];
+    for (i, (path, op, why)) in commits.into_iter().enumerate() {
+        let id = i as u64 + 1;
+        let msg = ClientMsg::Commit {
+            id,
+            path: path.parse().unwrap(),
+            op,
+            base: None,
+        };
+        s.write_all(&encode(&msg).unwrap()).unwrap();
+        let reason = loop {
+            match super::hostile::recv(&mut s).unwrap() {
+                ServerMsg::CommitResult {
+                    id: got,
+                    outcome: Outcome::Failed { reason },
+                } if got == id => break reason,
+                ServerMsg::CommitResult { outcome, .. } => panic!("{path}: {outcome:?}"),
+                _ => continue, // pings
+            }
+        };
+        assert!(reason.contains(why), "{path}: {reason}");
+        assert!(fs::symlink_metadata(cl.server_root().join(path)).is_err());
+    }
+    // A good one on the same connection is accepted.
+    let msg = ClientMsg::Commit {
+        id: 99,
+        path: "good".parse().unwrap(),
+        op: Op::Link {
+            target: "../anything/at all".into(),
+        },
+        base: None,
+    };
+    s.write_all(&encode(&msg).unwrap()).unwrap();
+    wait_until(
+        "the good link is made",
+        || is_link(&cl.server_root(), "good", Path::new("../anything/at all")),
+        || cl.logs(),
+    );
 }
