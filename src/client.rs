@@ -1430,6 +1430,9 @@ impl Client {
                     // A directory the server keeps (something new is in it): have it here too,
                     // so what it holds has a place to arrive.
                     self.take_remote(s, path, server_has).await?;
+                } else if local.as_ref().is_some_and(|e| e.kind == Kind::Symlink) {
+                    // Not tried again: a link the server refuses (its storage holds none) stays
+                    // refused; it is sent again when it changes here.
                 } else {
                     // Maybe a passing problem there (a race with a local program, a full
                     // disk): tried again later, with a growing pause.

@@ -1161,6 +1161,9 @@ impl Server {
                 let expect = self.tree.get(path).cloned();
                 match fsops::make_link(&self.root, path, &target, expect.as_ref()) {
                     Ok(installed) => Ok(self.installed(path, installed, &mut changes)),
+                    Err(e) if e.raw_os_error() == Some(nix::libc::EPERM) => Ok(Outcome::Failed {
+                        reason: format!("the server's storage does not hold symlinks ({e})"),
+                    }),
                     Err(e) => Err(e.into()),
                 }
             }
