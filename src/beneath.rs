@@ -28,6 +28,71 @@ use nix::unistd::UnlinkatFlags;
 
 use crate::core::path::RelPath;
 
+/// The few fields of a `stat` ferry looks at. From `fstatat` for a name in a directory: one
+/// system call per entry, which is what a scan of a large tree costs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stat {
+    /// `st_mode`: the kind and the permission bits.
+    pub mode: u32,
+    /// Inode number.
+    pub ino: u64,
+    /// Size in bytes (a symlink's: its target's length).
+    pub len: u64,
+    /// Modification time in nanoseconds since the epoch.
+    pub mtime_ns: i64,
+}
+
+impl Stat {
+    #[allow(clippy::unnecessary_cast)] // `mode_t` is narrower on some targets
+    fn is(&self, kind: nix::libc::mode_t) -> bool {
+        self.mode & nix::libc::S_IFMT as u32 == kind as u32
+    }
+
+    /// A directory.
+    pub fn is_dir(&self) -> bool {
+        self.is(nix::libc::S_IFDIR)
+    }
+
+    /// A regular file.
+    pub fn is_file(&self) -> bool {
+        self.is(nix::libc::S_IFREG)
+    }
+
+    /// A symlink.
+    pub fn is_symlink(&self) -> bool {
+        self.is(nix::libc::S_IFLNK)
+    }
+
+    /// The permission bits.
+    pub fn perm(&self) -> u32 {
+        self.mode & 0o7777
+    }
+}
+
+impl From<nix::sys::stat::FileStat> for Stat {
+    #[allow(clippy::unnecessary_cast)] // the field types vary by target
+    fn from(st: nix::sys::stat::FileStat) -> Stat {
+        Stat {
+            mode: st.st_mode as u32,
+            ino: st.st_ino as u64,
+            len: st.st_size as u64,
+            mtime_ns: st.st_mtime as i64 * 1_000_000_000 + st.st_mtime_nsec as i64,
+        }
+    }
+}
+
+impl From<&Metadata> for Stat {
+    fn from(m: &Metadata) -> Stat {
+        use std::os::unix::fs::MetadataExt;
+        Stat {
+            mode: m.mode(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+        }
+    }
+}
+
 /// An open directory (an `O_PATH` descriptor): names are resolved relative to it.
 #[derive(Debug)]
 pub struct Dir(OwnedFd);
@@ -67,15 +132,15 @@ impl Dir {
         openat(&self.0, name, dir_flags(), Mode::empty()).map(Dir)
     }
 
-    /// The metadata of `name` itself (a symlink is reported as one, not followed).
-    pub fn stat(&self, name: &str) -> io::Result<Metadata> {
-        let flags = OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-        File::from(openat(&self.0, name, flags, Mode::empty())?).metadata()
+    /// What `name` itself is (a symlink is reported as one, not followed).
+    pub fn stat(&self, name: &str) -> io::Result<Stat> {
+        use nix::sys::stat::fstatat;
+        Ok(fstatat(&self.0, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)?.into())
     }
 
-    /// The metadata of this directory.
-    pub fn meta(&self) -> io::Result<Metadata> {
-        File::from(self.0.try_clone()?).metadata()
+    /// What this directory is.
+    pub fn meta(&self) -> io::Result<Stat> {
+        Ok(nix::sys::stat::fstat(&self.0)?.into())
     }
 
     /// Opens `name` for reading if it is a regular file. `O_NOFOLLOW` refuses a symlink (ELOOP);
@@ -257,7 +322,7 @@ impl AsFd for Dir {
 pub fn parent<'a>(
     root: &Path,
     rel: &'a RelPath,
-    mut created: Option<&mut Vec<(RelPath, Metadata)>>,
+    mut created: Option<&mut Vec<(RelPath, Stat)>>,
 ) -> io::Result<(Dir, &'a str)> {
     let mut dir = Dir::root(root)?;
     let s = rel.as_str();

@@ -10,13 +10,13 @@
 //! outside the root. Temporary files move into place with `renameat` from the state
 //! directory's descriptor to the parent's.
 
-use std::fs::{self, File, FileTimes, Metadata, Permissions};
+use std::fs::{self, File, FileTimes, Permissions};
 use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::beneath::{self, Dir};
+use crate::beneath::{self, Dir, Stat};
 use crate::core::entry::{Entry, Kind};
 use crate::core::path::{RelPath, STATE_DIR};
 use crate::core::renames::Seen;
@@ -169,7 +169,7 @@ pub fn make_link(
     let made = dir.stat(&tmp_name).and_then(|meta| {
         let aside = tmp_path(root).with_extension("replaced");
         let placed = replace((&dir, &tmp_name), (&dir, name), expect, &aside)?;
-        Ok(placed.map(|displaced| (meta.ino(), displaced)))
+        Ok(placed.map(|displaced| (meta.ino, displaced)))
     });
     match made {
         Ok(Some((ino, displaced))) => Ok(Install::Done {
@@ -285,13 +285,13 @@ fn source(root: &Path, from: &Path) -> io::Result<(Dir, String)> {
 
 /// True if `meta` is still the file or symlink `seen` describes (same inode, size, and for a
 /// file mtime; a symlink's target cannot change in place).
-fn unchanged(meta: &Metadata, seen: &Seen) -> bool {
+fn unchanged(meta: &Stat, seen: &Seen) -> bool {
     let same_kind = match seen.entry.kind {
-        Kind::File => meta.is_file() && mtime_ns(meta) == seen.entry.mtime_ns,
-        Kind::Symlink => meta.file_type().is_symlink(),
+        Kind::File => meta.is_file() && meta.mtime_ns == seen.entry.mtime_ns,
+        Kind::Symlink => meta.is_symlink(),
         Kind::Dir => false,
     };
-    same_kind && meta.ino() == seen.ino && meta.len() == seen.entry.size
+    same_kind && meta.ino == seen.ino && meta.len == seen.entry.size
 }
 
 /// Creates directory `rel` (or sets its mode if it exists). Returns its state.
@@ -324,7 +324,7 @@ fn set_mode_and_mtime(
     rel: &RelPath,
     mode: u32,
     mtime_ns: Option<i64>,
-) -> io::Result<Metadata> {
+) -> io::Result<Stat> {
     // ELOOP from `O_NOFOLLOW`; EOPNOTSUPP from `fchmodat(AT_SYMLINK_NOFOLLOW)` on a symlink.
     let symlink = |e: io::Error| match e.raw_os_error() {
         Some(nix::libc::ELOOP | nix::libc::EOPNOTSUPP) => {
@@ -338,7 +338,7 @@ fn set_mode_and_mtime(
             if let Some(ns) = mtime_ns {
                 f.set_times(FileTimes::new().set_modified(system_time(ns)))?;
             }
-            f.metadata()
+            Ok(Stat::from(&f.metadata()?))
         }
         None => {
             dir.chmod_nofollow(name, mode).map_err(symlink)?;
@@ -357,11 +357,11 @@ pub fn set_meta(root: &Path, rel: &RelPath, entry: &Entry) -> io::Result<Seen> {
     let meta = set_mode_and_mtime(&dir, name, rel, entry.mode, mtime)?;
     let mut e = entry.clone();
     if e.kind == Kind::File {
-        e.mtime_ns = mtime_ns(&meta);
+        e.mtime_ns = meta.mtime_ns;
     }
     Ok(Seen {
         entry: e,
-        ino: meta.ino(),
+        ino: meta.ino,
     })
 }
 

@@ -24,7 +24,7 @@ use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::beneath::{self, Dir};
+use crate::beneath::{self, Dir, Stat};
 use crate::core::entry::{check_target, Entry, Kind, MAX_LINK_TARGET};
 use crate::core::path::{RelPath, STATE_DIR};
 use crate::core::renames::{Changed, Seen};
@@ -81,10 +81,10 @@ pub fn mtime_ns(meta: &Metadata) -> i64 {
 }
 
 /// The `Seen` for a directory's metadata.
-pub fn dir_seen(meta: &Metadata) -> Seen {
+pub fn dir_seen(meta: &Stat) -> Seen {
     Seen {
-        entry: Entry::dir(meta.mode() & 0o7777),
-        ino: meta.ino(),
+        entry: Entry::dir(meta.perm()),
+        ino: meta.ino,
     }
 }
 
@@ -485,10 +485,10 @@ impl Tree {
             match self.entries.get(path) {
                 Some(old)
                     if old.entry.kind == Kind::File
-                        && old.ino == meta.ino()
-                        && old.entry.size == meta.len()
-                        && old.entry.mtime_ns == mtime_ns(&meta)
-                        && old.entry.mode == meta.mode() & 0o7777 =>
+                        && old.ino == meta.ino
+                        && old.entry.size == meta.len
+                        && old.entry.mtime_ns == meta.mtime_ns
+                        && old.entry.mode == meta.perm() =>
                 {
                     Some(old.clone())
                 }
@@ -508,11 +508,11 @@ impl Tree {
                     }
                 },
             }
-        } else if meta.file_type().is_symlink() {
+        } else if meta.is_symlink() {
             match dir.read_link(name).map(OsString::into_string) {
                 Ok(Ok(target)) if check_target(&target).is_ok() => Some(Seen {
                     entry: Entry::link(&target),
-                    ino: meta.ino(),
+                    ino: meta.ino,
                 }),
                 Ok(_) => {
                     if self.reported.insert(self.abs(path)) {
