@@ -187,6 +187,8 @@ struct Client {
     failed: BTreeSet<RelPath>,
     retry_at: Option<Instant>,
     retry_pause: Duration,
+    /// Links this storage refused to hold (Android's shared storage): each is reported once.
+    unlinkable: HashSet<RelPath>,
 }
 
 /// Where the server's certificate is pinned: `<root>/.ferry/server.fingerprint`.
@@ -234,6 +236,8 @@ struct Session {
     /// server's changes for them are in: the rename's seq and the paths moved here that the
     /// server has not yet confirmed moving.
     renames: HashMap<RelPath, (u64, BTreeSet<RelPath>)>,
+    /// Targets of the server's symlink changes, checked, until they are applied here.
+    targets: HashMap<RelPath, String>,
 }
 
 impl Session {
@@ -318,6 +322,7 @@ impl Client {
             failed: BTreeSet::new(),
             retry_at: None,
             retry_pause: RETRY_MIN,
+            unlinkable: HashSet::new(),
             epoch: saved.epoch,
             last_seq: saved.last_seq,
             journal,
@@ -709,6 +714,7 @@ impl Client {
             applied: 0,
             committed: HashMap::new(),
             renames: HashMap::new(),
+            targets: HashMap::new(),
             progress: None,
             listed_count: 0,
             bytes_before: self.stats.received_bytes,
@@ -945,6 +951,27 @@ impl Client {
                 return Ok(());
             }
             s.committed.remove(&c.path);
+        }
+        s.targets.remove(&c.path);
+        if let Some(e) = c.entry.as_ref().filter(|e| e.kind == Kind::Symlink) {
+            let checked = match &c.target {
+                Some(t) => e.check_link(t).map(|()| t.clone()),
+                None => Err("no target"),
+            };
+            match checked {
+                Ok(target) => {
+                    s.targets.insert(c.path.clone(), target);
+                }
+                Err(why) => {
+                    if c.target.is_some() {
+                        log::error!("refused the server's link {}: {why}", c.path);
+                    } else {
+                        log::debug!("{} changed on the server; a newer change follows", c.path);
+                    }
+                    self.last_seq = self.last_seq.max(c.seq);
+                    return Ok(());
+                }
+            }
         }
         if self
             .tree
@@ -1237,7 +1264,10 @@ impl Client {
                 }
                 Err(e) => log::error!("cannot delete {path}: {e}"),
             },
-            Some(e) if e.kind == Kind::Dir => match fsops::make_dir(&root, path, e.mode) {
+            Some(e) if e.kind == Kind::Dir => match self
+                .unlink_for_dir(path)
+                .and_then(|()| fsops::make_dir(&root, path, e.mode))
+            {
                 Ok((seen, created)) => {
                     self.note_created(created);
                     self.tree.set(path, Some(seen));
@@ -1247,6 +1277,7 @@ impl Client {
                 }
                 Err(err) => log::error!("cannot create directory {path}: {err}"),
             },
+            Some(e) if e.kind == Kind::Symlink => self.take_link(s, path, e),
             Some(e) => {
                 let tmp = fsops::partial_path(&root, &e.hash);
                 let resume = s.resume_download(path, &e, &tmp).await?;
@@ -1331,6 +1362,59 @@ impl Client {
         Ok(())
     }
 
+    /// Removes the symlink the cache knows at `path` (the link itself), so a directory can take
+    /// its place; `make_dir` keeps any other.
+    fn unlink_for_dir(&self, path: &RelPath) -> std::io::Result<()> {
+        if self
+            .tree
+            .get(path)
+            .is_some_and(|s| s.entry.kind == Kind::Symlink)
+        {
+            fsops::remove(&self.cfg.root, path)?;
+        }
+        Ok(())
+    }
+
+    /// Makes the local path the server's symlink `e`, with the target its change brought.
+    fn take_link(&mut self, s: &mut Session, path: &RelPath, e: Entry) {
+        let Some(target) = s.targets.get(path).filter(|t| e.check_link(t).is_ok()) else {
+            log::debug!("no target yet for the link {path}; its change is on the way");
+            return;
+        };
+        // What the link replaces must still be what the plan saw.
+        let expect = self.tree.get(path).cloned();
+        match fsops::make_link(&self.cfg.root, path, target, expect.as_ref()) {
+            Ok(fsops::Install::Done {
+                installed: (seen, created),
+                displaced,
+            }) => {
+                s.targets.remove(path);
+                self.note_created(created);
+                self.tree.set(path, Some(seen));
+                self.set_base(path, Some(e));
+                self.stats.received += 1;
+                log::log!(s.applied(), "applied {path} (link)");
+                if let Some(old) = displaced {
+                    self.keep_displaced(path, &old);
+                }
+            }
+            Ok(fsops::Install::ChangedHere) => {
+                log::debug!("{path} changed here meanwhile; deciding again");
+                self.dirty.insert(path.clone());
+            }
+            // Storage that holds no symlinks (Android's shared storage): said once, skipped.
+            Err(err) if err.raw_os_error() == Some(nix::libc::EPERM) => {
+                if self.unlinkable.insert(path.clone()) {
+                    log::error!(
+                        "cannot create the link {path}: this storage does not hold symlinks \
+                         ({err}); it is skipped here"
+                    );
+                }
+            }
+            Err(err) => log::error!("cannot create the link {path}: {err}"),
+        }
+    }
+
     /// Keeps a local edit that finished while the server's version was being put in place.
     fn keep_displaced(&mut self, path: &RelPath, old: &std::path::Path) {
         match fsops::keep_as_conflict(&self.cfg.root, old, path, &self.cfg.name) {
@@ -1369,8 +1453,9 @@ impl Client {
                 } else {
                     // Named by content, so an upload broken off resumes under the same name.
                     let name = format!("h{}", agent::hex(&e.hash[..16]));
-                    let src = self.tree.abs(path);
-                    let file = match std::fs::File::open(&src) {
+                    // Opened beneath the root, following no symlink: what is sent is the
+                    // file in the tree, never what a link points to.
+                    let file = match crate::beneath::open_file(&self.cfg.root, path) {
                         Ok(f) => f,
                         Err(err) => {
                             log::debug!("{path} vanished before upload: {err}");
@@ -1378,7 +1463,7 @@ impl Client {
                             return Ok(None);
                         }
                     };
-                    let (size, hash) = match s.resume_upload(&name, e, &src).await? {
+                    let (size, hash) = match s.resume_upload(&name, e, &file).await? {
                         Staged::Complete => (e.size, e.hash),
                         Staged::From(resume) => {
                             if resume.offset > 0 {
@@ -1417,6 +1502,19 @@ impl Client {
                     )
                 }
             }
+            Some(e) if e.kind == Kind::Symlink => {
+                // Read again, beneath the root: sent only if it is still what the entry says.
+                match crate::beneath::read_link(&self.cfg.root, path) {
+                    Ok(target) if e.check_link(&target).is_ok() => {
+                        (Op::Link { target }, "link".to_string())
+                    }
+                    _ => {
+                        log::debug!("{path} changed before it was sent; it will be sent again");
+                        self.dirty.insert(path.clone());
+                        return Ok(None);
+                    }
+                }
+            }
             Some(e) => (Op::Mkdir { mode: e.mode }, "mkdir".to_string()),
             None => {
                 // Absent may mean out of reach (an unmounted card): never a delete then.
@@ -1441,6 +1539,9 @@ impl Client {
                     // A directory the server keeps (something new is in it): have it here too,
                     // so what it holds has a place to arrive.
                     self.take_remote(s, path, server_has).await?;
+                } else if local.as_ref().is_some_and(|e| e.kind == Kind::Symlink) {
+                    // Not tried again: a link the server refuses (its storage holds none) stays
+                    // refused; it is sent again when it changes here.
                 } else {
                     // Maybe a passing problem there (a race with a local program, a full
                     // disk): tried again later, with a growing pause.
@@ -1493,10 +1594,10 @@ fn replica_id(root: &std::path::Path) -> std::io::Result<[u8; 16]> {
     Ok(id)
 }
 
-/// BLAKE3 state over the first `len` bytes of `path`; `None` if it is shorter.
-fn hash_prefix(path: PathBuf, len: u64) -> Option<blake3::Hasher> {
-    use std::io::Read;
-    let file = std::fs::File::open(path).ok()?;
+/// BLAKE3 state over the first `len` bytes of `file`; `None` if it is shorter.
+fn hash_prefix(mut file: std::fs::File, len: u64) -> Option<blake3::Hasher> {
+    use std::io::{Read, Seek};
+    file.rewind().ok()?;
     let mut hasher = blake3::Hasher::new();
     let n = std::io::copy(&mut file.take(len), &mut hasher).ok()?;
     (n == len).then_some(hasher)
@@ -1531,7 +1632,7 @@ impl Session {
         &mut self,
         name: &str,
         e: &Entry,
-        src: &std::path::Path,
+        src: &std::fs::File,
     ) -> anyhow::Result<Staged> {
         if e.size < RESUME_MIN {
             // Sending it again costs less than the round trip that asks.
@@ -1547,7 +1648,8 @@ impl Session {
         if size == 0 || size >= e.size {
             return Ok(Staged::From(Box::default()));
         }
-        let src = src.to_path_buf();
+        // (A second descriptor shares the offset: `upload` seeks to where it starts.)
+        let src = src.try_clone()?;
         Ok(Staged::From(Box::new(
             match smol::unblock(move || hash_prefix(src, size)).await {
                 Some(h) if *h.finalize().as_bytes() == hash => Resume {
@@ -1571,7 +1673,9 @@ impl Session {
         if have == 0 || have >= e.size {
             return Ok(Resume::default());
         }
-        let tmp = tmp.to_path_buf();
+        let Ok(tmp) = std::fs::File::open(tmp) else {
+            return Ok(Resume::default());
+        };
         let Some(local) = smol::unblock(move || hash_prefix(tmp, have)).await else {
             return Ok(Resume::default());
         };

@@ -1,11 +1,14 @@
 //! Changes to a replica's tree, made so that no reader ever sees a half-written file under its
 //! real name: bytes land in a temporary file in the state directory, are checked, fsynced and
-//! given their mtime and mode, then renamed into place.
+//! given their mtime and mode, then renamed into place. A symlink is made under a temporary
+//! name beside its place and renamed into it the same way.
 //!
-//! Every path passed here is a validated `RelPath`; in addition no directory on the way to it
-//! may be a symlink, so nothing is ever written outside the root.
-//! RACE: a symlink swapped in between the check and the write could still redirect it; the
-//! security work replaces these checks with openat/`O_NOFOLLOW` resolution beneath the root.
+//! Every path passed here is a validated `RelPath`, and every change is made through
+//! descriptors of the directories on the way, opened one component at a time beneath the root
+//! without following symlinks (`crate::beneath`): a symlink or file in the way is refused, and
+//! one swapped in while a change is under way cannot redirect it, so nothing is ever written
+//! outside the root. Temporary files move into place with `renameat` from the state
+//! directory's descriptor to the parent's.
 
 use std::fs::{self, File, FileTimes, Permissions};
 use std::io;
@@ -13,6 +16,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::beneath::{self, Dir, Stat};
 use crate::core::entry::{Entry, Kind};
 use crate::core::path::{RelPath, STATE_DIR};
 use crate::core::renames::Seen;
@@ -73,34 +77,22 @@ pub fn system_time(ns: i64) -> SystemTime {
     }
 }
 
-/// What now stands at a path ferry wrote, plus the parent directories it had to create.
-pub type Installed = (Seen, Vec<(RelPath, Seen)>);
+/// Directories ferry had to create on the way to a path, parents first.
+pub type Created = Vec<(RelPath, Seen)>;
 
-/// Checks that every directory between the root and `rel`'s parent is a real directory (not a
-/// symlink), creating missing ones. Returns the directories it created, parents first.
-pub fn ensure_parents(root: &Path, rel: &RelPath) -> io::Result<Vec<(RelPath, Seen)>> {
+/// What now stands at a path ferry wrote, plus the parent directories it had to create.
+pub type Installed = (Seen, Created);
+
+/// Opens the directory that holds `rel` beneath `root`, creating missing directories on the
+/// way (returned, parents first); a symlink or file on the way is refused.
+fn parent_made<'a>(root: &Path, rel: &'a RelPath) -> io::Result<(Dir, &'a str, Created)> {
     let mut created = Vec::new();
-    let mut dir = root.to_path_buf();
-    let parts: Vec<&str> = rel.as_str().split('/').collect();
-    for (i, part) in parts[..parts.len() - 1].iter().enumerate() {
-        dir.push(part);
-        match fs::symlink_metadata(&dir) {
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => {
-                return Err(io::Error::other(format!(
-                    "{} is not a directory (a symlink or file is in the way)",
-                    parts[..=i].join("/")
-                )))
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                fs::create_dir(&dir)?;
-                let rel_dir = RelPath::new(parts[..=i].join("/")).map_err(io::Error::other)?;
-                created.push((rel_dir, dir_seen(&fs::symlink_metadata(&dir)?)));
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(created)
+    let (dir, name) = beneath::parent(root, rel, Some(&mut created))?;
+    let created = created
+        .into_iter()
+        .map(|(p, meta)| (p, dir_seen(&meta)))
+        .collect();
+    Ok((dir, name, created))
 }
 
 /// How installing a downloaded file went.
@@ -119,7 +111,7 @@ pub enum Install {
 
 /// Gives `file` (a finished temporary file) the entry's mode and mtime, makes it durable and
 /// renames it to `rel`, provided what stands there is still `expect` (what was seen when the
-/// download was decided). `tmp` is its path.
+/// download was decided). `tmp` is its path, in the state directory.
 ///
 /// The replaced file is hard-linked aside first and checked after the rename, so an edit
 /// that finished in between is kept (as `displaced`) rather than lost.
@@ -146,48 +138,112 @@ pub fn install_file(
         ino: meta.ino(),
     };
     drop(file);
-    let created = ensure_parents(root, rel)?;
-    let target = root.join(rel.as_str());
-    let mut aside = None;
-    match fs::symlink_metadata(&target) {
-        // A directory standing where the file goes must be empty (its children were deleted
-        // first); `remove_dir` refuses anything else.
-        Ok(m) if m.is_dir() => fs::remove_dir(&target)?,
+    let (tmp_dir, tmp_name) = beneath::state_parent(tmp)?;
+    let (dir, name, created) = parent_made(root, rel)?;
+    let aside = tmp.with_extension("replaced");
+    match replace((&tmp_dir, tmp_name), (&dir, name), expect, &aside)? {
+        None => Ok(Install::ChangedHere),
+        Some(displaced) => Ok(Install::Done {
+            installed: (seen, created),
+            displaced,
+        }),
+    }
+}
+
+/// Creates the symlink `rel` pointing at `target` (any text: it is never resolved), replacing
+/// what stands there provided it is still `expect`, as `install_file` does. The link is made
+/// under a temporary name in the same directory and renamed into place, so a link whose
+/// target changes is replaced atomically. It has no mode or mtime to set.
+pub fn make_link(
+    root: &Path,
+    rel: &RelPath,
+    target: &str,
+    expect: Option<&Seen>,
+) -> io::Result<Install> {
+    let (dir, name, created) = parent_made(root, rel)?;
+    // `.#` names are ignored by the built-in rules (emacs lock files, which are symlinks
+    // too): a watcher that sees this one in its moment does not sync it.
+    let n: [u8; 8] = crate::proto::auth::random();
+    let tmp_name = format!(".#ferry-{:016x}", u64::from_le_bytes(n));
+    dir.symlink(target, &tmp_name)?;
+    let made = dir.stat(&tmp_name).and_then(|meta| {
+        let aside = tmp_path(root).with_extension("replaced");
+        let placed = replace((&dir, &tmp_name), (&dir, name), expect, &aside)?;
+        Ok(placed.map(|displaced| (meta.ino, displaced)))
+    });
+    match made {
+        Ok(Some((ino, displaced))) => Ok(Install::Done {
+            installed: (
+                Seen {
+                    entry: Entry::link(target),
+                    ino,
+                },
+                created,
+            ),
+            displaced,
+        }),
+        Ok(None) => {
+            let _ = dir.remove_file(&tmp_name);
+            Ok(Install::ChangedHere)
+        }
+        Err(e) => {
+            let _ = dir.remove_file(&tmp_name);
+            Err(e)
+        }
+    }
+}
+
+/// Renames `from` (a directory and a name in it) to `to`, provided what stands at `to` is
+/// still `expect`; `None` (nothing done) if not. A directory standing there must be empty
+/// (its children were deleted first); `remove_dir` refuses anything else.
+///
+/// A replaced file is hard-linked aside first, as `aside` (a free path in the state
+/// directory), and checked after the rename, so an edit that finished in between is kept:
+/// returned as where it went. Otherwise the replaced entry is gone.
+fn replace(
+    from: (&Dir, &str),
+    to: (&Dir, &str),
+    expect: Option<&Seen>,
+    aside: &Path,
+) -> io::Result<Option<Option<PathBuf>>> {
+    let (dir, name) = to;
+    let mut kept = None;
+    match dir.stat(name) {
+        Ok(m) if m.is_dir() => dir.remove_dir(name)?,
         Ok(m) => match expect {
             Some(seen) if unchanged(&m, seen) => {
-                let path = tmp.with_extension("replaced");
-                let _ = fs::remove_file(&path);
+                let (aside_dir, aside_name) = beneath::state_parent(aside)?;
+                let _ = aside_dir.remove_file(aside_name);
                 // Without hard links (some Android storage) the window is only the rename.
-                aside = fs::hard_link(&target, &path)
+                kept = dir
+                    .hard_link(name, &aside_dir, aside_name)
                     .is_ok()
-                    .then_some((path, seen));
+                    .then_some((aside_dir, aside_name, seen));
             }
-            _ => return Ok(Install::ChangedHere),
+            _ => return Ok(None),
         },
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    fs::rename(tmp, &target)?;
-    crate::store::sync_dir(target.parent().unwrap_or(root))?;
-    let displaced = match aside {
-        Some((path, seen)) => match fs::symlink_metadata(&path) {
-            Ok(m) if !unchanged(&m, seen) => Some(path),
-            _ => {
-                let _ = fs::remove_file(&path);
-                None
-            }
-        },
-        None => None,
-    };
-    Ok(Install::Done {
-        installed: (seen, created),
-        displaced,
-    })
+    from.0.rename(from.1, dir, name)?;
+    dir.sync()?;
+    let displaced =
+        kept.and_then(
+            |(aside_dir, aside_name, seen)| match aside_dir.stat(aside_name) {
+                Ok(m) if !unchanged(&m, seen) => Some(aside.to_path_buf()),
+                _ => {
+                    let _ = aside_dir.remove_file(aside_name);
+                    None
+                }
+            },
+        );
+    Ok(Some(displaced))
 }
 
 /// Moves `from` (a local version that lost to another for `path`) to the first free conflict
-/// name for `path` (see `conflict_name`), made now by replica `who`. Returns that name and
-/// the parent directories created on the way.
+/// name for `path` (see `conflict_name`), made now by replica `who`. `from` is `path`'s own
+/// place in the tree or a file in the state directory (see `Install::Done`). Returns the
+/// conflict name and the parent directories created on the way.
 pub fn keep_as_conflict(
     root: &Path,
     from: &Path,
@@ -197,11 +253,12 @@ pub fn keep_as_conflict(
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
+    let (from_dir, from_name) = source(root, from)?;
     // Two conflicts on one path within a second share a first name: count on.
     let mut attempt = 1;
     loop {
         let copy = crate::core::plan::conflict_name(path, now, who, attempt);
-        match rename_into(root, from, &copy) {
+        match move_noreplace(root, &from_dir, &from_name, &copy) {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < 100 => attempt += 1,
             Err(e) => return Err(e),
             Ok(created) => return Ok((copy, created)),
@@ -209,53 +266,102 @@ pub fn keep_as_conflict(
     }
 }
 
-/// True if `meta` is still the file `seen` describes (same inode, size and mtime).
-fn unchanged(meta: &fs::Metadata, seen: &Seen) -> bool {
-    meta.is_file()
-        && meta.ino() == seen.ino
-        && meta.len() == seen.entry.size
-        && mtime_ns(meta) == seen.entry.mtime_ns
+/// The directory holding `from` and its name there: resolved beneath the root if `from` is in
+/// the tree, by path if it is in ferry's state directory. Anything else is refused.
+fn source(root: &Path, from: &Path) -> io::Result<(Dir, String)> {
+    if from.starts_with(state_dir(root)) {
+        let (dir, name) = beneath::state_parent(from)?;
+        return Ok((dir, name.to_string()));
+    }
+    let rel = from
+        .strip_prefix(root)
+        .ok()
+        .and_then(Path::to_str)
+        .and_then(|s| RelPath::new(s).ok())
+        .ok_or_else(|| io::Error::other(format!("{} is not in the tree", from.display())))?;
+    let (dir, name) = beneath::parent(root, &rel, None)?;
+    Ok((dir, name.to_string()))
+}
+
+/// True if `meta` is still the file or symlink `seen` describes (same inode, size, and for a
+/// file mtime; a symlink's target cannot change in place).
+fn unchanged(meta: &Stat, seen: &Seen) -> bool {
+    let same_kind = match seen.entry.kind {
+        Kind::File => meta.is_file() && meta.mtime_ns == seen.entry.mtime_ns,
+        Kind::Symlink => meta.is_symlink(),
+        Kind::Dir => false,
+    };
+    same_kind && meta.ino == seen.ino && meta.len == seen.entry.size
 }
 
 /// Creates directory `rel` (or sets its mode if it exists). Returns its state.
 pub fn make_dir(root: &Path, rel: &RelPath, mode: u32) -> io::Result<Installed> {
-    let created = ensure_parents(root, rel)?;
-    let target = root.join(rel.as_str());
-    match fs::symlink_metadata(&target) {
+    let (dir, name, created) = parent_made(root, rel)?;
+    match dir.stat(name) {
         Ok(m) if m.is_dir() => {}
         Ok(m) if m.is_file() => {
-            fs::remove_file(&target)?;
-            fs::create_dir(&target)?;
+            dir.remove_file(name)?;
+            dir.mkdir(name)?;
         }
+        // A symlink the caller knows of is removed first (`remove`); any other is kept.
         Ok(_) => return Err(io::Error::other(format!("{rel}: a symlink is in the way"))),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir(&target)?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => dir.mkdir(name)?,
         Err(e) => return Err(e),
     }
-    fs::set_permissions(&target, Permissions::from_mode(mode))?;
-    Ok((dir_seen(&fs::symlink_metadata(&target)?), created))
+    let meta = set_mode_and_mtime(&dir, name, rel, mode, None)?;
+    if !meta.is_dir() {
+        return Err(io::Error::other(format!("{rel} is not a directory")));
+    }
+    Ok((dir_seen(&meta), created))
+}
+
+/// Sets the mode (and the mtime, if given) of `name` in `dir`, never through a symlink, and
+/// returns its metadata afterwards. Through a descriptor opened with `O_NOFOLLOW` where it can
+/// be read; otherwise with the `AT_SYMLINK_NOFOLLOW` calls.
+fn set_mode_and_mtime(
+    dir: &Dir,
+    name: &str,
+    rel: &RelPath,
+    mode: u32,
+    mtime_ns: Option<i64>,
+) -> io::Result<Stat> {
+    // ELOOP from `O_NOFOLLOW`; EOPNOTSUPP from `fchmodat(AT_SYMLINK_NOFOLLOW)` on a symlink.
+    let symlink = |e: io::Error| match e.raw_os_error() {
+        Some(nix::libc::ELOOP | nix::libc::EOPNOTSUPP) => {
+            io::Error::other(format!("{rel} is a symlink"))
+        }
+        _ => e,
+    };
+    match dir.open_for_meta(name).map_err(symlink)? {
+        Some(f) => {
+            f.set_permissions(Permissions::from_mode(mode))?;
+            if let Some(ns) = mtime_ns {
+                f.set_times(FileTimes::new().set_modified(system_time(ns)))?;
+            }
+            Ok(Stat::from(&f.metadata()?))
+        }
+        None => {
+            dir.chmod_nofollow(name, mode).map_err(symlink)?;
+            if let Some(ns) = mtime_ns {
+                dir.set_mtime_nofollow(name, ns)?;
+            }
+            dir.stat(name)
+        }
+    }
 }
 
 /// Sets a file's mode and mtime (bytes unchanged). Returns its new state.
 pub fn set_meta(root: &Path, rel: &RelPath, entry: &Entry) -> io::Result<Seen> {
-    ensure_parents(root, rel)?;
-    let target = root.join(rel.as_str());
-    let meta = fs::symlink_metadata(&target)?;
-    if meta.file_type().is_symlink() {
-        return Err(io::Error::other(format!("{rel} is a symlink")));
-    }
-    fs::set_permissions(&target, Permissions::from_mode(entry.mode))?;
-    if entry.kind == Kind::File {
-        let f = File::options().write(true).open(&target)?;
-        f.set_times(FileTimes::new().set_modified(system_time(entry.mtime_ns)))?;
-    }
-    let meta = fs::symlink_metadata(&target)?;
+    let (dir, name) = beneath::parent(root, rel, None)?;
+    let mtime = (entry.kind == Kind::File).then_some(entry.mtime_ns);
+    let meta = set_mode_and_mtime(&dir, name, rel, entry.mode, mtime)?;
     let mut e = entry.clone();
     if e.kind == Kind::File {
-        e.mtime_ns = mtime_ns(&meta);
+        e.mtime_ns = meta.mtime_ns;
     }
     Ok(Seen {
         entry: e,
-        ino: meta.ino(),
+        ino: meta.ino,
     })
 }
 
@@ -268,19 +374,23 @@ pub enum Removed {
     NotEmpty,
 }
 
-/// Deletes a file or an empty directory at `rel`.
+/// Deletes a file or an empty directory at `rel` (a symlink there is removed itself).
 pub fn remove(root: &Path, rel: &RelPath) -> io::Result<Removed> {
-    ensure_parents_exist_or_gone(root, rel)?;
-    let target = root.join(rel.as_str());
-    let meta = match fs::symlink_metadata(&target) {
+    // A missing directory on the way: the path is gone already.
+    let (dir, name) = match beneath::parent(root, rel, None) {
+        Ok(found) => found,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Removed::Gone),
+        Err(e) => return Err(e),
+    };
+    let meta = match dir.stat(name) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Removed::Gone),
         Err(e) => return Err(e),
     };
     let result = if meta.is_dir() {
-        fs::remove_dir(&target)
+        dir.remove_dir(name)
     } else {
-        fs::remove_file(&target)
+        dir.remove_file(name)
     };
     match result {
         Ok(()) => Ok(Removed::Gone),
@@ -290,79 +400,35 @@ pub fn remove(root: &Path, rel: &RelPath) -> io::Result<Removed> {
     }
 }
 
-/// Like `ensure_parents` but creates nothing: a missing parent means the path is gone already.
-fn ensure_parents_exist_or_gone(root: &Path, rel: &RelPath) -> io::Result<()> {
-    let mut dir = root.to_path_buf();
-    let parts: Vec<&str> = rel.as_str().split('/').collect();
-    for part in &parts[..parts.len() - 1] {
-        dir.push(part);
-        match fs::symlink_metadata(&dir) {
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => {
-                return Err(io::Error::other(format!(
-                    "{rel}: a symlink or file is in the way"
-                )))
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// Renames `from` to `to`, never replacing anything at `to`.
+/// Renames `from` to `to`, never replacing anything at `to`. Returns the parent directories it
+/// had to create.
 pub fn rename_noreplace(
     root: &Path,
     from: &RelPath,
     to: &RelPath,
 ) -> io::Result<Vec<(RelPath, Seen)>> {
-    ensure_parents_exist_or_gone(root, from)?;
-    rename_into(root, &root.join(from.as_str()), to)
+    let (from_dir, from_name) = beneath::parent(root, from, None)?;
+    move_noreplace(root, &from_dir, from_name, to)
 }
 
-/// Renames the file or directory at `from` (any path on the root's filesystem) to `to`,
-/// never replacing anything there. Returns the parent directories it had to create.
+/// Renames the file or directory at `from` (in the tree or in the state directory, see
+/// `keep_as_conflict`) to `to`, never replacing anything there. Returns the parent
+/// directories it had to create.
 pub fn rename_into(root: &Path, from: &Path, to: &RelPath) -> io::Result<Vec<(RelPath, Seen)>> {
-    let created = ensure_parents(root, to)?;
-    rename_exclusive(from, &root.join(to.as_str()))?;
+    let (from_dir, from_name) = source(root, from)?;
+    move_noreplace(root, &from_dir, &from_name, to)
+}
+
+/// Renames `from_name` in `from_dir` to `to` beneath `root`, never replacing anything there.
+fn move_noreplace(
+    root: &Path,
+    from_dir: &Dir,
+    from_name: &str,
+    to: &RelPath,
+) -> io::Result<Vec<(RelPath, Seen)>> {
+    let (dir, name, created) = parent_made(root, to)?;
+    from_dir.rename_noreplace(from_name, &dir, name)?;
     Ok(created)
-}
-
-/// `rename` that fails with `AlreadyExists` instead of replacing `to`.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn rename_exclusive(from: &Path, to: &Path) -> io::Result<()> {
-    nix::fcntl::renameat2(
-        nix::fcntl::AT_FDCWD,
-        from,
-        nix::fcntl::AT_FDCWD,
-        to,
-        nix::fcntl::RenameFlags::RENAME_NOREPLACE,
-    )
-    .map_err(io::Error::from)
-}
-
-/// `rename` that fails with `AlreadyExists` instead of replacing `to`. musl and bionic builds
-/// get no `renameat2` from nix, so: a file is hard-linked to `to` (which refuses an existing
-/// target) and then unlinked; a directory, or a file on a filesystem without hard links
-/// (Android's shared storage), is checked for then renamed.
-/// RACE: in the checked case, an entry created at `to` in between is replaced if it is an
-/// empty directory (rename refuses files over directories and non-empty directories).
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn rename_exclusive(from: &Path, to: &Path) -> io::Result<()> {
-    if !fs::symlink_metadata(from)?.is_dir() {
-        match fs::hard_link(from, to) {
-            Ok(()) => return fs::remove_file(from),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(e),
-            Err(_) => {} // no hard links here: fall back to check-then-rename
-        }
-    }
-    if fs::symlink_metadata(to).is_ok() {
-        return Err(io::Error::new(
-            io::ErrorKind::AlreadyExists,
-            format!("{} exists", to.display()),
-        ));
-    }
-    fs::rename(from, to)
 }
 
 #[cfg(test)]
@@ -493,24 +559,241 @@ mod tests {
         fs::remove_dir_all(&root).unwrap();
     }
 
+    /// Every file and directory beneath `dir`, with its bytes or mode: to show nothing changed.
+    fn listing(dir: &Path) -> Vec<(PathBuf, Vec<u8>, u32)> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(dir).unwrap().flatten() {
+            let m = fs::symlink_metadata(e.path()).unwrap();
+            let bytes = if m.is_file() {
+                fs::read(e.path()).unwrap()
+            } else {
+                Vec::new()
+            };
+            out.push((e.path(), bytes, m.mode()));
+            if m.is_dir() {
+                out.extend(listing(&e.path()));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    fn file_entry(bytes: &[u8]) -> Entry {
+        Entry {
+            kind: Kind::File,
+            size: bytes.len() as u64,
+            mtime_ns: 1_600_000_000_000_000_000,
+            mode: 0o600,
+            hash: *blake3::hash(bytes).as_bytes(),
+        }
+    }
+
     #[test]
-    fn symlinked_parent_is_refused() {
-        let root = tmp("symlink");
-        let outside = tmp("outside");
+    fn a_symlink_or_file_on_the_way_is_refused_at_every_level() {
+        let root = tmp("in-the-way");
+        let outside = tmp("in-the-way-outside");
+        fs::create_dir(outside.join("sub")).unwrap();
+        fs::write(outside.join("sub/keep"), "outside").unwrap();
         std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
-        let rel: RelPath = "link/evil.txt".parse().unwrap();
+        fs::create_dir(root.join("real")).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("real/link")).unwrap();
+        fs::write(root.join("file"), "a file").unwrap();
+        fs::write(root.join("here"), "here").unwrap();
+        let before = listing(&outside);
+        // (path, what the error names): a symlink as parent, as grandparent, deeper, and a
+        // file as parent.
+        for (rel, names) in [
+            ("link/new", "link"),
+            ("link/sub/new", "link"),
+            ("link/sub/keep", "link"),
+            ("real/link/sub/new", "real/link"),
+            ("file/new", "file"),
+        ] {
+            let rel: RelPath = rel.parse().unwrap();
+            let in_the_way = |what: &str, r: io::Result<()>| {
+                let e = r.expect_err(&format!("{what} {rel} must be refused"));
+                assert_eq!(
+                    e.to_string(),
+                    format!("{names} is not a directory (a symlink or file is in the way)"),
+                    "{what} {rel}"
+                );
+            };
+            let t = tmp_path(&root);
+            fs::write(&t, b"evil").unwrap();
+            let f = File::open(&t).unwrap();
+            let r = install_file(&root, f, &t, &rel, &file_entry(b"evil"), None);
+            in_the_way("install", r.map(drop));
+            in_the_way("mkdir", make_dir(&root, &rel, 0o700).map(drop));
+            in_the_way(
+                "set_meta",
+                set_meta(&root, &rel, &file_entry(b"")).map(drop),
+            );
+            in_the_way("remove", remove(&root, &rel).map(drop));
+            let here: RelPath = "here".parse().unwrap();
+            in_the_way("rename to", rename_noreplace(&root, &here, &rel).map(drop));
+            in_the_way(
+                "rename from",
+                rename_noreplace(&root, &rel, &here).map(drop),
+            );
+            let r = keep_as_conflict(&root, &root.join("here"), &rel, "pi");
+            in_the_way("conflict copy", r.map(drop));
+            fs::remove_file(&t).unwrap();
+        }
+        assert_eq!(listing(&outside), before, "nothing outside changed");
+        assert_eq!(fs::read(root.join("here")).unwrap(), b"here");
+        fs::remove_dir_all(&root).unwrap();
+        fs::remove_dir_all(&outside).unwrap();
+    }
+
+    #[test]
+    fn a_symlink_at_the_leaf_is_never_followed() {
+        let root = tmp("leaf");
+        let outside = tmp("leaf-outside");
+        fs::write(outside.join("target"), "outside").unwrap();
+        fs::set_permissions(outside.join("target"), Permissions::from_mode(0o644)).unwrap();
+        std::os::unix::fs::symlink(outside.join("target"), root.join("to-file")).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("to-dir")).unwrap();
+        let before = listing(&outside);
+        let rel = |s: &str| -> RelPath { s.parse().unwrap() };
+
+        let e = set_meta(&root, &rel("to-file"), &file_entry(b"outside")).unwrap_err();
+        assert_eq!(e.to_string(), "to-file is a symlink");
+        let e = set_meta(&root, &rel("to-dir"), &Entry::dir(0o700)).unwrap_err();
+        assert_eq!(e.to_string(), "to-dir is a symlink");
+        // A download for a path where a symlink stands replaces nothing.
         let t = tmp_path(&root);
         fs::write(&t, b"x").unwrap();
-        let e = Entry {
-            kind: Kind::File,
-            size: 1,
-            mtime_ns: 0,
-            mode: 0o644,
-            hash: *blake3::hash(b"x").as_bytes(),
+        let got = install_file(
+            &root,
+            File::open(&t).unwrap(),
+            &t,
+            &rel("to-file"),
+            &file_entry(b"x"),
+            None,
+        )
+        .unwrap();
+        assert!(matches!(got, Install::ChangedHere), "{got:?}");
+        // Without read permission the mode is set by name, still not through a symlink.
+        fs::write(root.join("locked"), "x").unwrap();
+        fs::set_permissions(root.join("locked"), Permissions::from_mode(0o200)).unwrap();
+        let seen = set_meta(&root, &rel("locked"), &file_entry(b"x")).unwrap();
+        assert_eq!(seen.entry.mode, 0o600);
+        let meta = fs::metadata(root.join("locked")).unwrap();
+        assert_eq!(meta.mode() & 0o7777, 0o600);
+        assert_eq!(mtime_ns(&meta), file_entry(b"x").mtime_ns);
+        let e = make_dir(&root, &rel("to-dir"), 0o700).unwrap_err();
+        assert_eq!(e.to_string(), "to-dir: a symlink is in the way");
+        // Removing a symlink removes the link, not what it points to.
+        assert_eq!(remove(&root, &rel("to-dir")).unwrap(), Removed::Gone);
+        assert_eq!(remove(&root, &rel("to-file")).unwrap(), Removed::Gone);
+        assert!(fs::symlink_metadata(root.join("to-file")).is_err());
+        assert_eq!(listing(&outside), before, "nothing outside changed");
+        fs::remove_dir_all(&root).unwrap();
+        fs::remove_dir_all(&outside).unwrap();
+    }
+
+    #[test]
+    fn links_are_made_and_replaced_as_links() {
+        let root = tmp("links");
+        let outside = tmp("links-outside");
+        fs::write(outside.join("target"), "outside").unwrap();
+        let before = listing(&outside);
+        let rel = |s: &str| -> RelPath { s.parse().unwrap() };
+        let made = |r: io::Result<Install>| match r.unwrap() {
+            Install::Done {
+                installed: (seen, created),
+                displaced: None,
+            } => (seen, created),
+            other => panic!("{other:?}"),
         };
-        assert!(install_file(&root, File::open(&t).unwrap(), &t, &rel, &e, None).is_err());
-        assert!(make_dir(&root, &rel, 0o755).is_err());
-        assert!(!outside.join("evil.txt").exists());
+        let target = outside.join("target");
+        let target = target.to_str().unwrap();
+
+        // New, with its parents; absolute, dangling and `..` targets are just text.
+        let (seen, created) = made(make_link(&root, &rel("a/b/abs"), target, None));
+        assert_eq!(seen.entry, Entry::link(target));
+        assert_eq!(created.len(), 2);
+        assert_eq!(
+            fs::read_link(root.join("a/b/abs")).unwrap(),
+            Path::new(target)
+        );
+        made(make_link(&root, &rel("dangling"), "../../nowhere", None));
+        assert_eq!(
+            fs::read_link(root.join("dangling")).unwrap(),
+            Path::new("../../nowhere")
+        );
+
+        // A new target replaces the link, provided it is still the one seen.
+        let (seen2, _) = made(make_link(&root, &rel("a/b/abs"), "elsewhere", Some(&seen)));
+        assert_eq!(seen2.entry, Entry::link("elsewhere"));
+        let got = make_link(&root, &rel("a/b/abs"), "third", Some(&seen)).unwrap();
+        assert!(matches!(got, Install::ChangedHere), "{got:?}");
+        assert_eq!(
+            fs::read_link(root.join("a/b/abs")).unwrap(),
+            Path::new("elsewhere")
+        );
+        let got = make_link(&root, &rel("a/b/abs"), "third", None).unwrap();
+        assert!(matches!(got, Install::ChangedHere), "{got:?}");
+
+        // A file becomes a link (and a link a file) when what was seen still stands there.
+        fs::write(root.join("f"), "file").unwrap();
+        let seen_f = seen_at(&root, "f");
+        made(make_link(&root, &rel("f"), "to", Some(&seen_f)));
+        assert_eq!(fs::read_link(root.join("f")).unwrap(), Path::new("to"));
+        let t = tmp_path(&root);
+        fs::write(&t, b"x").unwrap();
+        let link_seen = Seen {
+            entry: Entry::link("to"),
+            ino: fs::symlink_metadata(root.join("f")).unwrap().ino(),
+        };
+        let got = install_file(
+            &root,
+            File::open(&t).unwrap(),
+            &t,
+            &rel("f"),
+            &file_entry(b"x"),
+            Some(&link_seen),
+        )
+        .unwrap();
+        assert!(matches!(got, Install::Done { .. }), "{got:?}");
+        assert_eq!(fs::read(root.join("f")).unwrap(), b"x");
+
+        // An empty directory gives way; nothing temporary is left behind.
+        fs::create_dir(root.join("was-dir")).unwrap();
+        made(make_link(&root, &rel("was-dir"), "x", None));
+        let names: Vec<String> = fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with(".#"))
+            .collect();
+        assert!(names.is_empty(), "{names:?}");
+        assert_eq!(listing(&outside), before, "nothing outside changed");
+        fs::remove_dir_all(&root).unwrap();
+        fs::remove_dir_all(&outside).unwrap();
+    }
+
+    /// The race the descriptors close: a directory swapped for a symlink after it was opened
+    /// is still the one written to. Writing by path after a `symlink_metadata` check (what
+    /// this module did before) would follow the new symlink here.
+    #[test]
+    fn a_directory_swapped_for_a_symlink_after_it_was_opened_is_still_the_one_written() {
+        let root = tmp("swap");
+        let outside = tmp("swap-outside");
+        fs::create_dir(root.join("d")).unwrap();
+        let rel: RelPath = "d/big".parse().unwrap();
+        let (dir, name) = beneath::parent(&root, &rel, None).unwrap();
+        let t = tmp_path(&root);
+        fs::write(&t, b"bytes").unwrap();
+        let (tmp_dir, tmp_name) = beneath::state_parent(&t).unwrap();
+        // Swapped between the walk and the rename.
+        fs::rename(root.join("d"), root.join("d.away")).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("d")).unwrap();
+        tmp_dir.rename(tmp_name, &dir, name).unwrap();
+        assert_eq!(fs::read(root.join("d.away/big")).unwrap(), b"bytes");
+        assert!(!outside.join("big").exists());
+        // And the next walk refuses the symlink.
+        let e = beneath::parent(&root, &rel, None).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotADirectory);
         fs::remove_dir_all(&root).unwrap();
         fs::remove_dir_all(&outside).unwrap();
     }

@@ -8,6 +8,7 @@
 #![warn(missing_debug_implementations, rust_2018_idioms)]
 
 pub mod agent;
+pub mod beneath;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -2,8 +2,12 @@
 //! rescan hashes only what moved (size, mtime or inode changed).
 //!
 //! Watcher hints say where to look; `Tree` looks and reports what changed. Names that cannot
-//! travel (not UTF-8, CR/LF, too long) and symlinks or special files are reported once, then
-//! skipped.
+//! travel (not UTF-8, CR/LF, too long), symlinks whose target cannot (not UTF-8, too long) and
+//! special files are reported once, then skipped.
+//!
+//! A symlink is an entry of its own (its target text, see `Kind::Symlink`), never followed:
+//! everything is looked at through descriptors of the directories on the way (`beneath`), so a
+//! walk does not enter a symlinked directory and a hint for a path through one finds nothing.
 //!
 //! Ignored paths (`crate::ignore`) are never looked at or reported: a walk does not enter an
 //! ignored directory, a hint for an ignored path finds nothing. The rules are loaded as walks
@@ -14,12 +18,14 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsString;
-use std::fs::{File, Metadata};
+use std::fs::Metadata;
 use std::io;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::core::entry::{Entry, Kind};
+use crate::beneath::{self, Dir, Stat};
+use crate::core::entry::{check_target, Entry, Kind, MAX_LINK_TARGET};
 use crate::core::path::{RelPath, STATE_DIR};
 use crate::core::renames::{Changed, Seen};
 use crate::core::tracked::Tracked;
@@ -75,25 +81,26 @@ pub fn mtime_ns(meta: &Metadata) -> i64 {
 }
 
 /// The `Seen` for a directory's metadata.
-pub fn dir_seen(meta: &Metadata) -> Seen {
+pub fn dir_seen(meta: &Stat) -> Seen {
     Seen {
-        entry: Entry::dir(meta.mode() & 0o7777),
-        ino: meta.ino(),
+        entry: Entry::dir(meta.perm()),
+        ino: meta.ino,
     }
 }
 
-/// Hashes a file, retrying while it is being written; `None` if it kept changing.
-/// Never follows a symlink. Returns the entry with the metadata the hash belongs to.
-pub fn hash_file(path: &Path) -> io::Result<Option<Seen>> {
+/// Hashes the file `rel` beneath `root`, retrying while it is being written; `None` if it kept
+/// changing. Follows no symlink, on the way or at the end. Returns the entry with the metadata
+/// the hash belongs to.
+pub fn hash_file(root: &Path, rel: &RelPath) -> io::Result<Option<Seen>> {
+    let (dir, name) = beneath::parent(root, rel, None)?;
+    hash_at(&dir, name)
+}
+
+/// Hashes the file `name` in `dir` (see `hash_file`).
+fn hash_at(dir: &Dir, name: &str) -> io::Result<Option<Seen>> {
     for _ in 0..3 {
-        let file = File::options()
-            .read(true)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(path)?;
+        let file = dir.open_file(name)?;
         let before = file.metadata()?;
-        if !before.is_file() {
-            return Err(io::Error::other("not a regular file"));
-        }
         let mut hasher = blake3::Hasher::new();
         hasher.update_reader(&file)?;
         let after = file.metadata()?;
@@ -140,11 +147,12 @@ impl Tree {
 
     /// Whether `rel` is a directory on disk (if it is gone: whether the cache had one there).
     fn is_dir_here(&self, rel: &Path) -> bool {
-        match std::fs::symlink_metadata(self.root.join(rel)) {
+        let Some(r) = quiet_rel(rel) else {
+            return false; // a name that cannot travel: skipped whatever it is
+        };
+        match beneath::parent(&self.root, &r, None).and_then(|(dir, name)| dir.stat(name)) {
             Ok(m) => m.is_dir(),
-            Err(_) => quiet_rel(rel)
-                .and_then(|r| self.entries.get(&r))
-                .is_some_and(|s| s.entry.is_dir()),
+            Err(_) => self.entries.get(&r).is_some_and(|s| s.entry.is_dir()),
         }
     }
 
@@ -369,7 +377,8 @@ impl Tree {
         let mut changes = Vec::new();
         let mut seen = HashSet::new();
         self.progress = Some((crate::progress::Progress::new("scanning", "entries"), 0));
-        self.walk_children(None, &mut seen, &mut changes);
+        let fd = Dir::root(&self.root)?;
+        self.walk_children(None, &fd, &mut seen, &mut changes);
         self.progress = None;
         let gone: Vec<RelPath> = self
             .entries
@@ -439,19 +448,32 @@ impl Tree {
 
     /// Stats `path`; on a directory with `deep`, walks it. Pushes what changed.
     fn scan_one(&mut self, path: &RelPath, deep: bool, changes: &mut Vec<Changed>) {
-        let abs = self.abs(path);
-        let meta = match std::fs::symlink_metadata(&abs) {
+        match beneath::parent(&self.root, path, None) {
+            Ok((dir, _)) => self.scan_at(&dir, path, deep, changes),
+            // Not in the tree: a directory on the way is missing, or is a symlink or a file.
+            Err(e) if beneath::is_absent(&e) => self.gone(path, changes),
+            Err(e) => log::warn!("cannot stat {path}: {e}"),
+        }
+    }
+
+    /// Reports `path` and what the cache had beneath it as gone.
+    fn gone(&mut self, path: &RelPath, changes: &mut Vec<Changed>) {
+        for (p, old) in self.take_gone(path) {
+            changes.push(Changed {
+                path: p,
+                old: Some(old),
+                new: None,
+            });
+        }
+    }
+
+    /// `scan_one` for `path`, whose parent directory is `dir`: everything is looked at through
+    /// it, so a symlink swapped in on the way is never followed.
+    fn scan_at(&mut self, dir: &Dir, path: &RelPath, deep: bool, changes: &mut Vec<Changed>) {
+        let name = path.file_name();
+        let meta = match dir.stat(name) {
             Ok(m) => m,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                for (p, old) in self.take_gone(path) {
-                    changes.push(Changed {
-                        path: p,
-                        old: Some(old),
-                        new: None,
-                    });
-                }
-                return;
-            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return self.gone(path, changes),
             Err(e) => {
                 log::warn!("cannot stat {path}: {e}");
                 return;
@@ -463,14 +485,14 @@ impl Tree {
             match self.entries.get(path) {
                 Some(old)
                     if old.entry.kind == Kind::File
-                        && old.ino == meta.ino()
-                        && old.entry.size == meta.len()
-                        && old.entry.mtime_ns == mtime_ns(&meta)
-                        && old.entry.mode == meta.mode() & 0o7777 =>
+                        && old.ino == meta.ino
+                        && old.entry.size == meta.len
+                        && old.entry.mtime_ns == meta.mtime_ns
+                        && old.entry.mode == meta.perm() =>
                 {
                     Some(old.clone())
                 }
-                _ => match hash_file(&abs) {
+                _ => match hash_at(dir, name) {
                     Ok(Some(s)) => {
                         if let Some((_, hashed)) = &mut self.progress {
                             *hashed += s.entry.size;
@@ -486,9 +508,34 @@ impl Tree {
                     }
                 },
             }
+        } else if meta.is_symlink() {
+            match dir.read_link(name).map(OsString::into_string) {
+                Ok(Ok(target)) if check_target(&target).is_ok() => Some(Seen {
+                    entry: Entry::link(&target),
+                    ino: meta.ino,
+                }),
+                Ok(_) => {
+                    if self.reported.insert(self.abs(path)) {
+                        log::warn!(
+                            "skipped {path}: its symlink target cannot be synced (not UTF-8, or \
+                             longer than {MAX_LINK_TARGET} bytes)"
+                        );
+                    }
+                    None
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                // Replaced by something else since the stat: the next look sees what.
+                Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => return,
+                Err(e) => {
+                    log::warn!("cannot read the symlink {path}: {e}");
+                    return;
+                }
+            }
         } else {
-            if self.reported.insert(abs.clone()) {
-                log::warn!("skipped {path}: symlinks and special files are not synced");
+            if self.reported.insert(self.abs(path)) {
+                log::warn!(
+                    "skipped {path}: special files (FIFOs, sockets, devices) are not synced"
+                );
             }
             None
         };
@@ -519,7 +566,7 @@ impl Tree {
         }
         if deep && is_dir {
             let mut seen = HashSet::new();
-            self.walk_children(Some(path), &mut seen, changes);
+            self.walk_into(dir, path, &mut seen, changes);
             let gone: Vec<RelPath> = self
                 .subtree_keys(path)
                 .into_iter()
@@ -536,21 +583,38 @@ impl Tree {
         }
     }
 
-    /// Scans every entry beneath `dir` (the root if `None`), recording each path seen.
-    fn walk_children(
+    /// Opens the directory `path` in `parent` and walks it (see `walk_children`); if it cannot
+    /// be opened, keeps what was known beneath it rather than reporting it all deleted.
+    fn walk_into(
         &mut self,
-        dir: Option<&RelPath>,
+        parent: &Dir,
+        path: &RelPath,
         seen: &mut HashSet<RelPath>,
         changes: &mut Vec<Changed>,
     ) {
-        let abs = match dir {
-            Some(d) => self.abs(d),
-            None => self.root.clone(),
-        };
-        let rd = match std::fs::read_dir(&abs) {
-            Ok(rd) => rd,
+        match parent.open_dir(path.file_name()) {
+            Ok(fd) => self.walk_children(Some(path), &fd, seen, changes),
             Err(e) => {
-                log::warn!("cannot list {}: {e}", abs.display());
+                log::warn!("cannot list {path}: {e}");
+                seen.extend(self.subtree_keys(path));
+            }
+        }
+    }
+
+    /// Scans every entry beneath `dir` (the root if `None`), whose directory `fd` holds,
+    /// recording each path seen.
+    fn walk_children(
+        &mut self,
+        dir: Option<&RelPath>,
+        fd: &Dir,
+        seen: &mut HashSet<RelPath>,
+        changes: &mut Vec<Changed>,
+    ) {
+        let mut list = match fd.list() {
+            Ok(list) => list,
+            Err(e) => {
+                let shown = dir.map_or_else(|| self.root.display().to_string(), |d| d.to_string());
+                log::warn!("cannot list {shown}: {e}");
                 // Keep what we knew beneath it rather than reporting it all deleted.
                 if let Some(d) = dir {
                     seen.extend(self.subtree_keys(d));
@@ -558,10 +622,21 @@ impl Tree {
                 return;
             }
         };
-        // `DirEntry::file_type` does not follow symlinks, and mostly costs no stat.
-        let mut names: Vec<(OsString, bool)> = rd
+        // The entry's type mostly costs no stat, and never follows a symlink.
+        let mut names: Vec<(OsString, bool)> = list
+            .iter()
             .filter_map(|e| e.ok())
-            .map(|e| (e.file_name(), e.file_type().is_ok_and(|t| t.is_dir())))
+            .filter(|e| !matches!(e.file_name().to_bytes(), b"." | b".."))
+            .map(|e| {
+                let name = OsString::from_vec(e.file_name().to_bytes().to_vec());
+                let is_dir = match e.file_type() {
+                    Some(t) => t == nix::dir::Type::Directory,
+                    None => name
+                        .to_str()
+                        .is_some_and(|n| fd.stat(n).is_ok_and(|m| m.is_dir())),
+                };
+                (name, is_dir)
+            })
             .collect();
         names.sort();
         let dir_rel = dir.map_or_else(PathBuf::new, |d| PathBuf::from(d.as_str()));
@@ -570,7 +645,7 @@ impl Tree {
             names.iter().any(|(n, d)| n == IGNORE_FILE && !d) || self.entries.contains_key(f)
         });
         if let Some(f) = &rules_file {
-            self.scan_one(f, false, changes);
+            self.scan_at(fd, f, false, changes);
             if self.entries.contains_key(f) {
                 seen.insert(f.clone());
             }
@@ -595,7 +670,7 @@ impl Tree {
                 continue;
             };
             let mut sub = Vec::new();
-            self.scan_one(&path, false, &mut sub);
+            self.scan_at(fd, &path, false, &mut sub);
             changes.append(&mut sub);
             if self.entries.contains_key(&path) {
                 seen.insert(path.clone());
@@ -604,7 +679,7 @@ impl Tree {
                 progress.tick(seen.len() as u64, *hashed);
             }
             if self.entries.get(&path).is_some_and(|s| s.entry.is_dir()) {
-                self.walk_children(Some(&path), seen, changes);
+                self.walk_into(fd, &path, seen, changes);
             }
         }
     }
@@ -777,7 +852,7 @@ mod tests {
         t.scan_all().unwrap();
         let file: RelPath = format!("d/{IGNORE_FILE}").parse().unwrap();
         std::fs::write(t.abs(&file), "*.tmp\n").unwrap();
-        let seen = hash_file(&t.abs(&file)).unwrap().unwrap();
+        let seen = hash_file(&root, &file).unwrap().unwrap();
         t.set(&file, Some(seen));
         assert!(t.ignores(&"d/x.tmp".parse().unwrap(), Some(false)));
         assert!(t.ignores(&"d/y.tmp".parse().unwrap(), Some(false)));
@@ -818,16 +893,87 @@ mod tests {
     }
 
     #[test]
+    fn nothing_is_looked_at_through_a_symlink() {
+        let root = tmp("through-link");
+        let outside = tmp("through-link-outside");
+        std::fs::write(outside.join("secret"), "outside").unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
+        std::fs::create_dir(root.join("d")).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("d/link")).unwrap();
+        let mut t = Tree::new(root.clone(), BTreeMap::new());
+        // The links are entries of their own; nothing beneath them is.
+        assert_eq!(paths(&t.scan_all().unwrap()), ["d", "d/link", "link"]);
+        // Hints and refreshes for paths through the links find nothing there.
+        for hint in ["link/secret", "d/link/secret"] {
+            assert!(t.scan_path(Path::new(hint)).is_empty(), "{hint}");
+            let (seen, changes) = t.refresh(&hint.parse().unwrap());
+            assert!(seen.is_none() && changes.is_empty(), "{hint}");
+            assert!(hash_file(&root, &hint.parse().unwrap()).is_err(), "{hint}");
+        }
+        // A cached directory swapped for a symlink: what it held is gone, nothing of the
+        // link's target is reported.
+        std::fs::write(root.join("d/f"), "x").unwrap();
+        assert_eq!(paths(&t.scan_path(Path::new("d/f"))), ["d/f"]);
+        std::fs::rename(root.join("d"), root.join("d.away")).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("d")).unwrap();
+        let c = t.scan_path(Path::new("d/f"));
+        assert_eq!(paths(&c), ["d/f"]);
+        assert!(c[0].new.is_none());
+        assert!(t.scan_path(Path::new("d/secret")).is_empty());
+        let c = t.scan_path(Path::new("d"));
+        assert_eq!(
+            paths(&c),
+            ["d", "d/link"],
+            "d is a link now; what it held is gone"
+        );
+        assert_eq!(
+            t.get(&"d".parse().unwrap()).unwrap().entry.kind,
+            Kind::Symlink
+        );
+        std::fs::remove_dir_all(&root).unwrap();
+        std::fs::remove_dir_all(&outside).unwrap();
+    }
+
+    #[test]
     fn names_that_cannot_travel_are_skipped() {
         use std::os::unix::ffi::OsStrExt;
         let root = tmp("names");
-        std::fs::write(root.join(std::ffi::OsStr::from_bytes(b"bad\xff")), "x").unwrap();
+        let bad = std::ffi::OsStr::from_bytes(b"bad\xff");
+        std::fs::write(root.join(bad), "x").unwrap();
         std::fs::write(root.join("line\nbreak"), "x").unwrap();
-        std::os::unix::fs::symlink("/etc", root.join("link")).unwrap();
+        std::os::unix::fs::symlink(bad, root.join("bad-target")).unwrap();
+        nix::unistd::mkfifo(&root.join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
         std::fs::write(root.join("good"), "x").unwrap();
         let mut t = Tree::new(root.clone(), BTreeMap::new());
         let c = t.scan_all().unwrap();
         assert_eq!(paths(&c), ["good"]);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn symlinks_are_entries_of_their_target_text() {
+        let root = tmp("links");
+        std::fs::create_dir(root.join("d")).unwrap();
+        std::os::unix::fs::symlink("/etc", root.join("abs")).unwrap();
+        std::os::unix::fs::symlink("../nowhere", root.join("d/dangling")).unwrap();
+        std::os::unix::fs::symlink("d", root.join("to-d")).unwrap();
+        let mut t = Tree::new(root.clone(), BTreeMap::new());
+        let c = t.scan_all().unwrap();
+        assert_eq!(paths(&c), ["abs", "d", "d/dangling", "to-d"]);
+        let entry = |t: &Tree, p: &str| t.get(&p.parse().unwrap()).unwrap().entry.clone();
+        assert_eq!(entry(&t, "abs"), Entry::link("/etc"));
+        assert_eq!(entry(&t, "d/dangling"), Entry::link("../nowhere"));
+        assert!(t.scan_all().unwrap().is_empty(), "unchanged");
+        // A new target is a change; so is a link replaced by a file.
+        std::fs::remove_file(root.join("abs")).unwrap();
+        std::os::unix::fs::symlink("/usr", root.join("abs")).unwrap();
+        let c = t.scan_path(Path::new("abs"));
+        assert_eq!(paths(&c), ["abs"]);
+        assert_eq!(c[0].new.as_ref().unwrap().entry, Entry::link("/usr"));
+        std::fs::remove_file(root.join("to-d")).unwrap();
+        std::fs::write(root.join("to-d"), "now a file").unwrap();
+        let c = t.scan_path(Path::new("to-d"));
+        assert_eq!(c[0].new.as_ref().unwrap().entry.kind, Kind::File);
         std::fs::remove_dir_all(&root).unwrap();
     }
 }

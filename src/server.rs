@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use smol::Async;
 
 use crate::agent::{self, hex, AUTH_TIMEOUT, IDLE_TIMEOUT};
-use crate::core::entry::{Entry, Kind};
+use crate::core::entry::{check_target, Entry, Kind};
 use crate::core::index::{Index, Record, Retention, MARK_EVERY_SECS};
 use crate::core::path::RelPath;
 use crate::core::renames::{detect_renames, Changed, Seen};
@@ -242,19 +242,12 @@ fn staged_path(root: &Path, staging: &str, name: &str) -> anyhow::Result<PathBuf
     Ok(staging_dir(root).join(staging).join(name))
 }
 
-/// Size of `file` and BLAKE3 of its first `len` bytes; (0, hash of nothing) if it is absent or
-/// not a regular file.
-fn prefix_hash(file: &Path, len: u64) -> (u64, crate::core::entry::Hash) {
+/// Size of `file` and BLAKE3 of its first `len` bytes; (0, hash of nothing) if it could not
+/// be opened or is not a regular file.
+fn prefix_hash(file: std::io::Result<std::fs::File>, len: u64) -> (u64, crate::core::entry::Hash) {
     use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
     let none = (0, *blake3::hash(b"").as_bytes());
-    let Ok(f) = std::fs::File::options()
-        .read(true)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(file)
-    else {
-        return none;
-    };
+    let Ok(f) = file else { return none };
     let Ok(meta) = f.metadata() else { return none };
     if !meta.is_file() {
         return none;
@@ -264,6 +257,15 @@ fn prefix_hash(file: &Path, len: u64) -> (u64, crate::core::entry::Hash) {
         Ok(_) => (meta.len(), *hasher.finalize().as_bytes()),
         Err(_) => none,
     }
+}
+
+/// Opens a staged upload for reading (not through a symlink: staging areas hold files only).
+fn open_staged(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::File::options()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)
 }
 
 /// Removes staged uploads nobody came back for, and anything else that does not belong.
@@ -786,6 +788,7 @@ impl Server {
                 // What the rules hide now is not sent (the index keeps what it knew of it).
                 let tree = &self.tree;
                 changes.retain(|c| !tree.ignores(&c.path, c.entry.as_ref().map(Entry::is_dir)));
+                self.attach_targets(&mut changes);
                 let Some(c) = self.clients.get_mut(&id) else {
                     return;
                 };
@@ -839,21 +842,26 @@ impl Server {
                 let Some(c) = self.clients.get(&id) else {
                     return;
                 };
-                let file = match target {
+                type Open = Box<dyn FnOnce() -> std::io::Result<std::fs::File> + Send>;
+                let open: Open = match target {
                     ProbeTarget::Staged(name) => match staged_path(&self.root, &c.staging, &name) {
-                        Ok(p) => p,
+                        Ok(p) => Box::new(move || open_staged(&p)),
                         Err(e) => {
                             log::warn!("{}: {e}; closing", c.name);
                             self.drop_client(id);
                             return;
                         }
                     },
-                    ProbeTarget::File(path) => self.tree.abs(&path),
+                    // Beneath the root, following no symlink (see `beneath`).
+                    ProbeTarget::File(path) => {
+                        let root = self.root.clone();
+                        Box::new(move || crate::beneath::open_file(&root, &path))
+                    }
                 };
                 // Hashing may read a large file: off the actor, answered when done.
                 let tx = c.tx.clone();
                 smol::spawn(async move {
-                    let (size, hash) = smol::unblock(move || prefix_hash(&file, len)).await;
+                    let (size, hash) = smol::unblock(move || prefix_hash(open(), len)).await;
                     let _ = tx
                         .send(ServerMsg::Probed {
                             id: pid,
@@ -872,6 +880,26 @@ impl Server {
                     other.kind()
                 );
                 self.drop_client(id);
+            }
+        }
+    }
+
+    /// Fills in the target of each symlink change from disk (the index does not keep it),
+    /// checked against the change's entry. Left `None` if the link changed since: the change
+    /// that follows (from the scan that notices) carries the new one.
+    fn attach_targets(&self, changes: &mut [Change]) {
+        for c in changes {
+            let Some(e) = c.entry.as_ref().filter(|e| e.kind == Kind::Symlink) else {
+                continue;
+            };
+            c.target = crate::beneath::read_link(&self.root, &c.path)
+                .ok()
+                .filter(|t| e.check_link(t).is_ok());
+            if c.target.is_none() {
+                log::debug!(
+                    "{} changed since it was recorded; a newer change follows",
+                    c.path
+                );
             }
         }
     }
@@ -931,10 +959,11 @@ impl Server {
     }
 
     /// Makes changes durable enough (seq reservation), logs them and broadcasts them.
-    fn publish(&mut self, changes: Vec<Change>) {
+    fn publish(&mut self, mut changes: Vec<Change>) {
         if changes.is_empty() {
             return;
         }
+        self.attach_targets(&mut changes);
         self.published += changes.len() as u64;
         if self.index.seq > self.reserved {
             self.reserved = self.index.seq + SEQ_RESERVATION;
@@ -962,6 +991,7 @@ impl Server {
                 (None, _) => "delete".to_string(),
                 (Some(_), Some(from)) => format!("rename from {from}"),
                 (Some(e), None) if e.kind == Kind::Dir => "mkdir".to_string(),
+                (Some(e), None) if e.kind == Kind::Symlink => "link".to_string(),
                 (Some(e), None) => format!("{} bytes", e.size),
             };
             log::log!(detail, "committed {} ({what}) as seq {}", c.path, c.seq);
@@ -1114,6 +1144,7 @@ impl Server {
         let ignored = match &op {
             Op::Put { entry, .. } => self.tree.ignores(path, Some(entry.is_dir())),
             Op::Mkdir { .. } => self.tree.ignores(path, Some(true)),
+            Op::Link { .. } => self.tree.ignores(path, Some(false)),
             Op::Delete => self.tree.ignores(path, None),
             Op::Rename { to } => {
                 let is_dir = self.tree.get(path).map(|s| s.entry.is_dir());
@@ -1137,6 +1168,10 @@ impl Server {
         // A program writing `path` while the commit runs is caught by `install_file`.
         let result: anyhow::Result<Outcome> = match op {
             Op::Put { staged, entry } => {
+                if entry.kind != Kind::File {
+                    let reason = format!("{path}: a put carries a file's entry");
+                    return (Outcome::Failed { reason }, changes);
+                }
                 if current.as_ref() == Some(&entry) {
                     return (self.done(path), changes);
                 }
@@ -1166,7 +1201,14 @@ impl Server {
                 if current != base {
                     return (conflict(current), changes);
                 }
-                fsops::make_dir(&self.root, path, mode)
+                // A symlink there (the base the client agreed on) gives way: the link itself.
+                let unlinked = if current.as_ref().is_some_and(|c| c.kind == Kind::Symlink) {
+                    fsops::remove(&self.root, path).map(drop)
+                } else {
+                    Ok(())
+                };
+                unlinked
+                    .and_then(|()| fsops::make_dir(&self.root, path, mode))
                     .map(|(seen, created)| {
                         self.record(path, seen, created, &mut changes);
                         self.done(path)
@@ -1188,6 +1230,31 @@ impl Server {
                     }
                     Ok(fsops::Removed::NotEmpty) => Ok(Outcome::Failed {
                         reason: format!("{path} is not empty on the server"),
+                    }),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Op::Link { target } => {
+                if let Err(why) = check_target(&target) {
+                    let reason = format!("{path}: {why}");
+                    return (Outcome::Failed { reason }, changes);
+                }
+                let entry = Entry::link(&target);
+                if current.as_ref() == Some(&entry) {
+                    return (self.done(path), changes);
+                }
+                if current != base
+                    || (current.as_ref().is_some_and(Entry::is_dir)
+                        && self.index.live_subtree(path).len() > 1)
+                {
+                    return (conflict(current), changes);
+                }
+                // What the link replaces must still be what the index was just refreshed from.
+                let expect = self.tree.get(path).cloned();
+                match fsops::make_link(&self.root, path, &target, expect.as_ref()) {
+                    Ok(installed) => Ok(self.installed(path, installed, &mut changes)),
+                    Err(e) if e.raw_os_error() == Some(nix::libc::EPERM) => Ok(Outcome::Failed {
+                        reason: format!("the server's storage does not hold symlinks ({e})"),
                     }),
                     Err(e) => Err(e.into()),
                 }
@@ -1283,7 +1350,7 @@ impl Server {
         let expect = self.tree.get(path).cloned();
         // Hashing and fsync are slow: off the executor's threads.
         let installed = smol::unblock(move || -> anyhow::Result<Option<fsops::Install>> {
-            let file = std::fs::File::open(&staged_path)
+            let file = open_staged(&staged_path)
                 .with_context(|| format!("staged upload {staged} is missing"))?;
             let mut hasher = blake3::Hasher::new();
             hasher.update_reader(&file)?;
@@ -1306,18 +1373,31 @@ impl Server {
             None => Ok(Outcome::Failed {
                 reason: format!("{path}: uploaded bytes do not match their size and hash"),
             }),
-            Some(fsops::Install::ChangedHere) => {
+            Some(installed) => Ok(self.installed(path, installed, changes)),
+        }
+    }
+
+    /// Records what `install_file` or `make_link` did at `path`, keeping a version of the
+    /// server's that was written meanwhile as a conflict copy.
+    fn installed(
+        &mut self,
+        path: &RelPath,
+        installed: fsops::Install,
+        changes: &mut Vec<Change>,
+    ) -> Outcome {
+        match installed {
+            fsops::Install::ChangedHere => {
                 // Written here meanwhile: that is the server's version now; the client
-                // decides again against it (the upload stays staged for a retry).
+                // decides again against it (an upload stays staged for a retry).
                 changes.extend(self.refresh(path));
-                Ok(Outcome::Conflict {
+                Outcome::Conflict {
                     current: self.index.entry(path).cloned(),
-                })
+                }
             }
-            Some(fsops::Install::Done {
+            fsops::Install::Done {
                 installed: (seen, created),
                 displaced,
-            }) => {
+            } => {
                 self.record(path, seen, created, changes);
                 if let Some(old) = displaced {
                     match fsops::keep_as_conflict(&self.root, &old, path, "server") {
@@ -1332,7 +1412,7 @@ impl Server {
                         ),
                     }
                 }
-                Ok(self.done(path))
+                self.done(path)
             }
         }
     }

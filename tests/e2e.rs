@@ -4,6 +4,7 @@
 mod e2e {
     pub mod util;
 
+    mod beneath;
     mod config;
     mod conflict;
     mod crash;
@@ -14,6 +15,7 @@ mod e2e {
     mod hostile;
     mod ignore;
     mod lifecycle;
+    mod links;
     mod random;
     mod restart;
     mod security;

@@ -142,6 +142,7 @@ impl Index {
             path: path.clone(),
             entry: Some(entry),
             moved_from: None,
+            target: None,
         })
     }
 
@@ -171,6 +172,7 @@ impl Index {
             path: path.clone(),
             entry,
             moved_from,
+            target: None,
         })
     }
 
@@ -265,6 +267,7 @@ impl Index {
                 path: p.clone(),
                 entry: r.entry.clone(),
                 moved_from: r.moved_from.clone(),
+                target: None,
             })
             .collect();
         out.sort_by_key(|c| c.seq);
@@ -282,6 +285,7 @@ impl Index {
                     path: p.clone(),
                     entry: Some(e.clone()),
                     moved_from: None,
+                    target: None,
                 })
             })
             .collect();

@@ -142,6 +142,10 @@ mod tests {
         Some(Entry::dir(0o755))
     }
 
+    fn link(target: &str) -> Option<Entry> {
+        Some(Entry::link(target))
+    }
+
     /// name, base, local, remote, expected decision
     type Row = (
         &'static str,
@@ -167,6 +171,13 @@ mod tests {
         let a_touched = file("a", 2);
         let b = file("b", 2);
         let c = file("c", 3);
+        let (l, m, n) = (link("/abs/x"), link("../rel"), link("dangling"));
+        // A file holding a link's target text: same size and hash, another kind.
+        let l_text = Some(Entry {
+            mtime_ns: 0,
+            mode: 0,
+            ..file("/abs/x", 0).unwrap()
+        });
         #[rustfmt::skip]
         let table: &[Row] = &[
             // name                              base        local             remote            decision
@@ -196,6 +207,18 @@ mod tests {
             ("file here, dir there",             None,       b.clone(),        dir(),            Conflict),
             ("local modify beats remote delete", a.clone(),  b.clone(),        None,             SendLocal),
             ("remote modify beats local delete", a.clone(),  None,             b.clone(),        TakeRemote),
+            // Symlinks follow the same rules; a link is never the same as a file or directory.
+            ("remote link created",              None,       None,             l.clone(),        TakeRemote),
+            ("remote link retargeted",           l.clone(),  l.clone(),        m.clone(),        TakeRemote),
+            ("local link retargeted",            l.clone(),  m.clone(),        l.clone(),        SendLocal),
+            ("local link deleted",               l.clone(),  None,             l.clone(),        SendLocal),
+            ("local link replaced by a file",    l.clone(),  a.clone(),        l.clone(),        SendLocal),
+            ("remote file replaced by a link",   a.clone(),  a.clone(),        l.clone(),        TakeRemote),
+            ("both made the same link",          None,       l.clone(),        l.clone(),        RecordBase),
+            ("links retargeted differently",     l.clone(),  m.clone(),        n.clone(),        Conflict),
+            ("link here, dir there",             None,       l.clone(),        dir(),            Conflict),
+            ("link here, its text as a file",    None,       l.clone(),        l_text.clone(),   Conflict),
+            ("link modify beats delete",         l.clone(),  m.clone(),        None,             SendLocal),
         ];
         for (name, base, local, remote, want) in table {
             let got = plan(base.as_ref(), local.as_ref(), remote.as_ref());

@@ -102,6 +102,12 @@ pub enum Op {
         /// The new name.
         to: RelPath,
     },
+    /// Make `path` a symlink to `target` (its entry is `Entry::link(target)`); the server
+    /// creates it as it is and never follows it.
+    Link {
+        /// The link's text: any path, at most `MAX_LINK_TARGET` bytes, no NUL.
+        target: String,
+    },
 }
 
 /// Messages the server sends.
@@ -190,6 +196,10 @@ pub struct Change {
     /// Set when this entry arrived by a rename from that path, so a client can rename locally
     /// instead of downloading again.
     pub moved_from: Option<RelPath>,
+    /// For a symlink entry: its target, read when the change is sent (the index does not keep
+    /// it). `None` if the link changed since: a newer change follows. The receiver checks it
+    /// against the entry (`Entry::check_link`).
+    pub target: Option<String>,
 }
 
 /// Outcome of a commit.

@@ -430,7 +430,7 @@ impl Run {
                     size: *size,
                     hash: hash.clone(),
                 }),
-                Node::Dir => None,
+                Node::Dir | Node::Link(_) => None,
             })
             .collect();
         let mut last: BTreeMap<&str, &Record> = BTreeMap::new();

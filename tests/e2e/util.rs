@@ -107,9 +107,11 @@ pub enum Node {
         hash: String,
         mtime_ns: i64,
     },
+    /// A symlink, by its target text (never followed).
+    Link(PathBuf),
 }
 
-/// Every entry under `root` except `.ferry`, by relative path.
+/// Every entry under `root` except `.ferry`, by relative path (symlinks as their target).
 pub fn snapshot(root: &Path) -> BTreeMap<String, Node> {
     fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Node>) {
         let Ok(rd) = fs::read_dir(dir) else { return };
@@ -129,6 +131,11 @@ pub fn snapshot(root: &Path) -> BTreeMap<String, Node> {
             if meta.is_dir() {
                 out.insert(rel, Node::Dir);
                 walk(root, &path, out);
+            } else if meta.is_symlink() {
+                let Ok(target) = fs::read_link(&path) else {
+                    continue;
+                };
+                out.insert(rel, Node::Link(target));
             } else if meta.is_file() {
                 let Ok(bytes) = fs::read(&path) else { continue };
                 out.insert(
@@ -576,7 +583,8 @@ impl Cluster {
         out
     }
 
-    /// True if all trees are identical (names, kinds, sizes, hashes, file mtimes).
+    /// True if all trees are identical (names, kinds, sizes, hashes, file mtimes, link
+    /// targets).
     pub fn converged(&self) -> bool {
         let roots = self.roots();
         let first = snapshot(&roots[0]);

@@ -1,0 +1,394 @@
+//! Paths resolved beneath a replica's root through directory file descriptors, never through a
+//! symlink.
+//!
+//! Checking a path with `symlink_metadata` and then using it by name leaves a window: a
+//! directory on the way swapped for a symlink in between redirects the use to wherever the
+//! link points. Here each component is opened relative to the directory before it with
+//! `O_NOFOLLOW`, and the final operation is made relative to the last directory's descriptor
+//! (`renameat`, `mkdirat`, `unlinkat`, ...). A symlink or a file on the way fails the walk
+//! (ELOOP, ENOTDIR); whatever happens to the names afterwards, the operation acts in the
+//! directory that was opened, which is beneath the root.
+//!
+//! A component-by-component walk works on every Linux and Android kernel ferry runs on;
+//! `openat2(RESOLVE_BENEATH)` would only save a few system calls. Directories are opened with
+//! `O_PATH`, which, like a walk by path, needs search permission only. The root itself is
+//! opened by path and may be a symlink to the real tree: that is the user's choice, not
+//! something a peer can plant.
+
+use std::ffi::OsStr;
+use std::fs::{File, Metadata};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+
+use nix::errno::Errno;
+use nix::fcntl::{openat, OFlag, AT_FDCWD};
+use nix::sys::stat::Mode;
+use nix::unistd::UnlinkatFlags;
+
+use crate::core::path::RelPath;
+
+/// The few fields of a `stat` ferry looks at. From `fstatat` for a name in a directory: one
+/// system call per entry, which is what a scan of a large tree costs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stat {
+    /// `st_mode`: the kind and the permission bits.
+    pub mode: u32,
+    /// Inode number.
+    pub ino: u64,
+    /// Size in bytes (a symlink's: its target's length).
+    pub len: u64,
+    /// Modification time in nanoseconds since the epoch.
+    pub mtime_ns: i64,
+}
+
+impl Stat {
+    #[allow(clippy::unnecessary_cast)] // `mode_t` is narrower on some targets
+    fn is(&self, kind: nix::libc::mode_t) -> bool {
+        self.mode & nix::libc::S_IFMT as u32 == kind as u32
+    }
+
+    /// A directory.
+    pub fn is_dir(&self) -> bool {
+        self.is(nix::libc::S_IFDIR)
+    }
+
+    /// A regular file.
+    pub fn is_file(&self) -> bool {
+        self.is(nix::libc::S_IFREG)
+    }
+
+    /// A symlink.
+    pub fn is_symlink(&self) -> bool {
+        self.is(nix::libc::S_IFLNK)
+    }
+
+    /// The permission bits.
+    pub fn perm(&self) -> u32 {
+        self.mode & 0o7777
+    }
+}
+
+impl From<nix::sys::stat::FileStat> for Stat {
+    #[allow(clippy::unnecessary_cast)] // the field types vary by target
+    fn from(st: nix::sys::stat::FileStat) -> Stat {
+        Stat {
+            mode: st.st_mode as u32,
+            ino: st.st_ino as u64,
+            len: st.st_size as u64,
+            mtime_ns: st.st_mtime as i64 * 1_000_000_000 + st.st_mtime_nsec as i64,
+        }
+    }
+}
+
+impl From<&Metadata> for Stat {
+    fn from(m: &Metadata) -> Stat {
+        use std::os::unix::fs::MetadataExt;
+        Stat {
+            mode: m.mode(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+        }
+    }
+}
+
+/// An open directory (an `O_PATH` descriptor): names are resolved relative to it.
+#[derive(Debug)]
+pub struct Dir(OwnedFd);
+
+/// Opening a directory: `O_PATH` needs no read permission and follows nothing with `O_NOFOLLOW`.
+fn dir_flags() -> OFlag {
+    OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC
+}
+
+/// Why a walk stopped: something that is not a directory stands at `prefix`.
+fn in_the_way(prefix: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotADirectory,
+        format!("{prefix} is not a directory (a symlink or file is in the way)"),
+    )
+}
+
+/// True for the errors `O_NOFOLLOW | O_DIRECTORY` gives when a symlink or file is in the way.
+fn not_a_dir(e: Errno) -> bool {
+    matches!(e, Errno::ELOOP | Errno::ENOTDIR)
+}
+
+impl Dir {
+    /// Opens a replica's root (following it if it is a symlink: see the module doc).
+    pub fn root(root: &Path) -> io::Result<Dir> {
+        let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+        Ok(Dir(openat(AT_FDCWD, root, flags, Mode::empty())?))
+    }
+
+    /// Opens a directory named by path: ferry's own state directories, never a peer's path.
+    pub fn at_path(dir: &Path) -> io::Result<Dir> {
+        Dir::root(dir)
+    }
+
+    /// Opens the subdirectory `name`; a symlink there fails with ELOOP or ENOTDIR.
+    pub fn open_dir(&self, name: &str) -> nix::Result<Dir> {
+        openat(&self.0, name, dir_flags(), Mode::empty()).map(Dir)
+    }
+
+    /// What `name` itself is (a symlink is reported as one, not followed).
+    pub fn stat(&self, name: &str) -> io::Result<Stat> {
+        use nix::sys::stat::fstatat;
+        Ok(fstatat(&self.0, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)?.into())
+    }
+
+    /// What this directory is.
+    pub fn meta(&self) -> io::Result<Stat> {
+        Ok(nix::sys::stat::fstat(&self.0)?.into())
+    }
+
+    /// Opens `name` for reading if it is a regular file. `O_NOFOLLOW` refuses a symlink (ELOOP);
+    /// `O_NONBLOCK` keeps a FIFO swapped in from blocking the open.
+    pub fn open_file(&self, name: &str) -> io::Result<File> {
+        let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+        let file = File::from(openat(&self.0, name, flags, Mode::empty()).map_err(|e| {
+            if e == Errno::ELOOP {
+                io::Error::other("a symlink (not followed)")
+            } else {
+                e.into()
+            }
+        })?);
+        if !file.metadata()?.is_file() {
+            return Err(io::Error::other("not a regular file"));
+        }
+        Ok(file)
+    }
+
+    /// Opens `name` (a file or a directory) so its mode and times can be set through the
+    /// descriptor; a symlink there fails with ELOOP. Needs read permission: `None` without it.
+    pub fn open_for_meta(&self, name: &str) -> io::Result<Option<File>> {
+        let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+        match openat(&self.0, name, flags, Mode::empty()) {
+            Ok(fd) => Ok(Some(File::from(fd))),
+            Err(Errno::EACCES) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Sets the mode of `name` without following a symlink there (for what `open_for_meta`
+    /// cannot open). The C library refuses a symlink (EOPNOTSUPP).
+    pub fn chmod_nofollow(&self, name: &str, mode: u32) -> io::Result<()> {
+        use nix::sys::stat::{fchmodat, FchmodatFlags};
+        let mode = Mode::from_bits_truncate(mode as nix::libc::mode_t);
+        Ok(fchmodat(
+            &self.0,
+            name,
+            mode,
+            FchmodatFlags::NoFollowSymlink,
+        )?)
+    }
+
+    /// Sets the mtime of `name` (its atime too: to the same value) without following a symlink.
+    pub fn set_mtime_nofollow(&self, name: &str, mtime_ns: i64) -> io::Result<()> {
+        use nix::sys::stat::{utimensat, UtimensatFlags};
+        use nix::sys::time::TimeSpec;
+        let t = TimeSpec::new(
+            mtime_ns.div_euclid(1_000_000_000),
+            mtime_ns.rem_euclid(1_000_000_000),
+        );
+        Ok(utimensat(
+            &self.0,
+            name,
+            &t,
+            &t,
+            UtimensatFlags::NoFollowSymlink,
+        )?)
+    }
+
+    /// The target of the symlink `name` (EINVAL if it is not one).
+    pub fn read_link(&self, name: &str) -> io::Result<std::ffi::OsString> {
+        Ok(nix::fcntl::readlinkat(&self.0, name)?)
+    }
+
+    /// Creates the symlink `name` pointing at `target` (never resolved: any text will do).
+    pub fn symlink(&self, target: &str, name: &str) -> nix::Result<()> {
+        nix::unistd::symlinkat(target, &self.0, name)
+    }
+
+    /// Creates the directory `name` (mode 0o777 less the umask, as `mkdir` does).
+    pub fn mkdir(&self, name: &str) -> nix::Result<()> {
+        nix::sys::stat::mkdirat(&self.0, name, Mode::from_bits_truncate(0o777))
+    }
+
+    /// Removes the non-directory `name` (a symlink itself, not what it points to).
+    pub fn remove_file(&self, name: &str) -> io::Result<()> {
+        Ok(nix::unistd::unlinkat(
+            &self.0,
+            name,
+            UnlinkatFlags::NoRemoveDir,
+        )?)
+    }
+
+    /// Removes the empty directory `name`.
+    pub fn remove_dir(&self, name: &str) -> io::Result<()> {
+        Ok(nix::unistd::unlinkat(
+            &self.0,
+            name,
+            UnlinkatFlags::RemoveDir,
+        )?)
+    }
+
+    /// Renames `name` to `to_name` in `to`, replacing what is there (as `rename` does).
+    pub fn rename(&self, name: &str, to: &Dir, to_name: &str) -> io::Result<()> {
+        Ok(nix::fcntl::renameat(&self.0, name, &to.0, to_name)?)
+    }
+
+    /// Hard-links `name` as `to_name` in `to` (a symlink is linked itself, not followed).
+    pub fn hard_link(&self, name: &str, to: &Dir, to_name: &str) -> io::Result<()> {
+        Ok(nix::unistd::linkat(
+            &self.0,
+            name,
+            &to.0,
+            to_name,
+            nix::fcntl::AtFlags::empty(),
+        )?)
+    }
+
+    /// Renames `name` to `to_name` in `to`, failing with `AlreadyExists` rather than replacing
+    /// anything there.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    pub fn rename_noreplace(&self, name: &str, to: &Dir, to_name: &str) -> io::Result<()> {
+        use nix::fcntl::{renameat2, RenameFlags};
+        Ok(renameat2(
+            &self.0,
+            name,
+            &to.0,
+            to_name,
+            RenameFlags::RENAME_NOREPLACE,
+        )?)
+    }
+
+    /// Renames `name` to `to_name` in `to`, failing with `AlreadyExists` rather than replacing
+    /// anything there. musl and bionic builds get no `renameat2` from nix, so: a file is
+    /// hard-linked to the target (which refuses an existing one) and then unlinked; a
+    /// directory, or a file on a filesystem without hard links (Android's shared storage), is
+    /// checked for, then renamed.
+    /// RACE: in the checked case, an entry created at the target in between is replaced if it
+    /// is an empty directory (rename refuses files over directories and non-empty directories).
+    /// Either way nothing leaves the two directories.
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    pub fn rename_noreplace(&self, name: &str, to: &Dir, to_name: &str) -> io::Result<()> {
+        if !self.stat(name)?.is_dir() {
+            match self.hard_link(name, to, to_name) {
+                Ok(()) => return self.remove_file(name),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(e),
+                Err(_) => {} // no hard links here: fall back to check-then-rename
+            }
+        }
+        if to.stat(to_name).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{to_name} exists"),
+            ));
+        }
+        self.rename(name, to, to_name)
+    }
+
+    /// Makes the entries of this directory durable (renames into it, creations).
+    pub fn sync(&self) -> io::Result<()> {
+        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+        File::from(openat(&self.0, ".", flags, Mode::empty())?).sync_all()
+    }
+
+    /// This directory opened for listing (`nix::dir`), so a walk reads the directory it holds
+    /// rather than whatever a path names by then.
+    pub fn list(&self) -> io::Result<nix::dir::Dir> {
+        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+        Ok(nix::dir::Dir::from_fd(openat(
+            &self.0,
+            ".",
+            flags,
+            Mode::empty(),
+        )?)?)
+    }
+}
+
+impl AsFd for Dir {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+/// The directory that holds `rel`, opened beneath `root`, and `rel`'s last component. With
+/// `created`, missing directories on the way are made and pushed there (parents first, with
+/// their metadata); without it, a missing one is a `NotFound` error. A symlink or file on the
+/// way is a `NotADirectory` error naming it.
+pub fn parent<'a>(
+    root: &Path,
+    rel: &'a RelPath,
+    mut created: Option<&mut Vec<(RelPath, Stat)>>,
+) -> io::Result<(Dir, &'a str)> {
+    let mut dir = Dir::root(root)?;
+    let s = rel.as_str();
+    let mut end = 0;
+    let parts: Vec<&str> = s.split('/').collect();
+    let (name, parents) = parts.split_last().expect("a RelPath has a component");
+    for part in parents {
+        end += part.len();
+        let next = match (dir.open_dir(part), created.as_deref_mut()) {
+            (Err(Errno::ENOENT), Some(created)) => {
+                let made = match dir.mkdir(part) {
+                    Ok(()) => true,
+                    Err(Errno::EEXIST) => false, // made meanwhile: opened like any other
+                    Err(e) => return Err(e.into()),
+                };
+                let next = dir.open_dir(part);
+                if let (true, Ok(d)) = (made, &next) {
+                    let path = RelPath::new(&s[..end]).map_err(io::Error::other)?;
+                    created.push((path, d.meta()?));
+                }
+                next
+            }
+            (other, _) => other,
+        };
+        dir = match next {
+            Ok(d) => d,
+            Err(e) if not_a_dir(e) => return Err(in_the_way(&s[..end])),
+            Err(e) => return Err(e.into()),
+        };
+        end += 1;
+    }
+    Ok((dir, name))
+}
+
+/// The directory that holds `path` (a file in ferry's state directory, named by path) and the
+/// file's name.
+pub fn state_parent(path: &Path) -> io::Result<(Dir, &str)> {
+    let name = path
+        .file_name()
+        .and_then(OsStr::to_str)
+        .ok_or_else(|| io::Error::other(format!("bad state file {}", path.display())))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    Ok((Dir::at_path(dir)?, name))
+}
+
+/// Opens the regular file `rel` beneath `root` for reading, following no symlink on the way or
+/// at the end: what feeds an upload is always a file in the tree.
+pub fn open_file(root: &Path, rel: &RelPath) -> io::Result<File> {
+    let (dir, name) = parent(root, rel, None)?;
+    dir.open_file(name)
+}
+
+/// The target of the symlink `rel` beneath `root` (its own text: nothing is followed), if it is
+/// one and its target is UTF-8 (what can travel).
+pub fn read_link(root: &Path, rel: &RelPath) -> io::Result<String> {
+    let (dir, name) = parent(root, rel, None)?;
+    dir.read_link(name)?
+        .into_string()
+        .map_err(|_| io::Error::other("the symlink's target is not UTF-8"))
+}
+
+/// True if `e` says `rel` is not in the tree: missing, or a symlink or file stands where one
+/// of its directories should be.
+pub fn is_absent(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+    )
+}
