@@ -808,7 +808,11 @@ impl Server {
         let mut paths: Vec<RelPath> = Vec::new();
         for (from, to) in detect_renames(&changes) {
             if self.index.entry(&from).is_some() && self.index.entry(&to).is_none() {
-                out.extend(self.index.rename(&from, &to));
+                let (changes, refused) = self.index.rename(&from, &to);
+                for bad in refused {
+                    log::warn!("{bad}: renaming {from} to {to} made it too long to sync");
+                }
+                out.extend(changes);
                 // The index may have moved what was already gone from the directory (a
                 // delete not yet seen): check every moved path against the disk below.
                 paths.extend(self.index.live_subtree(&to).into_iter().map(|(p, _)| p));
@@ -1120,7 +1124,11 @@ impl Server {
                     Ok(created) => {
                         self.record_created(created, &mut changes);
                         self.tree.rename_subtree(path, &to);
-                        changes.extend(self.index.rename(path, &to));
+                        let (moved, refused) = self.index.rename(path, &to);
+                        for bad in refused {
+                            log::warn!("{bad}: renaming {path} to {to} made it too long to sync");
+                        }
+                        changes.extend(moved);
                         Ok(self.done(&to))
                     }
                     Err(e) => Err(e.into()),
