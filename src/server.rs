@@ -81,6 +81,11 @@ const MAX_QUEUED_FRAMES: usize = 10_000;
 /// Changes per `Changes` frame.
 const BATCH: usize = 512;
 
+/// Events waiting for the main loop. Bounded, so that a peer sending frames faster than the
+/// server handles them is slowed down (its reading task waits for room, then TCP's window
+/// closes on it) instead of queueing them in memory without limit.
+const MAX_QUEUED_EVENTS: usize = 256;
+
 /// How long after a journal append it is fsynced (see `store`).
 const SYNC_DELAY: Duration = Duration::from_secs(1);
 
@@ -320,7 +325,7 @@ async fn serve(cfg: ServerConfig, stop: Receiver<nix::sys::signal::Signal>) -> a
     let _watcher = Watcher::spawn(cfg.watch.clone(), hint_tx)
         .with_context(|| format!("cannot watch {}", root.display()))?;
 
-    let (events_tx, events_rx) = async_channel::unbounded();
+    let (events_tx, events_rx) = async_channel::bounded(MAX_QUEUED_EVENTS);
     let mut server = Server {
         root: root.clone(),
         index,

@@ -408,6 +408,11 @@ impl Cluster {
         fs::read_to_string(self.dir.0.join(format!("{agent}.log"))).unwrap_or_default()
     }
 
+    /// The running server's process id.
+    pub fn server_pid(&self) -> i32 {
+        self.server.as_ref().expect("the server is running").pid()
+    }
+
     pub fn secret(&self) -> &Path {
         &self.secret
     }
