@@ -689,6 +689,13 @@ impl Server {
 
     async fn on_message(&mut self, id: u64, msg: ClientMsg) {
         match msg {
+            ClientMsg::Subscribe { .. } if self.clients.get(&id).is_some_and(|c| c.subscribed) => {
+                // One listing per connection: a peer asking again and again (without reading)
+                // would have the server queue whole listings for it without limit.
+                let name = self.clients.get(&id).map_or("?".into(), |c| c.name.clone());
+                log::warn!("{name}: a second Subscribe on one connection; closing");
+                self.drop_client(id);
+            }
             ClientMsg::Subscribe { epoch, since } => {
                 let (mut changes, full) =
                     if epoch == self.index.epoch && self.index.can_catch_up_from(since) {

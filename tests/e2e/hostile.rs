@@ -141,6 +141,12 @@ fn hostile_frames_are_refused_and_honest_clients_keep_syncing() {
     )
     .unwrap();
     assert!(closed(&mut s));
+    // A second Subscribe: each asks for a whole listing, so only one is allowed.
+    let mut s = authenticated(&cl);
+    let subscribe = encode(&ClientMsg::Subscribe { epoch: 0, since: 0 }).unwrap();
+    s.write_all(&subscribe).unwrap();
+    s.write_all(&subscribe).unwrap();
+    assert!(closed(&mut s), "a second Subscribe closes the connection");
 
     let log = std::fs::read_to_string(cl.dir.0.join("server.log")).unwrap();
     for needle in [
@@ -149,6 +155,7 @@ fn hostile_frames_are_refused_and_honest_clients_keep_syncing() {
         "refused path \"a\\r\\nDELE x\"",
         "exceeds the limit",
         "unexpected Hello",
+        "a second Subscribe",
     ] {
         assert!(
             log.contains(needle),
