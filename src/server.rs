@@ -738,6 +738,9 @@ impl Server {
                 op,
                 base,
             } => {
+                if self.drop_if_not_reading(id) {
+                    return;
+                }
                 let Some(c) = self.clients.get(&id) else {
                     return;
                 };
@@ -756,6 +759,9 @@ impl Server {
                 target,
                 len,
             } => {
+                if self.drop_if_not_reading(id) {
+                    return;
+                }
                 let Some(c) = self.clients.get(&id) else {
                     return;
                 };
@@ -793,6 +799,25 @@ impl Server {
                 );
                 self.drop_client(id);
             }
+        }
+    }
+
+    /// Drops client `id` if more than `MAX_QUEUED_FRAMES` frames wait to be written to it:
+    /// it asks without reading the answers, which would otherwise pile up here without limit.
+    /// (As in `publish`: a client that was merely slow reconnects, and sends what was not
+    /// answered again.) Returns whether it was dropped.
+    fn drop_if_not_reading(&mut self, id: u64) -> bool {
+        match self.clients.get(&id) {
+            Some(c) if c.tx.len() > MAX_QUEUED_FRAMES => {
+                log::warn!(
+                    "{}: does not read its answers ({} waiting); closing",
+                    c.name,
+                    c.tx.len()
+                );
+                self.drop_client(id);
+                true
+            }
+            _ => false,
         }
     }
 

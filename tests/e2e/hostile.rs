@@ -263,3 +263,64 @@ fn a_flood_of_tiny_frames_is_absorbed_and_honest_clients_keep_syncing() {
         has(&b, "after-flood.txt", b"still")
     });
 }
+
+#[test]
+fn a_peer_that_never_reads_its_answers_is_closed() {
+    // Deletes of ignored names (`*.swp`): each is refused at once, with a reason naming the
+    // path. The peer never reads, so the answers can only pile up on the server.
+    const COMMITS: u64 = 300_000;
+    const PER_WRITE: u64 = 1_000;
+
+    let cl = Cluster::start("unread", &[("a", Watch::Auto), ("b", Watch::Poll)]);
+    let (a, b) = (cl.root("a"), cl.root("b"));
+    write(&a, "before.txt", "up");
+    cl.wait_converged("both clients are syncing", |_| has(&b, "before.txt", b"up"));
+    let pid = cl.server_pid();
+    let (_, peak_before) = memory_kib(pid);
+
+    let mut s = authenticated(&cl);
+    let flood = std::thread::spawn(move || {
+        let mut sent = 0;
+        while sent < COMMITS {
+            let batch: Vec<u8> = (sent..sent + PER_WRITE)
+                .flat_map(|i| {
+                    encode(&ClientMsg::Commit {
+                        id: i,
+                        path: format!("{}-{i}.swp", "x".repeat(240)).parse().unwrap(),
+                        op: Op::Delete,
+                        base: None,
+                    })
+                    .unwrap()
+                })
+                .collect();
+            if s.write_all(&batch).is_err() {
+                return (sent, s); // the server closed the connection
+            }
+            sent += PER_WRITE;
+        }
+        (sent, s)
+    });
+
+    write(&a, "during-flood.txt", "yes");
+    cl.wait_converged("honest clients converge during the flood", |_| {
+        has(&b, "during-flood.txt", b"yes")
+    });
+    let (sent, mut s) = flood.join().unwrap();
+    let (rss, peak) = memory_kib(pid);
+    eprintln!("{sent} commits sent; server memory: peak {peak_before} KiB before, {peak} KiB after, {rss} KiB now");
+    assert!(
+        peak.saturating_sub(peak_before) < 48 * 1024,
+        "the server's memory grew with the unread answers: peak {peak} KiB (before \
+         {peak_before} KiB, now {rss} KiB)"
+    );
+    wait_until(
+        "the server closes the connection that does not read",
+        || cl.log("server").contains("does not read its answers"),
+        || cl.logs(),
+    );
+    assert!(closed(&mut s));
+    write(&b, "after-flood.txt", "still");
+    cl.wait_converged("honest clients converge after the flood", |_| {
+        has(&a, "after-flood.txt", b"still")
+    });
+}
