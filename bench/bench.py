@@ -75,8 +75,10 @@ class Ferry:
         os.makedirs(work, exist_ok=True)
         self.procs = []
         secret = os.path.join(work, "secret")
-        with open(secret, "w") as f:
+        # Owner-only, as ferry requires of a secret file.
+        with open(os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             f.write("benchmark-secret-0123456789\n")
+        os.chmod(secret, 0o600)  # a file left by an earlier run keeps its mode otherwise
         self.server_root = os.path.join(work, "server")
         os.makedirs(self.server_root, exist_ok=True)
         ready = os.path.join(work, "ready")

@@ -18,7 +18,7 @@ cd /tmp/ferry-deploy
 install -m 755 "$1" /usr/local/bin/ferry
 id ferry >/dev/null 2>&1 || useradd --system --home /nonexistent --shell /usr/sbin/nologin ferry
 install -d -m 750 -g ferry /etc/ferry
-install -m 640 -g ferry "$2" /etc/ferry/secret
+install -m 600 -o ferry -g ferry "$2" /etc/ferry/secret  # ferry refuses one others can read
 [ -f /etc/ferry/client.env ] || install -m 644 client.env /etc/ferry/client.env
 . /etc/ferry/client.env
 install -d -o ferry -g ferry "$FERRY_ROOT"

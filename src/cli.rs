@@ -472,7 +472,7 @@ fn demo(dir: &Path) -> anyhow::Result<()> {
     let secret = dir.join("secret");
     if !secret.exists() {
         let bytes: [u8; 24] = crate::proto::auth::random();
-        std::fs::write(&secret, crate::agent::hex(&bytes))?;
+        Secret::create(&secret, crate::agent::hex(&bytes).as_bytes())?;
     }
     let ready = dir.join("server.ready");
     let _ = std::fs::remove_file(&ready);
@@ -612,7 +612,8 @@ mod tests {
         fn new(name: &str) -> Dir {
             let d = std::env::temp_dir().join(format!("ferry-cli-{name}-{}", std::process::id()));
             std::fs::create_dir_all(&d).unwrap();
-            std::fs::write(d.join("secret"), "0123456789abcdef-test").unwrap();
+            let _ = std::fs::remove_file(d.join("secret"));
+            Secret::create(&d.join("secret"), b"0123456789abcdef-test").unwrap();
             Dir(d)
         }
     }

@@ -1042,7 +1042,10 @@ impl Client {
                 let mut moved = BTreeSet::new();
                 for p in agent::keys_under(&self.base, &from) {
                     if let Some(e) = self.base.remove(&p) {
-                        let new = p.rebase(&from, &to);
+                        // A name too long to travel was not sent: no base to move for it.
+                        let Ok(new) = p.rebase(&from, &to) else {
+                            continue;
+                        };
                         if new != to {
                             moved.insert(new.clone());
                         }

@@ -321,7 +321,10 @@ impl Tree {
     pub fn rename_subtree(&mut self, from: &RelPath, to: &RelPath) {
         let moved: Vec<(RelPath, Seen)> = self.take_subtree(from);
         for (p, s) in moved {
-            self.entries.insert(p.rebase(from, to), s);
+            // A name too long to travel is not cached, as a scan would skip it.
+            if let Ok(new) = p.rebase(from, to) {
+                self.entries.insert(new, s);
+            }
         }
         self.rules.rename_under(p(from), p(to));
         self.rules_file_seen(from);

@@ -87,6 +87,11 @@ const MAX_QUEUED_FRAMES: usize = 10_000;
 /// Changes per `Changes` frame.
 const BATCH: usize = 512;
 
+/// Events waiting for the main loop. Bounded, so that a peer sending frames faster than the
+/// server handles them is slowed down (its reading task waits for room, then TCP's window
+/// closes on it) instead of queueing them in memory without limit.
+const MAX_QUEUED_EVENTS: usize = 256;
+
 /// How long after a journal append it is fsynced (see `store`).
 const SYNC_DELAY: Duration = Duration::from_secs(1);
 
@@ -347,7 +352,7 @@ async fn serve(cfg: ServerConfig, stop: Receiver<nix::sys::signal::Signal>) -> a
     let _watcher = Watcher::spawn(cfg.watch.clone(), hint_tx)
         .with_context(|| format!("cannot watch {}", root.display()))?;
 
-    let (events_tx, events_rx) = async_channel::unbounded();
+    let (events_tx, events_rx) = async_channel::bounded(MAX_QUEUED_EVENTS);
     let mut server = Server {
         root: root.clone(),
         index,
@@ -778,6 +783,13 @@ impl Server {
 
     async fn on_message(&mut self, id: u64, msg: ClientMsg) {
         match msg {
+            ClientMsg::Subscribe { .. } if self.clients.get(&id).is_some_and(|c| c.subscribed) => {
+                // One listing per connection: a peer asking again and again (without reading)
+                // would have the server queue whole listings for it without limit.
+                let name = self.clients.get(&id).map_or("?".into(), |c| c.name.clone());
+                log::warn!("{name}: a second Subscribe on one connection; closing");
+                self.drop_client(id);
+            }
             ClientMsg::Subscribe { epoch, since } => {
                 let (mut changes, full) =
                     if epoch == self.index.epoch && self.index.can_catch_up_from(since) {
@@ -821,6 +833,9 @@ impl Server {
                 op,
                 base,
             } => {
+                if self.drop_if_not_reading(id) {
+                    return;
+                }
                 let Some(c) = self.clients.get(&id) else {
                     return;
                 };
@@ -839,6 +854,9 @@ impl Server {
                 target,
                 len,
             } => {
+                if self.drop_if_not_reading(id) {
+                    return;
+                }
                 let Some(c) = self.clients.get(&id) else {
                     return;
                 };
@@ -904,6 +922,25 @@ impl Server {
         }
     }
 
+    /// Drops client `id` if more than `MAX_QUEUED_FRAMES` frames wait to be written to it:
+    /// it asks without reading the answers, which would otherwise pile up here without limit.
+    /// (As in `publish`: a client that was merely slow reconnects, and sends what was not
+    /// answered again.) Returns whether it was dropped.
+    fn drop_if_not_reading(&mut self, id: u64) -> bool {
+        match self.clients.get(&id) {
+            Some(c) if c.tx.len() > MAX_QUEUED_FRAMES => {
+                log::warn!(
+                    "{}: does not read its answers ({} waiting); closing",
+                    c.name,
+                    c.tx.len()
+                );
+                self.drop_client(id);
+                true
+            }
+            _ => false,
+        }
+    }
+
     fn drop_client(&mut self, id: u64) {
         if let Some(c) = self.clients.remove(&id) {
             let _ = c.socket.get_ref().shutdown(Shutdown::Both);
@@ -928,7 +965,11 @@ impl Server {
         let mut paths: Vec<RelPath> = Vec::new();
         for (from, to) in detect_renames(&changes) {
             if self.index.entry(&from).is_some() && self.index.entry(&to).is_none() {
-                out.extend(self.index.rename(&from, &to));
+                let (changes, refused) = self.index.rename(&from, &to);
+                for bad in refused {
+                    log::warn!("{bad}: renaming {from} to {to} made it too long to sync");
+                }
+                out.extend(changes);
                 // The index may have moved what was already gone from the directory (a
                 // delete not yet seen): check every moved path against the disk below.
                 paths.extend(self.index.live_subtree(&to).into_iter().map(|(p, _)| p));
@@ -1279,7 +1320,11 @@ impl Server {
                     Ok(created) => {
                         self.record_created(created, &mut changes);
                         self.tree.rename_subtree(path, &to);
-                        changes.extend(self.index.rename(path, &to));
+                        let (moved, refused) = self.index.rename(path, &to);
+                        for bad in refused {
+                            log::warn!("{bad}: renaming {path} to {to} made it too long to sync");
+                        }
+                        changes.extend(moved);
                         Ok(self.done(&to))
                     }
                     Err(e) => Err(e.into()),

@@ -11,7 +11,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::entry::Entry;
-use super::path::RelPath;
+use super::path::{BadPath, RelPath};
 use super::tracked::Tracked;
 use crate::proto::msg::Change;
 
@@ -179,16 +179,23 @@ impl Index {
     /// Records the rename of `from` (and everything beneath it) to `to`: new entries first,
     /// parents before children, each naming where it came from; then tombstones, children
     /// first. Clients applying the changes in order can rename instead of downloading.
-    pub fn rename(&mut self, from: &RelPath, to: &RelPath) -> Vec<Change> {
+    ///
+    /// A path whose new name would be too long to travel (`RelPath::rebase`) is only deleted,
+    /// as a scan would skip it; such names are returned so the caller can report them.
+    pub fn rename(&mut self, from: &RelPath, to: &RelPath) -> (Vec<Change>, Vec<BadPath>) {
         let moved = self.live_subtree(from);
         let mut changes = Vec::new();
+        let mut refused = Vec::new();
         for (p, e) in &moved {
-            changes.extend(self.set_moved(&p.rebase(from, to), Some(e.clone()), Some(p.clone())));
+            match p.rebase(from, to) {
+                Ok(new) => changes.extend(self.set_moved(&new, Some(e.clone()), Some(p.clone()))),
+                Err(bad) => refused.push(bad),
+            }
         }
         for (p, _) in moved.iter().rev() {
             changes.extend(self.set(p, None));
         }
-        changes
+        (changes, refused)
     }
 
     /// Notes that every change so far happened no later than `now` (unix seconds), if the
@@ -459,7 +466,8 @@ mod tests {
         ix.set(&p("d"), Some(Entry::dir(0o755)));
         ix.set(&p("d/x"), file("x"));
         ix.set(&p("dz"), file("not beneath d"));
-        let ch = ix.rename(&p("d"), &p("e"));
+        let (ch, refused) = ix.rename(&p("d"), &p("e"));
+        assert!(refused.is_empty());
         let got: Vec<(String, bool, Option<String>)> = ch
             .iter()
             .map(|c| {
@@ -481,5 +489,31 @@ mod tests {
         );
         assert!(ix.entry(&p("dz")).is_some());
         assert_eq!(ix.changes_since(3).len(), 4);
+    }
+
+    /// Found by fuzzing (fuzz/fuzz_targets/plan.rs): renaming a directory to a longer name
+    /// used to record paths beneath it longer than `MAX_PATH`; clients then refused every
+    /// frame carrying them, and the saved index could not be loaded again.
+    #[test]
+    fn rename_never_records_a_path_too_long_to_travel() {
+        let mut ix = Index::new(1);
+        let deep = vec!["d".repeat(250); 12].join("/");
+        ix.set(&p("d"), Some(Entry::dir(0o755)));
+        ix.set(&p("d/short"), file("s"));
+        ix.set(&p(&format!("d/{deep}")), file("deep"));
+        let (changes, refused) = ix.rename(&p("d"), &p(&"e".repeat(255)));
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].path, format!("{}/{deep}", "e".repeat(255)));
+        for c in &changes {
+            assert_eq!(RelPath::new(c.path.as_str()).as_ref(), Ok(&c.path));
+        }
+        assert!(
+            ix.entry(&p(&format!("d/{deep}"))).is_none(),
+            "the old name is deleted"
+        );
+        assert_eq!(ix.live_count(), 2, "the directory and d/short moved");
+        let saved = postcard::to_allocvec(&ix).unwrap();
+        let back: Index = postcard::from_bytes(&saved).expect("the saved index loads");
+        assert_eq!(back.changes_since(0), ix.changes_since(0));
     }
 }

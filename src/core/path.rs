@@ -81,10 +81,20 @@ impl RelPath {
                 && self.0.as_bytes()[other.0.len()] == b'/')
     }
 
-    /// Replaces the leading `from` (which `self` must start with) by `to`.
-    pub fn rebase(&self, from: &RelPath, to: &RelPath) -> RelPath {
+    /// Replaces the leading `from` (which `self` must start with) by `to`: where `self` goes
+    /// when `from` is renamed to `to`. Refused, like any path, if the result is too long.
+    pub fn rebase(&self, from: &RelPath, to: &RelPath) -> Result<RelPath, BadPath> {
         debug_assert!(self.starts_with(from));
-        RelPath(format!("{}{}", to.0, &self.0[from.0.len()..]))
+        let moved = format!("{}{}", to.0, &self.0[from.0.len()..]);
+        // Only the length can be wrong: every component comes from a valid path, and `to`
+        // is never empty, so `.ferry` cannot become the first component.
+        if moved.len() > MAX_PATH {
+            return Err(BadPath {
+                path: moved,
+                reason: "path too long",
+            });
+        }
+        Ok(RelPath(moved))
     }
 
     /// Number of components; parents sort before children when ordered by this.
@@ -240,8 +250,30 @@ mod tests {
         assert!(ab.starts_with(&a));
         assert!(!abc.starts_with(&a));
         assert_eq!(ab.parent(), Some(a.clone()));
-        assert_eq!(ab.rebase(&a, &"z/y".parse().unwrap()).as_str(), "z/y/b");
+        assert_eq!(
+            ab.rebase(&a, &"z/y".parse().unwrap()).unwrap().as_str(),
+            "z/y/b"
+        );
         assert_eq!(ab.file_name(), "b");
         assert_eq!(ab.depth(), 2);
+    }
+
+    /// Found by fuzzing (fuzz/fuzz_targets/plan.rs): a rename to a longer name used to give
+    /// the paths beneath it names longer than `MAX_PATH`, which no peer could decode.
+    #[test]
+    fn rebase_refuses_what_would_be_too_long() {
+        let deep = format!("{}/{}", vec!["d".repeat(250); 12].join("/"), "f".repeat(60));
+        let deep: RelPath = deep.parse().unwrap();
+        assert_eq!(deep.as_str().len(), MAX_PATH);
+        let (from, short, long): (RelPath, RelPath, RelPath) = (
+            "d".repeat(250).parse().unwrap(),
+            "e".parse().unwrap(),
+            "e".repeat(255).parse().unwrap(),
+        );
+        let moved = deep.rebase(&from, &short).unwrap();
+        assert_eq!(RelPath::new(moved.as_str()), Ok(moved));
+        let err = deep.rebase(&from, &long).unwrap_err();
+        assert_eq!(err.reason, "path too long");
+        assert!(RelPath::new(err.path).is_err());
     }
 }

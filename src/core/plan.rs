@@ -69,7 +69,14 @@ pub fn rename_locally(
 /// `NAME.conflict-YYYYMMDD-HHMMSS-CLIENT.EXT` (UTC), beside the original. `attempt` counts
 /// from 1; later attempts (the first name was taken: two conflicts on one path within a
 /// second) add `-2`, `-3`… after the client name.
+///
+/// Always a valid path: to keep the name within `MAX_COMPONENT` and the path within
+/// `MAX_PATH`, the stem is shortened, then the extension given up (it becomes part of the
+/// stem); a directory so deep that not even the tag fits beside the original puts the copy
+/// at the top of the tree instead.
 pub fn conflict_name(path: &RelPath, unix_secs: i64, client: &str, attempt: u32) -> RelPath {
+    use super::path::{MAX_COMPONENT, MAX_PATH};
+
     let name = path.file_name();
     // A leading dot is part of the stem (".bashrc" has no extension).
     let (stem, ext) = match name.rfind('.') {
@@ -92,14 +99,28 @@ pub fn conflict_name(path: &RelPath, unix_secs: i64, client: &str, attempt: u32)
     if attempt > 1 {
         tag += &format!("-{attempt}");
     }
-    // Keep the whole name within a component's limit by shortening the stem.
-    let room = super::path::MAX_COMPONENT.saturating_sub(tag.len() + ext.len());
-    let mut cut = stem.len().min(room);
+    // Room for the new name beside the original (the tag is short: it always fits at the top).
+    let mut parent = path.parent();
+    let beside = parent.as_ref().map_or(MAX_COMPONENT, |p| {
+        MAX_COMPONENT.min(MAX_PATH.saturating_sub(p.as_str().len() + 1))
+    });
+    let room = if beside >= tag.len() {
+        beside
+    } else {
+        parent = None;
+        MAX_COMPONENT
+    };
+    let (stem, ext) = if tag.len() + ext.len() <= room {
+        (stem, ext)
+    } else {
+        (name, "")
+    };
+    let mut cut = stem.len().min(room - tag.len() - ext.len());
     while !stem.is_char_boundary(cut) {
         cut -= 1;
     }
     let file = format!("{}{tag}{ext}", &stem[..cut]);
-    let full = match path.parent() {
+    let full = match parent {
         Some(p) => format!("{p}/{file}"),
         None => file,
     };
@@ -267,6 +288,41 @@ mod tests {
             let got = conflict_name(&long.parse().unwrap(), t, "c", attempt);
             assert!(got.as_str().len() <= 255 && got.as_str().ends_with(".txt"));
         }
+    }
+
+    /// Found by fuzzing (fuzz/fuzz_targets/plan.rs): names and paths near the limits used to
+    /// make `conflict_name` panic instead of shortening.
+    #[test]
+    fn conflict_names_at_the_limits() {
+        let t = 1_795_576_500;
+        let valid = |p: &RelPath| RelPath::new(p.as_str()).as_ref() == Ok(p);
+        // An extension too long to keep beside the tag: it is shortened with the stem.
+        let long_ext: RelPath = format!("b/a.{}", "e".repeat(253)).parse().unwrap();
+        for attempt in [1, 2, 100] {
+            let got = conflict_name(&long_ext, t, "client-name", attempt);
+            assert!(valid(&got), "{got}");
+            assert_eq!(got.parent(), long_ext.parent());
+            assert!(got.file_name().starts_with("a.eee"), "{got}");
+            assert!(
+                got.file_name().ends_with("-client-name") || attempt > 1,
+                "{got}"
+            );
+        }
+        // A path near MAX_PATH: the name is shortened to keep the whole path within it.
+        let deep = vec!["d".repeat(250); 12].join("/");
+        let near: RelPath = format!("{deep}/{}.txt", "n".repeat(40)).parse().unwrap();
+        let got = conflict_name(&near, t, "pi", 1);
+        assert!(valid(&got) && got.as_str().len() <= crate::core::path::MAX_PATH);
+        assert_eq!(got.parent(), near.parent());
+        assert!(
+            got.as_str().ends_with(".conflict-20261125-031500-pi.txt"),
+            "{got}"
+        );
+        // So deep that not even the tag fits beside it: the copy goes to the top of the tree.
+        let deeper: RelPath = format!("{deep}/{}/x.txt", "e".repeat(35)).parse().unwrap();
+        let got = conflict_name(&deeper, t, "pi", 1);
+        assert!(valid(&got), "{got}");
+        assert_eq!(got.as_str(), "x.conflict-20261125-031500-pi.txt");
     }
 
     #[test]

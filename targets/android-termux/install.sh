@@ -9,4 +9,4 @@ cp "$src/ferry-start" "$HOME/bin/ferry-start" && chmod 755 "$HOME/bin/ferry-star
 cp "$src/boot-ferry" "$HOME/.termux/boot/ferry" && chmod 755 "$HOME/.termux/boot/ferry"
 [ -f "$HOME/.ferry.env" ] || cp "$src/ferry.env" "$HOME/.ferry.env"
 "$HOME/bin/ferry" --version
-echo "installed. Next: put the secret in ~/.ferry-secret, edit ~/.ferry.env, run ferry-start."
+echo "installed. Next: put the secret in ~/.ferry-secret and chmod 600 it, edit ~/.ferry.env, run ferry-start."

@@ -88,7 +88,7 @@ fn client_reads_its_roots_file_and_the_command_line_wins() {
 #[test]
 fn server_reads_config_flag_and_the_command_line_wins() {
     let d = TempDir::new("config-server");
-    fs::write(d.0.join("secret"), "0123456789abcdef-test-secret\n").unwrap();
+    write_secret(&d.0.join("secret"), "0123456789abcdef-test-secret\n");
     write(&d.0, "share/seed.txt", "served from the file's root");
     let etc = d.0.join("etc");
     fs::create_dir_all(&etc).unwrap();

@@ -3,7 +3,7 @@
 
 use ferry::proto::auth::{random, Secret};
 use ferry::proto::codec::encode;
-use ferry::proto::msg::{ClientMsg, Op, ServerMsg, PROTOCOL_VERSION};
+use ferry::proto::msg::{ClientMsg, Op, ProbeTarget, ServerMsg, PROTOCOL_VERSION};
 use ferry::tls::Fingerprint;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -165,6 +165,12 @@ fn hostile_frames_are_refused_and_honest_clients_keep_syncing() {
     )
     .unwrap();
     assert!(closed(&mut s));
+    // A second Subscribe: each asks for a whole listing, so only one is allowed.
+    let mut s = authenticated(&cl);
+    let subscribe = encode(&ClientMsg::Subscribe { epoch: 0, since: 0 }).unwrap();
+    s.write_all(&subscribe).unwrap();
+    s.write_all(&subscribe).unwrap();
+    assert!(closed(&mut s), "a second Subscribe closes the connection");
 
     let log = std::fs::read_to_string(cl.dir.0.join("server.log")).unwrap();
     for needle in [
@@ -173,6 +179,7 @@ fn hostile_frames_are_refused_and_honest_clients_keep_syncing() {
         "refused path \"a\\r\\nDELE x\"",
         "exceeds the limit",
         "unexpected Hello",
+        "a second Subscribe",
     ] {
         assert!(
             log.contains(needle),
@@ -192,5 +199,152 @@ fn hostile_frames_are_refused_and_honest_clients_keep_syncing() {
     write(&a, "still-syncing.txt", "yes");
     cl.wait_converged("honest clients keep syncing", |_| {
         has(&b, "still-syncing.txt", b"yes")
+    });
+}
+
+/// A process's resident memory now and at its peak (VmRSS, VmHWM in /proc/PID/status), in KiB.
+fn memory_kib(pid: i32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+#[test]
+fn a_flood_of_tiny_frames_is_absorbed_and_honest_clients_keep_syncing() {
+    // A million keepalives (5 bytes each): legal after authentication, and nothing to do for
+    // the server but read them, so only how it queues them can cost memory.
+    const PINGS: usize = 1_000_000;
+    const PER_WRITE: usize = 10_000;
+    // Far above what the server needs (a few MiB), far below a million queued messages.
+    const MAX_GROWTH_KIB: u64 = 64 * 1024;
+
+    let cl = Cluster::start("flood", &[("a", Watch::Auto), ("b", Watch::Poll)]);
+    let (a, b) = (cl.root("a"), cl.root("b"));
+    write(&a, "before.txt", "up");
+    cl.wait_converged("both clients are syncing", |_| has(&b, "before.txt", b"up"));
+    // Idle authenticated connections: a server with many clients spends more on each message
+    // it handles, while reading a frame costs the same.
+    let idle: Vec<Conn> = (0..40).map(|_| authenticated(&cl)).collect();
+    let pid = cl.server_pid();
+    let (_, peak_before) = memory_kib(pid);
+
+    let mut s = authenticated(&cl);
+    let pings = encode(&ClientMsg::Ping).unwrap().repeat(PER_WRITE);
+    // Answered only once every ping before it has been handled (frames are handled in order).
+    let probe = encode(&ClientMsg::Probe {
+        id: 99,
+        target: ProbeTarget::Staged("flood-end".into()),
+        len: 0,
+    })
+    .unwrap();
+    let flood = std::thread::spawn(move || {
+        for _ in 0..PINGS / PER_WRITE {
+            s.write_all(&pings).unwrap();
+        }
+        s.write_all(&probe).unwrap();
+        s
+    });
+
+    // Meanwhile the honest clients keep converging.
+    write(&a, "during-flood.txt", "yes");
+    write(&b, "from-b.txt", "also");
+    cl.wait_converged("honest clients converge during the flood", |_| {
+        has(&b, "during-flood.txt", b"yes") && has(&a, "from-b.txt", b"also")
+    });
+
+    let mut s = flood.join().expect("the flood was accepted");
+    let mut answered = false;
+    for _ in 0..100 {
+        match recv(&mut s) {
+            Ok(ServerMsg::Probed { id: 99, .. }) => {
+                answered = true;
+                break;
+            }
+            Ok(_) => continue, // keepalives
+            Err(e) => panic!("the flooding connection broke: {e}\n{}", cl.logs()),
+        }
+    }
+    assert!(answered, "the server answers after the flood");
+    let (rss, peak) = memory_kib(pid);
+    assert!(
+        peak.saturating_sub(peak_before) < MAX_GROWTH_KIB,
+        "the server's memory grew with the flood: peak {peak} KiB (before {peak_before} KiB, \
+         now {rss} KiB)"
+    );
+    eprintln!(
+        "server memory: peak {peak_before} KiB before the flood, {peak} KiB after, {rss} KiB now"
+    );
+
+    drop(idle);
+    write(&a, "after-flood.txt", "still");
+    cl.wait_converged("honest clients converge after the flood", |_| {
+        has(&b, "after-flood.txt", b"still")
+    });
+}
+
+#[test]
+fn a_peer_that_never_reads_its_answers_is_closed() {
+    // Deletes of ignored names (`*.swp`): each is refused at once, with a reason naming the
+    // path. The peer never reads, so the answers can only pile up on the server.
+    const COMMITS: u64 = 300_000;
+    const PER_WRITE: u64 = 1_000;
+
+    let cl = Cluster::start("unread", &[("a", Watch::Auto), ("b", Watch::Poll)]);
+    let (a, b) = (cl.root("a"), cl.root("b"));
+    write(&a, "before.txt", "up");
+    cl.wait_converged("both clients are syncing", |_| has(&b, "before.txt", b"up"));
+    let pid = cl.server_pid();
+    let (_, peak_before) = memory_kib(pid);
+
+    let mut s = authenticated(&cl);
+    let flood = std::thread::spawn(move || {
+        let mut sent = 0;
+        while sent < COMMITS {
+            let batch: Vec<u8> = (sent..sent + PER_WRITE)
+                .flat_map(|i| {
+                    encode(&ClientMsg::Commit {
+                        id: i,
+                        path: format!("{}-{i}.swp", "x".repeat(240)).parse().unwrap(),
+                        op: Op::Delete,
+                        base: None,
+                    })
+                    .unwrap()
+                })
+                .collect();
+            if s.write_all(&batch).is_err() {
+                return (sent, s); // the server closed the connection
+            }
+            sent += PER_WRITE;
+        }
+        (sent, s)
+    });
+
+    write(&a, "during-flood.txt", "yes");
+    cl.wait_converged("honest clients converge during the flood", |_| {
+        has(&b, "during-flood.txt", b"yes")
+    });
+    let (sent, mut s) = flood.join().unwrap();
+    let (rss, peak) = memory_kib(pid);
+    eprintln!("{sent} commits sent; server memory: peak {peak_before} KiB before, {peak} KiB after, {rss} KiB now");
+    assert!(
+        peak.saturating_sub(peak_before) < 48 * 1024,
+        "the server's memory grew with the unread answers: peak {peak} KiB (before \
+         {peak_before} KiB, now {rss} KiB)"
+    );
+    wait_until(
+        "the server closes the connection that does not read",
+        || cl.log("server").contains("does not read its answers"),
+        || cl.logs(),
+    );
+    assert!(closed(&mut s));
+    write(&b, "after-flood.txt", "still");
+    cl.wait_converged("honest clients converge after the flood", |_| {
+        has(&a, "after-flood.txt", b"still")
     });
 }

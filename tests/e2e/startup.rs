@@ -36,7 +36,7 @@ fn missing_or_short_secret_is_a_clear_error() {
     );
 
     let short = d.0.join("short");
-    std::fs::write(&short, "short\n").unwrap();
+    write_secret(&short, "short\n");
     let (ok, err) = run(&[
         "server",
         "--root",
@@ -56,10 +56,73 @@ fn missing_or_short_secret_is_a_clear_error() {
 }
 
 #[test]
+fn secret_other_users_can_read_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = TempDir::new("secret-mode");
+    let root = d.0.join("root");
+    let secret = d.0.join("secret");
+    let secret_s = secret.to_str().unwrap();
+    write_secret(&secret, "0123456789abcdef-test-secret\n");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let fix = format!("run `chmod 600 {secret_s}`");
+    let server = [
+        "server",
+        "--root",
+        root.to_str().unwrap(),
+        "--secret-file",
+        secret_s,
+        "--listen",
+        "127.0.0.1:0",
+        "--ftp-listen",
+        "127.0.0.1:0",
+    ];
+    let (ok, err) = run(&server);
+    assert!(!ok, "a server with a world-readable secret must not start");
+    assert!(
+        err.contains("readable by other users (mode 0644)") && err.contains(&fix),
+        "{err}"
+    );
+    assert!(
+        !root.join(".ferry").exists(),
+        "refused before touching the tree"
+    );
+
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let (ok, err) = run(&[
+        "client",
+        "--server",
+        "127.0.0.1:9",
+        "--root",
+        root.to_str().unwrap(),
+        "--secret-file",
+        secret_s,
+        "--name",
+        "x",
+    ]);
+    assert!(!ok, "a client with a group-readable secret must not start");
+    assert!(err.contains("(mode 0640)") && err.contains(&fix), "{err}");
+
+    // Not a regular file: a directory.
+    let (ok, err) = run(&[
+        "client",
+        "--server",
+        "127.0.0.1:9",
+        "--root",
+        root.to_str().unwrap(),
+        "--secret-file",
+        d.0.to_str().unwrap(),
+        "--name",
+        "x",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("is not a regular file"), "{err}");
+}
+
+#[test]
 fn wrong_secret_is_refused_and_the_client_stops() {
     let cl = Cluster::start("wrong-secret", &[]);
     let wrong = cl.dir.0.join("wrong");
-    std::fs::write(&wrong, "a-different-secret-entirely").unwrap();
+    write_secret(&wrong, "a-different-secret-entirely");
     let root = cl.dir.0.join("intruder");
     let (ok, err) = run(&[
         "client",

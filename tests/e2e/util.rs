@@ -20,6 +20,13 @@ pub fn ferry() -> &'static str {
     env!("CARGO_BIN_EXE_ferry")
 }
 
+/// Writes a secret file as a user should: readable by its owner only (ferry refuses others).
+pub fn write_secret(path: &Path, contents: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    fs::write(path, contents).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 /// A per-test directory, removed when the test passes (kept for inspection when it fails).
 pub struct TempDir(pub PathBuf);
 
@@ -333,7 +340,7 @@ impl Cluster {
     ) -> Cluster {
         let dir = TempDir::new(test);
         let secret = dir.0.join("secret");
-        fs::write(&secret, "0123456789abcdef-test-secret\n").unwrap();
+        write_secret(&secret, "0123456789abcdef-test-secret\n");
         fs::create_dir_all(dir.0.join("server")).unwrap();
         setup(&dir.0);
         let mut c = Cluster {
@@ -409,6 +416,11 @@ impl Cluster {
     /// The whole log of `agent` ("server" or a client's name).
     pub fn log(&self, agent: &str) -> String {
         fs::read_to_string(self.dir.0.join(format!("{agent}.log"))).unwrap_or_default()
+    }
+
+    /// The running server's process id.
+    pub fn server_pid(&self) -> i32 {
+        self.server.as_ref().expect("the server is running").pid()
     }
 
     pub fn secret(&self) -> &Path {
