@@ -131,6 +131,11 @@ fn hostile_frames_are_refused_and_honest_clients_keep_syncing() {
         matches!(recv(&mut s), Ok(ServerMsg::Refused { .. })),
         "an unknown version is refused"
     );
+    // Out of order before authentication: Auth where Hello belongs.
+    let mut s = connect(&cl);
+    s.write_all(&encode(&ClientMsg::Auth { proof: [0; 32] }).unwrap())
+        .unwrap();
+    assert!(closed(&mut s), "Auth before Hello closes the connection");
 
     // After authentication: hostile paths, each on its own connection.
     let evil: &[&[u8]] = &[
@@ -179,6 +184,7 @@ fn hostile_frames_are_refused_and_honest_clients_keep_syncing() {
         "refused path \"a\\r\\nDELE x\"",
         "exceeds the limit",
         "unexpected Hello",
+        "expected Hello as the first frame",
         "a second Subscribe",
     ] {
         assert!(
