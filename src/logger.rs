@@ -47,6 +47,25 @@ pub fn init(agent: &str, verbosity: i8) {
     }
 }
 
+/// One event stays one line, and names from peers cannot send escape sequences to the
+/// terminal reading the log: control characters are written as `\u{1b}`, `\n` and so on.
+fn escape_controls(message: &str) -> std::borrow::Cow<'_, str> {
+    if !message.chars().any(char::is_control) {
+        return message.into();
+    }
+    message
+        .chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
 impl Log for StderrLogger {
     fn enabled(&self, m: &Metadata<'_>) -> bool {
         // Only ferry's own events; dependencies' chatter stays out of the log unless tracing.
@@ -72,7 +91,7 @@ impl Log for StderrLogger {
             "{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{:03}Z {level} {}: {}\n",
             now.subsec_millis(),
             self.agent,
-            r.args()
+            escape_controls(&r.args().to_string())
         );
         if r.level() <= Level::Warn {
             if let Ok(mut p) = PROBLEMS.lock() {
@@ -86,4 +105,18 @@ impl Log for StderrLogger {
     }
 
     fn flush(&self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape_controls;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(escape_controls("plain path/ä.txt"), "plain path/ä.txt");
+        assert_eq!(
+            escape_controls("a\u{1b}[2Jb\ttab\nnew"),
+            "a\\u{1b}[2Jb\\ttab\\nnew"
+        );
+    }
 }

@@ -57,8 +57,12 @@ pub async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
             format!("frame of {len} bytes exceeds the limit of {max}"),
         ));
     }
-    let mut buf = vec![0u8; len];
-    r.read_exact(&mut buf).await?;
+    // Grown as bytes arrive, so a peer gets no more memory than it has sent.
+    let mut buf = Vec::with_capacity(len.min(64 << 10));
+    (&mut *r).take(len as u64).read_to_end(&mut buf).await?;
+    if buf.len() < len {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
     crate::core::path::take_last_refused();
     postcard::from_bytes(&buf).map_err(|e| {
         let why = match crate::core::path::take_last_refused() {
