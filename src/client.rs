@@ -540,7 +540,8 @@ impl Client {
             return Ok((link, grant, None));
         }
         let file = pin_file(&self.cfg.root);
-        let stored = read_pin(&file)?;
+        // A pin that cannot be read is not retried into: the owner has to look at it.
+        let stored = read_pin(&file).map_err(|e| Fatal(format!("{e:#}")))?;
         let expected = self.cfg.server_fingerprint.or(stored);
         let (config, pin) = tls::client_config(expected);
         let mut link = match Link::connect(socket, config).await {
