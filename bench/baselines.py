@@ -104,7 +104,7 @@ class Syncthing:
     def start_a(self):
         self.start("a")
         # Its tree scanned before the other side appears: the first sync starts from an index.
-        wait_for(lambda: self.state("a") == "idle", 3600, 0.2)
+        wait_for(lambda: self.state("a") == "idle", 900, 0.2)
 
     def start_b(self):
         self.start("b")
