@@ -83,10 +83,18 @@ class Procs:
         return p
 
     def kill(self, p):
+        # Its descendants by id too: some move to a process group of their own (Syncthing's
+        # monitor process starts the real one that way).
+        below = descendants(p.pid) if p.poll() is None else []
         try:
             os.killpg(p.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        for pid in below[1:]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         try:
             p.wait(10)
         except subprocess.TimeoutExpired:
