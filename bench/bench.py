@@ -2,12 +2,17 @@
 """ferry's benchmark: ferry and the tools people would use instead, in one run on one machine.
 
 Machines are noisy, so every figure is min / median / max over its trials and each table has a
-ratio against rsync to an `rsync --daemon` module measured in the same run. Everything runs on
-127.0.0.1 in temporary directories; nothing is installed: a missing baseline is reported with
-the package that provides it. Standard library only.
+ratio against rsync to (or from) an `rsync --daemon` module measured in the same run. Everything
+runs on 127.0.0.1 in temporary directories; nothing is installed: a missing baseline is
+reported with the package that provides it. Standard library only.
 
-Quick mode (CI): ferry, rsync --daemon and cp, small sizes, a few minutes. Full mode is for a
-developer machine (bigger sizes; Syncthing, Unison and lsyncd are not wired in yet).
+Workloads: 1 propagation latency, 2 one large file, 3 many small files, 4 first sync of a big
+tree and the agents' idle footprint (RSS, CPU over an idle window; inotify and poll clients),
+5 scale of cost (first sync and RSS by tree size, RAM and index bytes per file), 6 binary size.
+
+Quick mode (CI, a few minutes): ferry, rsync --daemon and cp, small sizes. Full mode (a
+developer machine, well under an hour): the sizes of the benchmark issue, and Syncthing,
+Unison and lsyncd (bench/baselines.py) for workloads 1, 3 and 4.
 """
 
 import argparse
@@ -16,136 +21,127 @@ import json
 import os
 import shutil
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
+from common import (DEADLINE, PROCS, Arrival, cpu_seconds, digest, free_port, identical,
+                    idle_footprint, latency_trials, listening, make_tree, same_file,
+                    small_files_trials, summary, wait_for)
+import baselines
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEADLINE = 120.0  # seconds any single wait may take before the trial is recorded as failed
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def digest(path):
-    h = hashlib.blake2b()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def wait_for(pred, deadline=DEADLINE, step=0.001):
-    """Polls pred until true; returns the time it became true, or None at the deadline."""
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        if pred():
-            return time.monotonic()
-        time.sleep(step)
-    return None
-
-
-def same_file(path, size, want):
-    try:
-        if os.path.getsize(path) != size:
-            return False
-    except OSError:
-        return False
-    return digest(path) == want
-
-
-def summary(values):
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    return {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}
 
 
 class Ferry:
-    """A ferry server and clients in a temporary directory."""
+    """A ferry server and clients in a temporary directory. The server's tree may be filled
+    before it starts (`server_root`); `start_s` is how long it took to index it and listen."""
 
-    def __init__(self, binary, work, clients):
+    def __init__(self, binary, work, clients, server_root=None):
         self.binary, self.work = binary, work
         os.makedirs(work, exist_ok=True)
         self.procs = []
-        secret = os.path.join(work, "secret")
+        self.secret = os.path.join(work, "secret")
         # Owner-only, as ferry requires of a secret file.
-        with open(os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        with open(os.open(self.secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             f.write("benchmark-secret-0123456789\n")
-        os.chmod(secret, 0o600)  # a file left by an earlier run keeps its mode otherwise
-        self.server_root = os.path.join(work, "server")
+        os.chmod(self.secret, 0o600)  # a file left by an earlier run keeps its mode otherwise
+        self.server_root = server_root or os.path.join(work, "server")
         os.makedirs(self.server_root, exist_ok=True)
         ready = os.path.join(work, "ready")
-        self.spawn(["server", "--root", self.server_root, "--listen", "127.0.0.1:0",
-                    "--ftp-listen", "127.0.0.1:0", "--secret-file", secret, "--ready-file", ready, "-q"])
-        if wait_for(lambda: os.path.exists(ready), 30, 0.01) is None:
+        t0 = time.monotonic()
+        self.server = self.spawn(["server", "--root", self.server_root, "--listen", "127.0.0.1:0",
+                                  "--ftp-listen", "127.0.0.1:0", "--secret-file", self.secret,
+                                  "--ready-file", ready, "-q"])
+        if wait_for(lambda: os.path.exists(ready), max(30, DEADLINE * 10), 0.01) is None:
             raise RuntimeError("ferry server did not start")
-        control = [l.split("=", 1)[1] for l in open(ready).read().split() if l.startswith("control=")][0]
+        self.start_s = time.monotonic() - t0
+        self.control = [l.split("=", 1)[1] for l in open(ready).read().split() if l.startswith("control=")][0]
         self.roots = {}
         for name, watcher in clients:
-            root = os.path.join(work, name)
-            self.roots[name] = root
-            self.spawn(["client", "--server", control, "--root", root, "--secret-file", secret,
-                        "--name", name, "--watcher", watcher, "-q"])
-        # Connected and caught up: a probe file reaches every client.
+            self.add_client(name, watcher)
+        if clients:
+            self.probe()
+
+    def add_client(self, name, watcher, poll_ms=None):
+        root = os.path.join(self.work, name)
+        self.roots[name] = root
+        extra = ["--poll-interval-ms", str(poll_ms)] if poll_ms else []
+        return self.spawn(["client", "--server", self.control, "--root", root, "--secret-file", self.secret,
+                           "--name", name, "--watcher", watcher, "-q"] + extra)
+
+    def probe(self, names=None, deadline=30):
+        """Connected and caught up: a probe file reaches every client (and its delete too)."""
+        roots = [self.roots[n] for n in (names or self.roots)]
         probe = os.path.join(self.server_root, ".probe-ready")
         with open(probe, "w") as f:
             f.write("x")
-        if wait_for(lambda: all(os.path.exists(os.path.join(r, ".probe-ready")) for r in self.roots.values()), 30, 0.01) is None:
+        if wait_for(lambda: all(os.path.exists(os.path.join(r, ".probe-ready")) for r in roots), deadline, 0.01) is None:
             raise RuntimeError("ferry clients did not connect")
         os.remove(probe)
-        wait_for(lambda: not any(os.path.exists(os.path.join(r, ".probe-ready")) for r in self.roots.values()), 30, 0.01)
+        wait_for(lambda: not any(os.path.exists(os.path.join(r, ".probe-ready")) for r in roots), deadline, 0.01)
 
     def spawn(self, args):
-        log = open(os.path.join(self.work, "agents.log"), "a")
-        self.procs.append(subprocess.Popen([self.binary] + args, stdout=log, stderr=log))
+        p = PROCS.spawn([self.binary] + args, log=os.path.join(self.work, "agents.log"))
+        self.procs.append(p)
+        return p
 
     def pids(self):
         return [p.pid for p in self.procs]
 
-    def stop(self):
-        for p in self.procs:
-            p.kill()
-            p.wait()
+    def stop_one(self, p, graceful=False):
+        """Stops one agent: SIGTERM (it flushes its state) and a bounded wait, then SIGKILL."""
+        if graceful and p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+        PROCS.kill(p)
+        if p in self.procs:
+            self.procs.remove(p)
+
+    def stop(self, graceful=False):
+        for p in list(self.procs):
+            self.stop_one(p, graceful)
 
 
 class RsyncDaemon:
-    """rsync --daemon serving one module, the one-shot floor."""
+    """rsync --daemon serving module `bench` (a destination to push to) and module `tree`
+    (whatever directory `serve_tree` names: a tree to pull from), the one-shot floor."""
 
     def __init__(self, work):
+        self.work = work
         self.dest = os.path.join(work, "rsync-dest")
         os.makedirs(self.dest)
         self.port = free_port()
-        conf = os.path.join(work, "rsyncd.conf")
-        with open(conf, "w") as f:
+        self.conf = os.path.join(work, "rsyncd.conf")
+        self.serve_tree(self.dest)
+        self.proc = PROCS.spawn(["rsync", "--daemon", "--no-detach", f"--config={self.conf}",
+                                 f"--port={self.port}", "--address=127.0.0.1"])
+        wait_for(lambda: listening(self.port), 10, 0.01)
+
+    def serve_tree(self, path):
+        # The daemon reads its configuration again for every connection.
+        with open(self.conf, "w") as f:
             # As the current user: a daemon started as root would otherwise write as `nobody`.
             f.write(f"use chroot = no\nuid = {os.getuid()}\ngid = {os.getgid()}\n"
-                    f"[bench]\npath = {self.dest}\nread only = no\n")
-        self.proc = subprocess.Popen(["rsync", "--daemon", "--no-detach", f"--config={conf}",
-                                      f"--port={self.port}", "--address=127.0.0.1"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(self.listening, 10, 0.01)
-
-    def listening(self):
-        try:
-            socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-            return True
-        except OSError:
-            return False
+                    f"[bench]\npath = {self.dest}\nread only = no\n"
+                    f"[tree]\npath = {path}\nread only = yes\n")
 
     def push(self, src):
         subprocess.run(["rsync", "-a", "--delete", src.rstrip("/") + "/", f"rsync://127.0.0.1:{self.port}/bench/"],
                        check=True, stdout=subprocess.DEVNULL)
 
+    def pull_tree(self, dest):
+        """One `rsync -a --delete` of module `tree` into dest (the tools' own state left out)."""
+        subprocess.run(["rsync", "-a", "--delete", "--exclude=/.ferry", "--exclude=/.stfolder",
+                        f"rsync://127.0.0.1:{self.port}/tree/", dest.rstrip("/") + "/"],
+                       check=True, stdout=subprocess.DEVNULL)
+
     def stop(self):
-        self.proc.kill()
-        self.proc.wait()
+        PROCS.kill(self.proc)
 
 
 def random_file(path, size):
@@ -282,20 +278,208 @@ def bench_small(binary, work, trials, dirs, per_dir, rsyncd):
     return {k: summary(v) for k, v in out.items() if v}
 
 
-def fmt(v, unit):
-    return "—" if v is None else f"{v['min']:.1f} / {v['median']:.1f} / {v['max']:.1f} {unit}"
+def state_files(root):
+    """The files under `<root>/.ferry/` with their sizes (key and certificate aside), and the
+    bytes of the index proper: snapshots and journals."""
+    files = {}
+    top = os.path.join(root, ".ferry")
+    for dirpath, _, names in os.walk(top):
+        for n in names:
+            p = os.path.join(dirpath, n)
+            files[os.path.relpath(p, top)] = os.lstat(p).st_size
+    index = sum(v for k, v in files.items() if k.endswith(".snap") or k.endswith(".journal"))
+    return {"files": files, "index_bytes": index}
+
+
+def ferry_first_sync(binary, work, n_files, trials, poll, quiet, window, rsyncd, rsync_trials):
+    """n_files (n/100 dirs × 100 × 1 KiB) in the server's tree before it starts; then `trials`
+    fresh inotify clients one after the other (and, if `poll`, one with the poll watcher at
+    1 s), each timed from its start until it holds every file. After `quiet` seconds: RSS of
+    each agent and CPU seconds over `window` idle seconds; after a clean stop, the size of
+    the index each keeps in `.ferry/`. rsync's floor: `rsync_trials` pulls of the same tree
+    from the daemon into an empty directory. Returns the figures and the tree (for the
+    baselines; the caller removes it)."""
+    d = os.path.join(work, f"first-{n_files}")
+    tree = os.path.join(d, "server")
+    t0 = time.monotonic()
+    paths = make_tree(tree, n_files // 100, 100, 1024)
+    res = {"files": len(paths), "make_tree_s": time.monotonic() - t0}
+    os.sync()  # the tree's writeback is not part of anything timed
+    deadline = DEADLINE + len(paths) / 50  # generous: at least 50 files/s
+    fe = Ferry(binary, d, [], server_root=tree)
+    res["server_start_s"] = fe.start_s
+    pids, sync = {"server": fe.server.pid}, {"inotify": [], "poll": []}
+    try:
+        runs = [("inotify", f"c{i}", None) for i in range(trials)] + ([("poll", "p", 1000)] if poll else [])
+        last = {}
+        for watcher, name, poll_ms in runs:
+            if watcher in last:  # the previous client of this kind: gone, replica and all
+                fe.stop_one(last[watcher][1])
+                shutil.rmtree(fe.roots[last[watcher][0]])
+            t0 = time.monotonic()
+            p = fe.add_client(name, "poll" if poll_ms else "inotify", poll_ms)
+            if paths:
+                t = wait_for(Arrival(fe.roots[name], paths, 1024), deadline, 0.02)
+            else:
+                fe.probe([name], deadline)
+                t = time.monotonic()
+            sync[watcher].append(None if t is None else t - t0)
+            res.setdefault("sync_cpu_s", {})[watcher] = cpu_seconds(p.pid)
+            last[watcher] = (name, p)
+            pids[f"client ({watcher})"] = p.pid
+        res["first_sync_s"] = {k: summary(v) for k, v in sync.items() if v}
+        res["identical"] = all(identical(tree, fe.roots[n]) for n, _ in last.values())
+        res["footprint"] = idle_footprint(pids, quiet, window)
+        fe.stop(graceful=True)
+        res["state"] = {"server": state_files(tree)}
+        for watcher, (name, _) in last.items():
+            res["state"][f"client ({watcher})"] = state_files(fe.roots[name])
+    finally:
+        fe.stop()
+    if rsyncd:
+        rsyncd.serve_tree(tree)
+        os.sync()
+        times = []
+        for i in range(rsync_trials):
+            dest = os.path.join(d, f"rsync-{i}")
+            t0 = time.monotonic()
+            rsyncd.pull_tree(dest)
+            times.append(time.monotonic() - t0)
+            shutil.rmtree(dest)
+        res["rsync_s"] = summary(times)
+        rsyncd.serve_tree(rsyncd.dest)
+    for name in fe.roots:
+        shutil.rmtree(fe.roots[name], ignore_errors=True)
+    shutil.rmtree(os.path.join(tree, ".ferry"), ignore_errors=True)
+    return res, tree, paths
+
+
+def baseline_live(label, cls, delay, work, lat_trials, dirs, per, small_trials):
+    """Workloads 1 and 3 for one baseline: a 4 KiB file created in `a` until identical in
+    `b`, then dirs × per × 4 KiB files moved into `a` until all are in `b`."""
+    d = os.path.join(work, "live-" + "".join(c if c.isalnum() else "-" for c in label))
+    a, b = os.path.join(d, "a"), os.path.join(d, "b")
+    tool = cls(os.path.join(d, "state"), a, b, delay)
+    print(f"  {label}: latency and small files", file=sys.stderr, flush=True)
+    try:
+        tool.start_a()
+        tool.start_b()
+        if not tool.wait_ready():
+            return {"error": "did not become ready"}
+        lat = latency_trials(a, b, lat_trials)
+        small = small_files_trials(a, b, small_trials, dirs, per, os.path.join(d, "stage"), DEADLINE * 3)
+    finally:
+        tool.stop()
+        shutil.rmtree(d, ignore_errors=True)
+    return {"latency_ms": summary(lat), "small_files_per_s": summary(small)}
+
+
+def baseline_first(label, cls, delay, work, tree, paths, quiet, window):
+    """Workload 4 for one baseline: `a` is the filled tree, `b` empty; time from the start of
+    b's side until b holds every file, then idle RSS and CPU of every process it runs."""
+    d = os.path.join(work, "first-" + "".join(c if c.isalnum() else "-" for c in label))
+    b = os.path.join(d, "b")
+    tool = cls(os.path.join(d, "state"), tree, b, delay)
+    print(f"  {label}: first sync of {len(paths)} files", file=sys.stderr, flush=True)
+    res = {}
+    try:
+        t0 = time.monotonic()
+        tool.start_a()
+        res["start_a_s"] = time.monotonic() - t0
+        t0 = time.monotonic()
+        tool.start_b()
+        t = wait_for(Arrival(b, paths, 1024), DEADLINE + len(paths) / 50, 0.02)
+        res["first_sync_s"] = summary([None if t is None else t - t0])
+        res["identical"] = t is not None and identical(tree, b)
+        res["footprint"] = idle_footprint(tool.pids(), quiet, window)
+    finally:
+        tool.stop()
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(os.path.join(tree, ".stfolder"), ignore_errors=True)
+    return res
+
+
+def fmt(v, unit, digits=1):
+    if v is None:
+        return "—"
+    return f"{v['min']:.{digits}f} / {v['median']:.{digits}f} / {v['max']:.{digits}f} {unit}"
+
+
+def ratio(v, base, higher_is_better):
+    if not v or not base or not base["median"] or not v["median"]:
+        return "—"
+    r = v["median"] / base["median"] if higher_is_better else base["median"] / v["median"]
+    return f"{r:.2f}×"
 
 
 def table(title, rows, unit, higher_is_better, base_key="rsync"):
-    """One markdown table; ratio column against rsync's median (>1 means ferry did better)."""
+    """One markdown table; ratio column against rsync's median (>1 means the tool did better)."""
     base = rows.get(base_key)
     lines = [f"### {title}", "", f"| tool | min / median / max | vs rsync daemon |", "| --- | --- | --- |"]
     for name, v in rows.items():
-        ratio = "—"
-        if v and base and base["median"]:
-            r = v["median"] / base["median"] if higher_is_better else base["median"] / v["median"]
-            ratio = f"{r:.2f}×"
-        lines.append(f"| {name} | {fmt(v, unit)} | {ratio} |")
+        lines.append(f"| {name} | {fmt(v, unit)} | {ratio(v, base, higher_is_better)} |")
+    return "\n".join(lines) + "\n"
+
+
+def mib(kib):
+    return f"{kib / 1024:.1f} MiB"
+
+
+def cpu(f):
+    return f"{f['idle_cpu_s']:.2f} s ({100 * f['idle_cpu_s'] / f['idle_window_s']:.2f} %)"
+
+
+def table_first(title, ferry, base_rows, window):
+    """Workload 4: one row per process; first sync time where the process is the one filled."""
+    base = ferry.get("rsync_s")
+    lines = [f"### {title}", "",
+             f"| process | first sync, min / median / max | vs rsync daemon | idle RSS | peak RSS | CPU over {window} s idle |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    fp = ferry["footprint"]
+    lines.append(f"| ferry server (indexing its tree at start: {ferry['server_start_s']:.2f} s) | — | — | "
+                 f"{mib(fp['server']['rss_kib'])} | {mib(fp['server']['peak_kib'])} | {cpu(fp['server'])} |")
+    for watcher, label in [("inotify", "ferry client, inotify"), ("poll", "ferry client, poll watcher (1 s)")]:
+        if watcher in ferry["first_sync_s"]:
+            f = fp[f"client ({watcher})"]
+            v = ferry["first_sync_s"][watcher]
+            lines.append(f"| {label} | {fmt(v, 's', 2)} | {ratio(v, base, False)} | {mib(f['rss_kib'])} | "
+                         f"{mib(f['peak_kib'])} | {cpu(f)} |")
+    for label, r in base_rows.items():
+        if "footprint" not in r:
+            lines.append(f"| {label} | — ({r.get('error', 'failed')}) | — | — | — | — |")
+            continue
+        for i, (proc, f) in enumerate(r["footprint"].items()):
+            v = r["first_sync_s"] if i == len(r["footprint"]) - 1 else None
+            note = "" if r.get("identical") else " (NOT identical)"
+            lines.append(f"| {label}: {proc} | {fmt(v, 's', 2)}{note if v else ''} | {ratio(v, base, False)} | "
+                         f"{mib(f['rss_kib'])} | {mib(f['peak_kib'])} | {cpu(f)} |")
+    lines.append(f"| rsync -a --delete from the daemon (one shot, exits) | {fmt(base, 's', 2)} | 1.00× | — | — | — |")
+    return "\n".join(lines) + "\n"
+
+
+def table_scale(title, points):
+    """Workload 5: first sync and idle RSS by tree size, RAM and index bytes per file."""
+    empty = next((p for p in points if p.get("files") == 0), None)
+    lines = [f"### {title}", "",
+             "| files | first sync (inotify client) | vs rsync daemon | server RSS | client RSS "
+             "| RAM per file, server / client | index on disk per file, server / client |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for p in points:
+        if "skipped" in p:
+            lines.append(f"| {p['files']:,} | skipped: {p['skipped']} | — | — | — | — | — |")
+            continue
+        n, fp, st = p["files"], p["footprint"], p["state"]
+        srv, cli = fp["server"]["rss_kib"], fp["client (inotify)"]["rss_kib"]
+        per_ram = per_disk = "—"
+        if n and empty:
+            per_ram = (f"{(srv - empty['footprint']['server']['rss_kib']) * 1024 / n:.0f} B / "
+                       f"{(cli - empty['footprint']['client (inotify)']['rss_kib']) * 1024 / n:.0f} B")
+        if n:
+            per_disk = (f"{st['server']['index_bytes'] / n:.0f} B / "
+                        f"{st['client (inotify)']['index_bytes'] / n:.0f} B")
+        v = p["first_sync_s"]["inotify"]
+        lines.append(f"| {n:,} | {fmt(v, 's', 2)} | {ratio(v, p.get('rsync_s'), False) if n else '—'} | "
+                     f"{mib(srv)} | {mib(cli)} | {per_ram} | {per_disk} |")
     return "\n".join(lines) + "\n"
 
 
@@ -303,11 +487,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="small sizes, ferry/rsync/cp only (default)")
-    mode.add_argument("--full", action="store_true", help="the sizes from the benchmark issue")
-    ap.add_argument("--out", default=os.path.join(ROOT, "target", "bench"), help="where RESULTS.md and results.json go")
+    mode.add_argument("--full", action="store_true", help="the sizes from the benchmark issue, and the baselines")
+    ap.add_argument("--out", help="where RESULTS.md and results.json go "
+                    "(default: bench/ with --full, target/bench otherwise)")
     args = ap.parse_args()
     full = args.full
-    os.makedirs(args.out, exist_ok=True)
+    out_dir = args.out or os.path.join(ROOT, "bench" if full else os.path.join("target", "bench"))
+    os.makedirs(out_dir, exist_ok=True)
+    started = time.monotonic()
 
     print("building ferry (release)...", file=sys.stderr, flush=True)
     subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
@@ -315,30 +502,87 @@ def main():
 
     missing = []
     if not shutil.which("rsync"):
-        missing.append("rsync (apt install rsync)")
+        missing.append("rsync not found: its rows are empty (install it with `apt install rsync`)")
+    tools = []
     if full:
-        for tool, pkg in [("syncthing", "syncthing"), ("unison", "unison"), ("lsyncd", "lsyncd")]:
-            missing.append(f"{tool}: not wired into this benchmark yet (apt install {pkg})")
+        unison_label = ("Unison -repeat watch" if shutil.which("unison-fsmonitor")
+                        else "Unison -repeat 1 (no unison-fsmonitor installed)")
+        for tool, label, cls, delay in [
+                ("syncthing", "Syncthing, watcher delay 10 s (default)", baselines.Syncthing, 10),
+                ("syncthing", "Syncthing, watcher delay 1 s", baselines.Syncthing, 1),
+                ("unison", unison_label, baselines.Unison, None),
+                ("lsyncd", "lsyncd → local dir, delay 15 s (default)", baselines.Lsyncd, None),
+                ("lsyncd", "lsyncd → local dir, delay=0", baselines.Lsyncd, 0)]:
+            why = baselines.missing(tool)
+            if why:
+                if why not in missing:
+                    missing.append(why)
+            else:
+                tools.append((label, cls, delay))
     for m in missing:
-        print(f"baseline missing: {m}", file=sys.stderr)
+        print(m, file=sys.stderr)
+
+    # Sizes: quick is for CI (a few minutes on 2 cores), full for a developer machine.
+    trials = 20 if not full else 50
+    size = (64 << 20) if not full else (1 << 30)
+    dirs, per = (10, 100) if not full else (100, 100)
+    first_n = 2000 if not full else 100_000      # workload 4
+    scale_n = [0, 1000, 4000] if not full else [0, 10_000, 100_000, 1_000_000]  # workload 5
+    quiet, window = (2, 5) if not full else (10, 60)
+    scale_budget = 20 * 60  # a workload-5 point projected to take longer is skipped
 
     work = tempfile.mkdtemp(prefix="ferry-bench-")
-    rsyncd = RsyncDaemon(work) if shutil.which("rsync") else None
     results = {"machine": {"cpus": os.cpu_count(), "kernel": os.uname().release,
+                           "load_avg_at_start": os.getloadavg(),
                            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())},
                "mode": "full" if full else "quick", "missing": missing}
+    rsyncd = None
     try:
-        trials = 20 if not full else 50
+        rsyncd = RsyncDaemon(work) if shutil.which("rsync") else None
+        print("1. latency", file=sys.stderr, flush=True)
         lat = bench_latency(binary, work, trials, "inotify")
         lat_poll = bench_latency(binary, work, 5 if not full else 20, "poll")
         base = bench_baseline_latency(work, trials, rsyncd)
-        size = (64 << 20) if not full else (1 << 30)
+        print("2. one large file", file=sys.stderr, flush=True)
         large = bench_large(binary, work, 3, size, rsyncd)
-        dirs, per = (10, 100) if not full else (100, 100)
+        print("3. many small files", file=sys.stderr, flush=True)
         small = bench_small(binary, work, 3 if not full else 5, dirs, per, rsyncd)
+        live = {}
+        if tools:
+            print("1 and 3 for the baselines", file=sys.stderr, flush=True)
+        for label, cls, delay in tools:
+            slow = cls is baselines.Lsyncd and delay is None or cls is baselines.Syncthing and delay >= 10
+            live[label] = baseline_live(label, cls, delay, work, 5 if slow else 10, dirs, per, 1)
+
+        print(f"4. first sync of {first_n} files and idle footprint", file=sys.stderr, flush=True)
+        first, tree, paths = ferry_first_sync(binary, work, first_n, 2 if not full else 1, True,
+                                              quiet, window, rsyncd, 3)
+        first_base = {}
+        seen = set()
+        for label, cls, delay in tools:
+            if cls in seen:  # the watcher delay does not change a first sync: default settings only
+                continue
+            seen.add(cls)
+            first_base[label] = baseline_first(label, cls, delay, work, tree, paths, quiet, window)
+        shutil.rmtree(os.path.dirname(tree), ignore_errors=True)
+
+        print("5. scale of cost", file=sys.stderr, flush=True)
+        points = []
+        rate = None
+        for n in sorted(set(scale_n) | {first_n}):
+            if n == first_n:
+                p = first
+            elif rate and n / rate > scale_budget:
+                p = {"files": n, "skipped": f"at {rate:.0f} files/s it would take ~{n / rate / 60:.0f} min"}
+            else:
+                print(f"   {n} files", file=sys.stderr, flush=True)
+                p, tree, _ = ferry_first_sync(binary, work, n, 1, False, quiet, 1, rsyncd, 1 if full else 3)
+                shutil.rmtree(os.path.dirname(tree), ignore_errors=True)
+            if n and "first_sync_s" in p and p["first_sync_s"]["inotify"]:
+                rate = n / p["first_sync_s"]["inotify"]["median"]
+            points.append(p)
     finally:
-        if rsyncd:
-            rsyncd.stop()
+        PROCS.kill_all()
         shutil.rmtree(work, ignore_errors=True)
 
     sizes = {}
@@ -348,38 +592,54 @@ def main():
         if f.startswith("ferry-") and os.path.isfile(os.path.join(ROOT, "target", f)):
             sizes[f[len("ferry-"):]] = os.path.getsize(os.path.join(ROOT, "target", f))
 
+    elapsed = time.monotonic() - started
     results.update({"latency_ms": {"inotify": lat, "poll": lat_poll, "baselines": base},
                     "large_file_mib_s": large, "small_files_per_s": small, "binary_bytes": sizes,
-                    "sizes": {"large_file_mib": size >> 20, "small_files": dirs * per}})
+                    "baselines_live": live, "first_sync": {"ferry": first, "baselines": first_base},
+                    "scale": points, "elapsed_s": elapsed,
+                    "sizes": {"large_file_mib": size >> 20, "small_files": dirs * per,
+                              "first_sync_files": first_n, "quiet_s": quiet, "idle_window_s": window}})
 
     rows_lat = {f"ferry inotify, {k}": v for k, v in lat.items()}
     rows_lat.update({f"ferry poll (1 s), {k}": v for k, v in lat_poll.items() if "2 hops" in k})
+    rows_lat.update({f"{k} (a → b)": v.get("latency_ms") for k, v in live.items()})
     if "cp" in base:
         rows_lat["cp (one-shot copy, no watching)"] = base["cp"]
     if "rsync" in base:
         rows_lat["rsync"] = base["rsync"]  # one-shot push to the daemon: the baseline row
+    rows_small = dict(small)
+    rows_small.update({f"{k} (a → b)": v.get("small_files_per_s") for k, v in live.items()})
     md = [f"# ferry benchmark ({results['mode']})", "",
-          f"Machine: {os.cpu_count()} CPUs, Linux {os.uname().release}, {results['machine']['date']}. "
-          "Figures are min / median / max over the trials; ratios compare medians with rsync to an "
-          "`rsync --daemon` module in the same run (>1× means ferry did better).", ""]
+          f"Machine: {os.cpu_count()} CPUs, Linux {os.uname().release}, {results['machine']['date']}, "
+          f"load average {results['machine']['load_avg_at_start'][0]:.1f} at the start; the run took "
+          f"{elapsed / 60:.1f} min. Figures are min / median / max over the trials; ratios compare medians "
+          "with rsync to or from an `rsync --daemon` module in the same run (>1× means the tool did better).", ""]
     if missing:
         md += ["Missing baselines: " + "; ".join(missing), ""]
     md.append(table("1. Propagation latency (4 KiB file)", rows_lat, "ms", higher_is_better=False))
     md.append(table(f"2. One large file ({size >> 20} MiB, fresh random data per trial)", large, "MiB/s", True))
-    md.append(table(f"3. Many small files ({dirs} dirs × {per} × 4 KiB)", small, "files/s", True))
+    md.append(table(f"3. Many small files ({dirs} dirs × {per} × 4 KiB)", rows_small, "files/s", True))
+    md.append(table_first(f"4. First sync of {first_n:,} files ({first_n // 100} dirs × 100 × 1 KiB) "
+                          f"and footprint after {quiet} s of quiet", first, first_base, window))
+    md.append(table_scale("5. Scale of cost (RAM per file: (RSS at N − RSS of an empty tree) / N; "
+                          "index: .ferry/*.snap and *.journal after a clean stop)", points))
     md += ["### 6. Binary size", "", "| binary | bytes |", "| --- | --- |"]
     md += [f"| {k} | {v} ({v / (1 << 20):.1f} MiB) |" for k, v in sizes.items()]
-    md += ["", "Not measured yet: first sync of a big tree with idle RSS/CPU (4), scale of cost (5), "
-           "and the Syncthing, Unison and lsyncd baselines."]
+    if not full:
+        md += ["", "Syncthing, Unison and lsyncd are measured by `--full` only."]
     text = "\n".join(md) + "\n"
     print(text)
-    with open(os.path.join(args.out, "RESULTS.md"), "w") as f:
+    with open(os.path.join(out_dir, "RESULTS.md"), "w") as f:
         f.write(text)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    print(f"written: {args.out}/RESULTS.md and results.json", file=sys.stderr)
+    print(f"written: {out_dir}/RESULTS.md and results.json ({elapsed / 60:.1f} min)", file=sys.stderr)
 
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        PROCS.kill_all()
+        sys.exit(130)
