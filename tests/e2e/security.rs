@@ -8,11 +8,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ferry::proto::auth::{random, Secret};
-use ferry::proto::codec::encode;
-use ferry::proto::msg::{ClientMsg, ServerMsg, PROTOCOL_VERSION};
+use ferry::proto::auth::Secret;
+use ferry::proto::msg::ServerMsg;
 
-use super::hostile::{connect, recv};
+use super::hostile::{connect, handshake};
 use super::util::*;
 
 /// True once the peer has closed `s`.
@@ -227,27 +226,12 @@ fn an_unauthenticated_connection_is_closed_in_time() {
 /// Runs the handshake with `secret` over TLS; returns what the server answered to Auth
 /// (`None`: it closed the connection before that).
 fn try_secret(cl: &Cluster, secret: &Secret) -> Option<ServerMsg> {
-    let mut s = connect(cl);
-    let nonce = random::<32>();
-    let hello = ClientMsg::Hello {
-        version: PROTOCOL_VERSION,
-        name: "guesser".into(),
-        id: [9; 16],
-        nonce,
-    };
-    s.write_all(&encode(&hello).unwrap()).ok()?;
-    let Ok(ServerMsg::Challenge { nonce: sn, .. }) = recv(&mut s) else {
-        return None;
-    };
     let channel = cl
         .fingerprint()
         .parse::<ferry::tls::Fingerprint>()
         .unwrap()
         .0;
-    let proof = secret.client_proof(&channel, &sn, &nonce, "guesser");
-    s.write_all(&encode(&ClientMsg::Auth { proof }).unwrap())
-        .ok()?;
-    recv(&mut s).ok()
+    handshake(&mut connect(cl), secret, &channel, "guesser")
 }
 
 #[test]
@@ -402,22 +386,9 @@ fn ftp_logins_die_with_their_control_session() {
     let secret = Secret::load(cl.secret()).unwrap();
     let mut control = TcpStream::connect(cl.control()).unwrap();
     control.set_read_timeout(Some(DEADLINE)).unwrap();
-    let nonce = random::<32>();
-    let hello = ClientMsg::Hello {
-        version: PROTOCOL_VERSION,
-        name: "short-lived".into(),
-        id: [5; 16],
-        nonce,
-    };
-    control.write_all(&encode(&hello).unwrap()).unwrap();
-    let Ok(ServerMsg::Challenge { nonce: sn, .. }) = recv(&mut control) else {
-        panic!("no challenge")
-    };
-    let proof = secret.client_proof(&[0; 32], &sn, &nonce, "short-lived");
-    control
-        .write_all(&encode(&ClientMsg::Auth { proof }).unwrap())
-        .unwrap();
-    let Ok(ServerMsg::Welcome { grant, .. }) = recv(&mut control) else {
+    let Some(ServerMsg::Welcome { grant, .. }) =
+        handshake(&mut control, &secret, &[0; 32], "short-lived")
+    else {
         panic!("no welcome")
     };
 
