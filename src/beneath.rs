@@ -186,16 +186,20 @@ impl Dir {
 
     /// Sets the mtime of `name` (its atime too: to the same value) without following a symlink.
     pub fn set_mtime_nofollow(&self, name: &str, mtime_ns: i64) -> io::Result<()> {
-        use nix::libc::{c_long, time_t};
         use nix::sys::stat::{utimensat, UtimensatFlags};
         use nix::sys::time::TimeSpec;
+        let (secs, nanos) = (
+            mtime_ns.div_euclid(1_000_000_000),
+            mtime_ns.rem_euclid(1_000_000_000),
+        );
         // time_t and the nanoseconds field are 32 bits on armv7: seconds beyond its range are
         // clamped rather than wrapped; nanoseconds always fit.
-        #[allow(clippy::useless_conversion)] // a no-op where time_t is 64 bits
-        let secs = mtime_ns
-            .div_euclid(1_000_000_000)
-            .clamp(i64::from(time_t::MIN), i64::from(time_t::MAX));
-        let t = TimeSpec::new(secs as time_t, mtime_ns.rem_euclid(1_000_000_000) as c_long);
+        #[allow(clippy::useless_conversion)] // same-type conversions where they are 64 bits
+        let t = TimeSpec::new(
+            secs.try_into()
+                .unwrap_or_else(|_| (if secs < 0 { i32::MIN } else { i32::MAX }).into()),
+            (nanos as i32).into(),
+        );
         Ok(utimensat(
             &self.0,
             name,
