@@ -25,6 +25,24 @@ fn closed(s: &mut impl Read) -> bool {
     }
 }
 
+/// Runs `ferry client --once` named `name` (its tree beside the cluster's) against the
+/// cluster's server with `extra` flags; returns whether it succeeded, and its stderr.
+fn run_once(cl: &Cluster, name: &str, extra: &[&str]) -> (bool, String) {
+    let out = Command::new(ferry())
+        .args(["client", "--once", "--name", name, "--server", cl.control()])
+        .args(extra)
+        .arg("--root")
+        .arg(cl.dir.0.join(name))
+        .arg("--secret-file")
+        .arg(cl.secret())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[test]
 fn first_contact_pins_the_certificate_and_a_changed_one_is_refused() {
     let mut cl = Cluster::start("pinning", &[("a", Watch::Auto)]);
@@ -141,23 +159,8 @@ fn plaintext_only_when_both_sides_ask_for_it() {
     }
 
     // A TLS client against the plaintext server: a clear error, and it is told why.
-    let out = Command::new(ferry())
-        .args([
-            "client",
-            "--once",
-            "--name",
-            "tls",
-            "--server",
-            cl.control(),
-        ])
-        .arg("--root")
-        .arg(cl.dir.0.join("tls-client"))
-        .arg("--secret-file")
-        .arg(cl.secret())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let (ok, err) = run_once(&cl, "tls", &[]);
+    assert!(!ok);
     assert!(
         err.contains("--insecure-plaintext, pass it here too"),
         "{err}"
@@ -168,17 +171,8 @@ fn plaintext_only_when_both_sides_ask_for_it() {
 fn a_plaintext_client_is_turned_away_by_a_tls_server() {
     let cl = Cluster::start("plaintext-client", &[]);
     write(&cl.server_root(), "x.txt", "x");
-    let out = Command::new(ferry())
-        .args(["client", "--once", "--insecure-plaintext", "--name", "old"])
-        .args(["--server", cl.control()])
-        .arg("--root")
-        .arg(cl.dir.0.join("old"))
-        .arg("--secret-file")
-        .arg(cl.secret())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let (ok, err) = run_once(&cl, "old", &["--insecure-plaintext"]);
+    assert!(!ok);
     assert!(err.contains("drop --insecure-plaintext"), "{err}");
     assert!(!cl.dir.0.join("old/x.txt").exists());
     wait_until(
