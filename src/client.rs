@@ -1116,6 +1116,16 @@ impl Client {
                         self.tree.rename_subtree(from, path);
                         self.base.remove(from);
                         self.base.insert(path.clone(), r.clone());
+                        // Same bytes, but not always the same metadata: our base at the old
+                        // path can be a newer commit of ours (same bytes, new mtime) than the
+                        // version the server moved, if its rename reached us after our
+                        // commit. Take the server's, or this path would differ forever.
+                        if local_from.is_some_and(|l| l.entry != *r) {
+                            match fsops::set_meta(&self.cfg.root, path, r) {
+                                Ok(seen) => self.tree.set(path, Some(seen)),
+                                Err(e) => log::error!("cannot set metadata of {path}: {e}"),
+                            }
+                        }
                         // What a moved directory held here is not necessarily what the server
                         // moved (a file created in it meanwhile): the changes that follow
                         // confirm the ones it did (see `settle_renames`).
