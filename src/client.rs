@@ -29,7 +29,8 @@ use crate::progress::Progress;
 use crate::proto::auth::{random, Channel, Secret};
 use crate::proto::codec::{read_frame, write_frame, MAX_FRAME, MAX_HANDSHAKE_FRAME};
 use crate::proto::msg::{
-    Change, ClientMsg, Grant, Op, Outcome, ProbeTarget, ServerMsg, PROTOCOL_VERSION,
+    Change, ClientMsg, Grant, Op, Outcome, PackItem, ProbeTarget, ServerMsg, PACK_FILE_MAX,
+    PACK_MAX_BYTES, PACK_MAX_ITEMS, PROTOCOL_VERSION,
 };
 use crate::scan::Tree;
 use crate::status::{self, Board, Peer, Serving};
@@ -238,9 +239,20 @@ struct Session {
     renames: HashMap<RelPath, (u64, BTreeSet<RelPath>)>,
     /// Targets of the server's symlink changes, checked, until they are applied here.
     targets: HashMap<RelPath, String>,
+    /// Small files fetched in a pack ahead of their changes (see `prefetch`): the entry each
+    /// was fetched as, and its temporary file (durable, with that mode and mtime). Used
+    /// instead of a download if the change still wants that entry.
+    prefetched: HashMap<RelPath, (Entry, PathBuf)>,
 }
 
 impl Session {
+    /// Forgets the files fetched ahead that no change used, and removes them.
+    fn drop_prefetched(&mut self) {
+        for (_, (_, part)) in self.prefetched.drain() {
+            let _ = std::fs::remove_file(part);
+        }
+    }
+
     /// Per-file events are logged at info once live; during a catch-up (maybe a first sync of
     /// a big tree) they go to debug and a summary follows.
     fn applied(&mut self) -> log::Level {
@@ -716,6 +728,7 @@ impl Client {
             committed: HashMap::new(),
             renames: HashMap::new(),
             targets: HashMap::new(),
+            prefetched: HashMap::new(),
             progress: None,
             listed_count: 0,
             bytes_before: self.stats.received_bytes,
@@ -732,6 +745,7 @@ impl Client {
         };
         let _ = socket.get_ref().shutdown(Shutdown::Both);
         self.post_peer(&addr.to_string(), false);
+        s.drop_prefetched();
         s.data.quit().await;
         result
     }
@@ -886,13 +900,19 @@ impl Client {
     async fn on_message(&mut self, s: &mut Session, msg: ServerMsg) -> anyhow::Result<()> {
         match msg {
             ServerMsg::Changes(changes) => {
-                for c in changes {
-                    self.on_change(s, c).await?;
+                let mut fetched_to = 0;
+                for (i, c) in changes.iter().enumerate() {
+                    if i == fetched_to {
+                        s.drop_prefetched();
+                        fetched_to = i + self.prefetch(s, &changes[i..]).await?;
+                    }
+                    self.on_change(s, c.clone()).await?;
                     if let Some(p) = &mut s.progress {
                         s.listed_count += 1;
                         p.tick(s.listed_count, self.stats.received_bytes - s.bytes_before);
                     }
                 }
+                s.drop_prefetched();
                 if s.caught_up {
                     self.sync_local(s).await?;
                 }
@@ -929,7 +949,10 @@ impl Client {
                 p.set_total(changes, bytes);
                 s.progress = Some(p);
             }
-            ServerMsg::CommitResult { id, .. } => log::debug!("late result of commit {id}"),
+            ServerMsg::CommitResult { id, .. } | ServerMsg::PackResult { id, .. } => {
+                log::debug!("late result of commit {id}")
+            }
+            ServerMsg::Fetched { id, .. } => log::debug!("late answer to fetch {id}"),
             ServerMsg::Ping => {}
             other => bail!(
                 "protocol error: unexpected {} from the server",
@@ -1068,10 +1091,28 @@ impl Client {
             let tree = &self.tree;
             let ordered =
                 agent::apply_order(dirty.into_iter().collect(), |p| tree.get(p).is_none());
+            // Small files to send go in packs, in their place in the order.
+            let mut pack: Vec<PackItem> = Vec::new();
+            let mut pack_bytes = 0;
             for path in ordered {
+                if let Some(item) = self.packable(&path) {
+                    if pack.len() == PACK_MAX_ITEMS || pack_bytes + item.entry.size > PACK_MAX_BYTES
+                    {
+                        self.send_pack(s, std::mem::take(&mut pack)).await?;
+                        pack_bytes = 0;
+                    }
+                    pack_bytes += item.entry.size;
+                    pack.push(item);
+                    continue;
+                }
+                if !pack.is_empty() {
+                    self.send_pack(s, std::mem::take(&mut pack)).await?;
+                    pack_bytes = 0;
+                }
                 let remote = self.base.get(&path).cloned();
                 self.resolve(s, &path, remote, None, 0).await?;
             }
+            self.send_pack(s, pack).await?;
         }
         Ok(())
     }
@@ -1294,18 +1335,26 @@ impl Client {
             Some(e) if e.kind == Kind::Symlink => self.take_link(s, path, e),
             Some(e) => {
                 let tmp = fsops::partial_path(&root, &e.hash);
-                let resume = s.resume_download(path, &e, &tmp).await?;
-                if resume.offset > 0 {
-                    log::info!(
-                        "resuming the download of {path} at byte {} of {}",
-                        resume.offset,
-                        e.size
-                    );
-                }
-                s.data
-                    .report_progress(self.board.transfer(path.as_str(), "download", e.size));
-                let downloaded = s.data.download(path, &e, tmp, resume).await;
-                self.board.transfer_done();
+                let prefetched = s.prefetched.remove(path);
+                let (synced, downloaded) = match prefetched {
+                    Some((fetched, part)) if fetched == e => match std::fs::File::open(&part) {
+                        Ok(file) => (
+                            true,
+                            Ok(crate::data::Downloaded {
+                                file,
+                                path: part,
+                                transferred: e.size,
+                            }),
+                        ),
+                        Err(_) => (false, self.download(s, path, &e, tmp).await),
+                    },
+                    other => {
+                        if let Some((_, part)) = other {
+                            let _ = std::fs::remove_file(part);
+                        }
+                        (false, self.download(s, path, &e, tmp).await)
+                    }
+                };
                 let downloaded = match downloaded {
                     Ok(d) => d,
                     Err(DownloadError::Changed(why)) => {
@@ -1326,8 +1375,13 @@ impl Client {
                 self.applying.insert(path.clone(), e.clone());
                 self.flush();
                 let transferred = downloaded.transferred;
+                let install = if synced {
+                    fsops::install_synced
+                } else {
+                    fsops::install_file
+                };
                 let installed = smol::unblock(move || {
-                    fsops::install_file(
+                    install(
                         &root,
                         downloaded.file,
                         &downloaded.path,
@@ -1374,6 +1428,117 @@ impl Client {
             }
         }
         Ok(())
+    }
+
+    /// Downloads `path` (as `e`) over FTP into `tmp`, resuming what an earlier attempt left.
+    async fn download(
+        &mut self,
+        s: &mut Session,
+        path: &RelPath,
+        e: &Entry,
+        tmp: PathBuf,
+    ) -> Result<crate::data::Downloaded, DownloadError> {
+        let resume = s
+            .resume_download(path, e, &tmp)
+            .await
+            .map_err(DownloadError::Transport)?;
+        if resume.offset > 0 {
+            log::info!(
+                "resuming the download of {path} at byte {} of {}",
+                resume.offset,
+                e.size
+            );
+        }
+        s.data
+            .report_progress(self.board.transfer(path.as_str(), "download", e.size));
+        let downloaded = s.data.download(path, e, tmp, resume).await;
+        self.board.transfer_done();
+        downloaded
+    }
+
+    /// Fetches, in packs, the bytes of the small files that `changes` (from their start) are
+    /// likely to need, so they do not each cost a data connection. A hint only: what the
+    /// changes then decide is unchanged, and bytes no change uses are dropped. Returns how
+    /// many changes the window covered (at least one).
+    async fn prefetch(&mut self, s: &mut Session, changes: &[Change]) -> anyhow::Result<usize> {
+        let mut items = Vec::new();
+        let mut bytes = 0;
+        let mut covered = 0;
+        for c in changes {
+            if let Some(e) = c.entry.as_ref().filter(|e| {
+                e.kind == Kind::File
+                    && e.size > 0
+                    && e.size <= PACK_FILE_MAX
+                    && c.moved_from.is_none()
+                    && !self
+                        .tree
+                        .get(&c.path)
+                        .is_some_and(|l| l.entry.same_content(e))
+                    && s.committed.get(&c.path).is_none_or(|&mine| c.seq >= mine)
+            }) {
+                if items.len() == PACK_MAX_ITEMS || bytes + e.size > PACK_MAX_BYTES {
+                    break;
+                }
+                if !self.tree.ignores(&c.path, Some(false)) {
+                    bytes += e.size;
+                    items.push((c.path.clone(), e.clone()));
+                }
+            }
+            covered += 1;
+        }
+        // One file gains nothing from a pack.
+        if items.len() < 2 {
+            return Ok(covered.max(1));
+        }
+        let (staged, present) = s.fetch(items.clone()).await?;
+        if present.len() != items.len() {
+            bail!(
+                "protocol error: the server answered a fetch of {} files with {}",
+                items.len(),
+                present.len()
+            );
+        }
+        if staged.is_empty() {
+            return Ok(covered);
+        }
+        let packed = s.data.download_staged(&staged, PACK_MAX_BYTES).await?;
+        log::debug!(
+            "fetched a pack of {} files ({} bytes)",
+            present.iter().filter(|p| **p).count(),
+            packed.len()
+        );
+        let mut rest = &packed[..];
+        for ((path, e), here) in items.into_iter().zip(present) {
+            if !here {
+                continue;
+            }
+            if (rest.len() as u64) < e.size {
+                bail!("protocol error: the server's pack {staged} is shorter than its files");
+            }
+            let (part, tail) = rest.split_at(e.size as usize);
+            rest = tail;
+            if *blake3::hash(part).as_bytes() != e.hash {
+                continue;
+            }
+            let tmp = fsops::tmp_path(&self.cfg.root);
+            match fsops::write_unsynced(&tmp, part, &e) {
+                Ok(()) => {
+                    if let Some((_, old)) = s.prefetched.insert(path, (e, tmp)) {
+                        let _ = std::fs::remove_file(old);
+                    }
+                }
+                Err(err) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    log::debug!("cannot write a fetched file to {}: {err}", tmp.display());
+                }
+            }
+        }
+        // One sync for the lot, where each download would have had its own fsync.
+        if let Err(err) = fsops::sync_fs(&fsops::tmp_dir(&self.cfg.root)) {
+            log::debug!("cannot sync fetched files: {err}; they are downloaded one by one");
+            s.drop_prefetched();
+        }
+        Ok(covered)
     }
 
     /// Removes the symlink the cache knows at `path` (the link itself), so a directory can take
@@ -1443,6 +1608,94 @@ impl Client {
                 old.display()
             ),
         }
+    }
+
+    /// If what `resolve` would do with `path` is upload a small file (new bytes here, nothing
+    /// new from the server: its base is what the server has), the pack item that does it.
+    fn packable(&mut self, path: &RelPath) -> Option<PackItem> {
+        if self.tree.ignores(path, Some(false)) {
+            return None;
+        }
+        let (local, beneath) = self.tree.refresh(path);
+        self.note_beneath(path, beneath);
+        let local = local?.entry;
+        let base = self.base.get(path);
+        let new_bytes = local.kind == Kind::File
+            && local.size <= PACK_FILE_MAX
+            && !base.is_some_and(|b| b.same_content(&local));
+        new_bytes.then(|| PackItem {
+            path: path.clone(),
+            entry: local,
+            base: base.cloned(),
+        })
+    }
+
+    /// Sends the files of `items` in one pack: one upload, one round trip. A file that changed
+    /// since it was scanned is left for its next change; one the server refused is decided
+    /// again, as `resolve` would after a single commit. A lone file goes the usual way.
+    async fn send_pack(&mut self, s: &mut Session, items: Vec<PackItem>) -> anyhow::Result<()> {
+        if items.len() < 2 {
+            for item in items {
+                let remote = self.base.get(&item.path).cloned();
+                self.resolve(s, &item.path, remote, None, 0).await?;
+            }
+            return Ok(());
+        }
+        let mut bytes = Vec::new();
+        let mut sent = Vec::with_capacity(items.len());
+        for item in items {
+            let start = bytes.len();
+            // Beneath the root, following no symlink, as a single upload reads.
+            let read = crate::beneath::open_file(&self.cfg.root, &item.path).and_then(|f| {
+                std::io::Read::read_to_end(
+                    &mut std::io::Read::take(f, item.entry.size + 1),
+                    &mut bytes,
+                )
+            });
+            let same = read.is_ok_and(|n| n as u64 == item.entry.size)
+                && *blake3::hash(&bytes[start..]).as_bytes() == item.entry.hash;
+            if same {
+                sent.push(item);
+            } else {
+                bytes.truncate(start);
+                log::debug!(
+                    "{} changed before it was sent; it will be sent again",
+                    item.path
+                );
+                self.dirty.insert(item.path);
+            }
+        }
+        if sent.is_empty() {
+            return Ok(());
+        }
+        let name = format!("p{}", agent::hex(&blake3::hash(&bytes).as_bytes()[..16]));
+        s.data.report_progress(self.board.transfer(
+            &format!("{} files", sent.len()),
+            "upload",
+            bytes.len() as u64,
+        ));
+        let uploaded = s.data.upload_bytes(&bytes, &name).await;
+        self.board.transfer_done();
+        uploaded?;
+        log::debug!(
+            "uploaded a pack of {} files ({} bytes)",
+            sent.len(),
+            bytes.len()
+        );
+        self.stats.sent_bytes += bytes.len() as u64;
+        let outcomes = s.commit_pack(name, sent.clone()).await?;
+        for (item, outcome) in sent.into_iter().zip(outcomes) {
+            let what = format!("{} bytes", item.entry.size);
+            let path = item.path;
+            if let Some(current) = self
+                .committed(s, &path, Some(item.entry), item.base, outcome, &what)
+                .await?
+            {
+                // The server moved on meanwhile: decide again against what it has.
+                Box::pin(self.resolve(s, &path, current, None, 1)).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Sends the local state of `path` to the server, whose current entry is `server_has`.
@@ -1538,7 +1791,23 @@ impl Client {
                 (Op::Delete, "delete".to_string())
             }
         };
-        match s.commit(path, op, server_has.clone()).await? {
+        let outcome = s.commit(path, op, server_has.clone()).await?;
+        self.committed(s, path, local, server_has, outcome, &what)
+            .await
+    }
+
+    /// Records the outcome of sending `local` for `path` (the server had `server_has`).
+    /// Returns the server's entry if it refused because it had moved on.
+    async fn committed(
+        &mut self,
+        s: &mut Session,
+        path: &RelPath,
+        local: Option<Entry>,
+        server_has: Option<Entry>,
+        outcome: Outcome,
+        what: &str,
+    ) -> anyhow::Result<Option<Option<Entry>>> {
+        match outcome {
             Outcome::Done { seq } => {
                 s.committed.insert(path.clone(), seq);
                 self.stats.sent += 1;
@@ -1709,6 +1978,54 @@ impl Session {
             .send(msg)
             .await
             .map_err(|_| anyhow!("lost the connection to the server"))
+    }
+
+    /// Asks the server for a pack of `items` and waits for its answer: the pack's staged name
+    /// and which items it holds.
+    async fn fetch(&mut self, items: Vec<(RelPath, Entry)>) -> anyhow::Result<(String, Vec<bool>)> {
+        self.next_id += 1;
+        let id = self.next_id;
+        self.send(ClientMsg::Fetch { id, items }).await?;
+        loop {
+            match self.inbox.recv().await {
+                Ok(ServerMsg::Fetched {
+                    id: got,
+                    staged,
+                    present,
+                }) if got == id => return Ok((staged, present)),
+                Ok(other) => self.deferred.push_back(other),
+                Err(_) => bail!("lost the connection to the server while fetching files"),
+            }
+        }
+    }
+
+    /// Sends a pack's commit and waits for its outcomes, one per item, keeping other messages
+    /// for later.
+    async fn commit_pack(
+        &mut self,
+        staged: String,
+        items: Vec<PackItem>,
+    ) -> anyhow::Result<Vec<Outcome>> {
+        self.next_id += 1;
+        let id = self.next_id;
+        let n = items.len();
+        self.send(ClientMsg::CommitPack { id, staged, items })
+            .await?;
+        loop {
+            match self.inbox.recv().await {
+                Ok(ServerMsg::PackResult { id: got, outcomes }) if got == id => {
+                    if outcomes.len() != n {
+                        bail!(
+                            "protocol error: {} outcomes for a pack of {n} files",
+                            outcomes.len()
+                        );
+                    }
+                    return Ok(outcomes);
+                }
+                Ok(other) => self.deferred.push_back(other),
+                Err(_) => bail!("lost the connection to the server while committing a pack"),
+            }
+        }
     }
 
     /// Sends a commit and waits for its result, keeping other messages for later.

@@ -328,6 +328,62 @@ impl DataConn {
         Ok((resume.offset + sent, hash, sent))
     }
 
+    /// Uploads `bytes` (a pack of small files) to the staging area as `name`.
+    pub async fn upload_bytes(&mut self, bytes: &[u8], name: &str) -> anyhow::Result<()> {
+        let mut reader = HashingReader {
+            inner: smol::io::Cursor::new(bytes),
+            hasher: blake3::Hasher::new(),
+            pacer: Pacer::new(self.max_rate),
+            wait: None,
+            progress: self.progress.clone(),
+        };
+        self.progress.store(0, Ordering::Relaxed);
+        let target = format!("{}/{name}", self.staging);
+        self.ftp
+            .put_file(&target, &mut reader)
+            .await
+            .with_context(|| format!("FTP STOR {target}"))?;
+        Ok(())
+    }
+
+    /// Downloads the staged file `name` (a pack the server made) into memory, at most `max`
+    /// bytes, and removes it from the staging area.
+    pub async fn download_staged(&mut self, name: &str, max: u64) -> anyhow::Result<Vec<u8>> {
+        let target = format!("{}/{name}", self.staging);
+        let stream = self
+            .ftp
+            .retr_as_stream(&target)
+            .await
+            .with_context(|| format!("FTP RETR {target}"))?;
+        let mut reader = HashingReader {
+            inner: stream,
+            hasher: blake3::Hasher::new(),
+            pacer: Pacer::new(self.max_rate),
+            wait: None,
+            progress: self.progress.clone(),
+        };
+        self.progress.store(0, Ordering::Relaxed);
+        let mut bytes = Vec::new();
+        (&mut reader)
+            .take(max + 1)
+            .read_to_end(&mut bytes)
+            .await
+            .with_context(|| format!("download of {target} broke off"))?;
+        reader
+            .inner
+            .finish()
+            .await
+            .with_context(|| format!("download of {target} did not complete"))?;
+        if bytes.len() as u64 > max {
+            anyhow::bail!("{target} is larger than {max} bytes");
+        }
+        // Left behind, it would only wait for the server's pruning of old staged files.
+        if let Err(e) = self.ftp.rm(&target).await {
+            log::debug!("cannot remove {target}: {e}");
+        }
+        Ok(bytes)
+    }
+
     /// From now on, transfers count their bytes (of the whole file) in `progress`.
     pub fn report_progress(&mut self, progress: Arc<AtomicU64>) {
         self.progress = progress;

@@ -62,6 +62,28 @@ pub fn partial_path(root: &Path, hash: &crate::core::entry::Hash) -> PathBuf {
     tmp_dir(root).join(format!("r{}.part", crate::agent::hex(&hash[..16])))
 }
 
+/// Creates the temporary file `tmp` holding `bytes` with `entry`'s mode and mtime, for
+/// `install_synced` once a `sync_fs` has made a batch of them durable.
+pub fn write_unsynced(tmp: &Path, bytes: &[u8], entry: &Entry) -> io::Result<()> {
+    use std::io::Write;
+    let mut file = File::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(tmp)?;
+    file.write_all(bytes)?;
+    file.set_permissions(Permissions::from_mode(entry.mode))?;
+    file.set_times(FileTimes::new().set_modified(system_time(entry.mtime_ns)))?;
+    Ok(())
+}
+
+/// Makes everything written to the filesystem holding `dir` durable: one `syncfs` for a
+/// batch of files instead of an fsync each.
+pub fn sync_fs(dir: &Path) -> io::Result<()> {
+    let d = File::open(dir)?;
+    nix::unistd::syncfs(&d).map_err(io::Error::from)
+}
+
 /// A fresh temporary file name in `<root>/.ferry/tmp`.
 pub fn tmp_path(root: &Path) -> PathBuf {
     let n: [u8; 8] = crate::proto::auth::random();
@@ -126,6 +148,20 @@ pub fn install_file(
     file.set_permissions(Permissions::from_mode(entry.mode))?;
     file.set_times(FileTimes::new().set_modified(system_time(entry.mtime_ns)))?;
     file.sync_all()?;
+    install_synced(root, file, tmp, rel, entry, expect)
+}
+
+/// `install_file` for a temporary file whose bytes, mode and mtime are on disk already:
+/// written by `write_unsynced`, then made durable with one `sync_fs` for a whole batch (an
+/// fsync per small file costs more than writing it).
+pub fn install_synced(
+    root: &Path,
+    file: File,
+    tmp: &Path,
+    rel: &RelPath,
+    entry: &Entry,
+    expect: Option<&Seen>,
+) -> io::Result<Install> {
     let meta = file.metadata()?;
     let seen = Seen {
         entry: Entry {

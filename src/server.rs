@@ -27,7 +27,8 @@ use crate::gate::{Gate, Ticket};
 use crate::proto::auth::{random, Channel, Secret};
 use crate::proto::codec::{read_frame, write_frame, MAX_FRAME, MAX_HANDSHAKE_FRAME};
 use crate::proto::msg::{
-    Change, ClientMsg, Grant, Op, Outcome, ProbeTarget, ServerMsg, PROTOCOL_VERSION,
+    Change, ClientMsg, Grant, Op, Outcome, PackItem, ProbeTarget, ServerMsg, PACK_FILE_MAX,
+    PACK_MAX_BYTES, PACK_MAX_ITEMS, PROTOCOL_VERSION,
 };
 use crate::scan::{RootLost, Tree};
 use crate::status::{self, Board, Peer, Serving};
@@ -221,6 +222,8 @@ struct Server {
     /// Commits accepted, and changes published, since the start.
     accepted: u64,
     published: u64,
+    /// Staged files of the pack being committed, durable already (see `split_pack`).
+    synced: HashSet<PathBuf>,
 }
 
 fn seq_file(root: &Path) -> PathBuf {
@@ -271,6 +274,69 @@ fn open_staged(path: &Path) -> std::io::Result<std::fs::File> {
         .read(true)
         .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
         .open(path)
+}
+
+/// Splits the pack at `pack` into staged files, one per entry, with the entry's size, mode
+/// and mtime (`<pack>-<i>`, beside it), makes them durable with one `sync_fs`, and removes
+/// the pack. The pack must hold exactly the entries' bytes, at most `PACK_MAX_BYTES`.
+fn split_pack(pack: &Path, entries: &[Entry]) -> anyhow::Result<Vec<PathBuf>> {
+    use std::io::Read;
+    let total: u64 = entries.iter().map(|e| e.size).sum();
+    let file =
+        open_staged(pack).with_context(|| format!("staged pack {} is missing", pack.display()))?;
+    let len = file.metadata()?.len();
+    let _ = std::fs::remove_file(pack);
+    if len != total || total > PACK_MAX_BYTES {
+        bail!("the pack holds {len} bytes, its files {total} (at most {PACK_MAX_BYTES})");
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.take(len).read_to_end(&mut bytes)?;
+    let mut parts = Vec::with_capacity(entries.len());
+    let mut rest = &bytes[..];
+    for (i, e) in entries.iter().enumerate() {
+        let (part, tail) = rest.split_at(e.size as usize);
+        rest = tail;
+        let mut name = pack.as_os_str().to_owned();
+        name.push(format!("-{i}"));
+        let path = PathBuf::from(name);
+        fsops::write_unsynced(&path, part, e)?;
+        parts.push(path);
+    }
+    if let Some(dir) = pack.parent() {
+        fsops::sync_fs(dir)?;
+    }
+    Ok(parts)
+}
+
+/// Writes the bytes of the `wanted` files (read beneath `root`, each checked against its
+/// entry) back to back into `pack`; says for each whether it is there.
+fn build_pack(
+    root: &Path,
+    wanted: &[Option<(RelPath, Entry)>],
+    pack: &Path,
+) -> anyhow::Result<Vec<bool>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    let present = wanted
+        .iter()
+        .map(|w| {
+            let Some((path, e)) = w else { return false };
+            let start = bytes.len();
+            let read = crate::beneath::open_file(root, path)
+                .and_then(|f| f.take(e.size + 1).read_to_end(&mut bytes));
+            let ok = read.is_ok_and(|n| n as u64 == e.size)
+                && *blake3::hash(&bytes[start..]).as_bytes() == e.hash;
+            if !ok {
+                bytes.truncate(start);
+            }
+            ok
+        })
+        .collect();
+    if let Some(dir) = pack.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(pack, &bytes).with_context(|| format!("cannot write {}", pack.display()))?;
+    Ok(present)
 }
 
 /// Removes staged uploads nobody came back for, and anything else that does not belong.
@@ -370,6 +436,7 @@ async fn serve(cfg: ServerConfig, stop: Receiver<nix::sys::signal::Signal>) -> a
         counted_at: None,
         accepted: 0,
         published: 0,
+        synced: HashSet::new(),
     };
     log::info!("scanning {}", root.display());
     server.startup_scan()?;
@@ -890,6 +957,76 @@ impl Server {
                 })
                 .detach();
             }
+            ClientMsg::CommitPack {
+                id: cid,
+                staged,
+                items,
+            } => {
+                if self.drop_if_not_reading(id) {
+                    return;
+                }
+                let Some(c) = self.clients.get(&id) else {
+                    return;
+                };
+                let (name, staging) = (c.name.clone(), c.staging.clone());
+                let (outcomes, changes) = self.commit_pack(&name, &staging, &staged, items).await;
+                if let Some(c) = self.clients.get(&id) {
+                    let _ = c.tx.try_send(ServerMsg::PackResult { id: cid, outcomes });
+                }
+                self.publish(changes);
+            }
+            ClientMsg::Fetch { id: fid, items } => {
+                if self.drop_if_not_reading(id) {
+                    return;
+                }
+                let Some(c) = self.clients.get(&id) else {
+                    return;
+                };
+                if items.len() > PACK_MAX_ITEMS {
+                    log::warn!("{}: a Fetch of {} files; closing", c.name, items.len());
+                    self.drop_client(id);
+                    return;
+                }
+                // Only what is still as asked (and synced, and small) goes in; the bytes are
+                // checked against the entry as they are read.
+                let mut bytes = 0;
+                let wanted: Vec<Option<(RelPath, Entry)>> = items
+                    .into_iter()
+                    .map(|(path, e)| {
+                        let ok = e.kind == Kind::File
+                            && e.size <= PACK_FILE_MAX
+                            && bytes + e.size <= PACK_MAX_BYTES
+                            && self.index.entry(&path) == Some(&e)
+                            && !self.tree.ignores(&path, Some(false));
+                        bytes += if ok { e.size } else { 0 };
+                        ok.then_some((path, e))
+                    })
+                    .collect();
+                let pack = staged_path(&self.root, &c.staging, &format!("f{fid}"));
+                let (root, tx, who) = (self.root.clone(), c.tx.clone(), c.name.clone());
+                // Reading many files: off the actor, answered when done.
+                smol::spawn(async move {
+                    let built = smol::unblock(move || {
+                        let pack = pack?;
+                        let present = build_pack(&root, &wanted, &pack)?;
+                        let name = pack.file_name().unwrap_or_default().to_string_lossy();
+                        anyhow::Ok((name.into_owned(), present))
+                    })
+                    .await;
+                    let (staged, present) = built.unwrap_or_else(|e| {
+                        log::warn!("{who}: cannot build a pack of files: {e:#}");
+                        (String::new(), Vec::new())
+                    });
+                    let _ = tx
+                        .send(ServerMsg::Fetched {
+                            id: fid,
+                            staged,
+                            present,
+                        })
+                        .await;
+                })
+                .detach();
+            }
             ClientMsg::Ping => {}
             other => {
                 let name = self.clients.get(&id).map_or("?".into(), |c| c.name.clone());
@@ -1161,6 +1298,58 @@ impl Server {
         }
     }
 
+    /// Commits the items of a pack the client uploaded as `staged`. Each item's bytes become a
+    /// staged upload of their own (`<staged>-<i>`), committed exactly as a single `Put` is; what
+    /// is left of them (a conflict, a refusal) is removed: the client sends such a file again
+    /// on its own.
+    async fn commit_pack(
+        &mut self,
+        name: &str,
+        staging: &str,
+        staged: &str,
+        items: Vec<PackItem>,
+    ) -> (Vec<Outcome>, Vec<Change>) {
+        let n = items.len();
+        let fail_all = |reason: String| {
+            log::warn!("{name}: pack {staged} refused: {reason}");
+            (vec![Outcome::Failed { reason }; n], Vec::new())
+        };
+        if n > PACK_MAX_ITEMS {
+            return fail_all(format!("{n} files in one pack (at most {PACK_MAX_ITEMS})"));
+        }
+        let pack = match staged_path(&self.root, staging, staged) {
+            Ok(p) => p,
+            Err(e) => return fail_all(format!("{e:#}")),
+        };
+        let entries: Vec<Entry> = items.iter().map(|i| i.entry.clone()).collect();
+        let split = smol::unblock(move || split_pack(&pack, &entries)).await;
+        let parts = match split {
+            Ok(parts) => parts,
+            Err(e) => return fail_all(format!("{e:#}")),
+        };
+        let mut outcomes = Vec::with_capacity(n);
+        let mut changes = Vec::new();
+        self.synced.extend(parts.iter().cloned());
+        for (item, part) in items.into_iter().zip(&parts) {
+            let part_name = part.file_name().unwrap_or_default().to_string_lossy();
+            let op = Op::Put {
+                staged: Some(part_name.into_owned()),
+                entry: item.entry,
+            };
+            let (outcome, more) = self.commit(name, staging, &item.path, op, item.base).await;
+            if let Outcome::Failed { reason } = &outcome {
+                log::warn!("{name}: commit of {} failed: {reason}", item.path);
+            }
+            outcomes.push(outcome);
+            changes.extend(more);
+        }
+        for part in parts {
+            self.synced.remove(&part);
+            let _ = std::fs::remove_file(part);
+        }
+        (outcomes, changes)
+    }
+
     /// Picks up a change made directly on disk at `path` before a commit is checked against it.
     fn refresh(&mut self, path: &RelPath) -> Vec<Change> {
         let (_, changes) = self.tree.refresh(path);
@@ -1393,6 +1582,7 @@ impl Server {
         let staged = staged.to_string();
         // What the upload replaces must still be what the index was just refreshed from.
         let expect = self.tree.get(path).cloned();
+        let synced = self.synced.contains(&staged_path);
         // Hashing and fsync are slow: off the executor's threads.
         let installed = smol::unblock(move || -> anyhow::Result<Option<fsops::Install>> {
             let file = open_staged(&staged_path)
@@ -1404,7 +1594,12 @@ impl Server {
                 let _ = std::fs::remove_file(&staged_path);
                 return Ok(None);
             }
-            Ok(Some(fsops::install_file(
+            let install = if synced {
+                fsops::install_synced
+            } else {
+                fsops::install_file
+            };
+            Ok(Some(install(
                 &root,
                 file,
                 &staged_path,

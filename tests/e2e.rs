@@ -16,6 +16,7 @@ mod e2e {
     mod ignore;
     mod lifecycle;
     mod links;
+    mod packs;
     mod random;
     mod restart;
     mod security;

@@ -9,7 +9,7 @@ use crate::core::entry::{Entry, Hash};
 use crate::core::path::RelPath;
 
 /// Bumped whenever a message changes shape; peers with different versions refuse each other.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Random bytes each side contributes to the handshake, so a proof is never replayed.
 pub type Nonce = [u8; 32];
@@ -66,9 +66,47 @@ pub enum ClientMsg {
         /// Hash at most this many bytes from the start.
         len: u64,
     },
+    /// Puts many small files at once: their bytes were uploaded back to back, in `items`'
+    /// order, as one staged file `staged` (a pack). Each item is committed as a `Put` would
+    /// be; answered by one `PackResult`. Saves a data connection and a round trip per file.
+    CommitPack {
+        /// Echoed in the `PackResult`.
+        id: u64,
+        /// Name of the pack in the replica's staging area.
+        staged: String,
+        /// The files, in the order of their bytes in the pack.
+        items: Vec<PackItem>,
+    },
+    /// Asks for many small files at once: the server writes the bytes of those it still has
+    /// as listed into one staged file (a pack) for the client to download. Answered by
+    /// `Fetched`.
+    Fetch {
+        /// Echoed in the answer.
+        id: u64,
+        /// The files and the entries the client expects of them.
+        items: Vec<(RelPath, Entry)>,
+    },
     /// Keepalive.
     Ping,
 }
+
+/// One file of a `CommitPack`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PackItem {
+    /// Where it goes.
+    pub path: RelPath,
+    /// The file's entry (its bytes are the next `entry.size` bytes of the pack).
+    pub entry: Entry,
+    /// What the client believes the server has at `path`, as in `Commit`.
+    pub base: Option<Entry>,
+}
+
+/// At most this many files in one pack (either way), and bytes in one pack: a pack is held in
+/// memory while it is built and split.
+pub const PACK_MAX_ITEMS: usize = 1024;
+pub const PACK_MAX_BYTES: u64 = 4 << 20;
+/// Files up to this size travel in packs; larger ones have a transfer of their own.
+pub const PACK_FILE_MAX: u64 = 128 << 10;
 
 /// A file a `Probe` asks about.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -164,6 +202,24 @@ pub enum ServerMsg {
     /// Sent before a catch-up's changes: how many there are and the bytes of their files, so
     /// the client can show progress.
     Listing { changes: u64, bytes: u64 },
+    /// Outcome of a `CommitPack`, one per item in its order.
+    PackResult {
+        /// The `CommitPack`'s id.
+        id: u64,
+        /// What happened to each item.
+        outcomes: Vec<Outcome>,
+    },
+    /// Answer to `Fetch`: the pack `staged` in the client's staging area holds, back to back,
+    /// the bytes of the items marked present (the others changed on the server: their new
+    /// state comes as a change).
+    Fetched {
+        /// The `Fetch`'s id.
+        id: u64,
+        /// Name of the pack in the client's staging area; empty if no item is present.
+        staged: String,
+        /// For each item of the `Fetch`, whether its bytes are in the pack.
+        present: Vec<bool>,
+    },
 }
 
 /// What an authenticated session gets: the index it talks to and its data-plane access.
@@ -231,6 +287,8 @@ impl ClientMsg {
             ClientMsg::Subscribe { .. } => "Subscribe",
             ClientMsg::Commit { .. } => "Commit",
             ClientMsg::Probe { .. } => "Probe",
+            ClientMsg::CommitPack { .. } => "CommitPack",
+            ClientMsg::Fetch { .. } => "Fetch",
             ClientMsg::Ping => "Ping",
         }
     }
@@ -249,6 +307,8 @@ impl ServerMsg {
             ServerMsg::Probed { .. } => "Probed",
             ServerMsg::Ping => "Ping",
             ServerMsg::Listing { .. } => "Listing",
+            ServerMsg::PackResult { .. } => "PackResult",
+            ServerMsg::Fetched { .. } => "Fetched",
         }
     }
 }
