@@ -63,7 +63,8 @@ pub fn partial_path(root: &Path, hash: &crate::core::entry::Hash) -> PathBuf {
 }
 
 /// Creates the temporary file `tmp` holding `bytes` with `entry`'s mode and mtime, for
-/// `install_synced` once a `sync_fs` has made a batch of them durable.
+/// `install_synced` once a `sync_fs` has made a batch of them durable. (On Android it is
+/// fsynced here: shared storage is a FUSE filesystem, where `syncfs` may not reach it.)
 pub fn write_unsynced(tmp: &Path, bytes: &[u8], entry: &Entry) -> io::Result<()> {
     use std::io::Write;
     let mut file = File::options()
@@ -74,6 +75,9 @@ pub fn write_unsynced(tmp: &Path, bytes: &[u8], entry: &Entry) -> io::Result<()>
     file.write_all(bytes)?;
     file.set_permissions(Permissions::from_mode(entry.mode))?;
     file.set_times(FileTimes::new().set_modified(system_time(entry.mtime_ns)))?;
+    if cfg!(target_os = "android") {
+        file.sync_all()?;
+    }
     Ok(())
 }
 
