@@ -85,14 +85,27 @@ fn syncs_through_an_external_vsftpd() {
     write(&a, "from-a/big.bin", noise(3 << 20, 3));
     write(&b, "from-b.txt", "poll client, through vsftpd");
     write(&s, "nas-edit.txt", "written on the NAS");
+    // A burst of small files: packs go up and come down through vsftpd too.
+    let outside = cl.dir.0.join("outside");
+    for i in 0..40 {
+        write(&outside, &format!("burst/f{i}"), noise(100 + i, i as u64));
+    }
+    fs::rename(outside.join("burst"), a.join("burst")).unwrap();
     cl.wait_converged("files travel both ways through vsftpd", |cl| {
         cl.roots().iter().all(|r| {
-            has(r, "on-the-nas.txt", b"already on the NAS")
+            (0..40).all(|i| has(r, &format!("burst/f{i}"), &noise(100 + i, i as u64)))
+                && has(r, "on-the-nas.txt", b"already on the NAS")
                 && has(r, "from-a/big.bin", &noise(3 << 20, 3))
                 && has(r, "from-b.txt", b"poll client, through vsftpd")
                 && has(r, "nas-edit.txt", b"written on the NAS")
         })
     });
+    assert!(
+        cl.log("a").contains("uploaded a pack of"),
+        "{}",
+        cl.log("a")
+    );
+    assert!(cl.log("b").contains("fetched a pack of"), "{}", cl.log("b"));
     let log = fs::read_to_string(cl.dir.0.join("server.log")).unwrap();
     assert!(log.contains("using the external FTP server"), "{log}");
     assert!(
