@@ -282,6 +282,9 @@ fn place(user: &SessionUser, path: &Path) -> Option<Place> {
     RelPath::new(s).ok().map(|_| Place::Tree)
 }
 
+/// Buffer size for the data connections' file reads and writes.
+const COPY_BUF: usize = 256 << 10;
+
 fn denied() -> Error {
     Error::from(ErrorKind::PermissionDenied)
 }
@@ -339,7 +342,12 @@ impl StorageBackend<SessionUser> for Confined {
         start_pos: u64,
     ) -> StorageResult<Box<dyn tokio::io::AsyncRead + Send + Sync + Unpin>> {
         match self.place(user, path.as_ref()) {
-            Some(Place::Tree | Place::OwnStaging) => self.fs.get(user, path, start_pos).await,
+            Some(Place::Tree | Place::OwnStaging) => {
+                // The back-end reads through a 4 KiB buffer, each read a trip to tokio's
+                // blocking pool; reads this large go past it to the file.
+                let inner = self.fs.get(user, path, start_pos).await?;
+                Ok(Box::new(tokio::io::BufReader::with_capacity(COPY_BUF, inner)))
+            }
             _ => Err(denied()),
         }
     }
@@ -362,8 +370,33 @@ impl StorageBackend<SessionUser> for Confined {
             .join(STATE_DIR)
             .join("staging")
             .join(&user.staging);
-        std::fs::create_dir_all(&dir).map_err(|e| Error::new(ErrorKind::LocalError, e))?;
-        self.fs.put(user, input, path, start_pos).await
+        let local = |e: std::io::Error| Error::new(ErrorKind::LocalError, e);
+        std::fs::create_dir_all(&dir).map_err(local)?;
+        let name = path.as_ref().file_name().ok_or_else(denied)?;
+        // Written here rather than by the back-end, which copies through 4 KiB buffers (a trip
+        // to tokio's blocking pool for each): large buffers make a large upload several
+        // times faster. `place` checked the name; the staging directory is the server's own.
+        use std::os::unix::fs::OpenOptionsExt;
+        use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+        let file = std::fs::File::options()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(dir.join(name))
+            .map_err(local)?;
+        file.set_len(start_pos).map_err(local)?;
+        let mut file = tokio::fs::File::from_std(file);
+        file.seek(std::io::SeekFrom::Start(start_pos))
+            .await
+            .map_err(local)?;
+        let mut reader = tokio::io::BufReader::with_capacity(COPY_BUF, input);
+        let mut writer = tokio::io::BufWriter::with_capacity(4 * COPY_BUF, file);
+        let copied = tokio::io::copy_buf(&mut reader, &mut writer)
+            .await
+            .map_err(local)?;
+        writer.flush().await.map_err(local)?;
+        Ok(copied)
     }
 
     async fn del<P: AsRef<Path> + Send + Debug>(
