@@ -1380,7 +1380,7 @@ impl Client {
                 } else {
                     fsops::install_file
                 };
-                let installed = smol::unblock(move || {
+                let apply = move || {
                     install(
                         &root,
                         downloaded.file,
@@ -1397,8 +1397,14 @@ impl Client {
                     .inspect_err(|_| {
                         let _ = std::fs::remove_file(&downloaded.path);
                     })
-                })
-                .await;
+                };
+                // A fetched small file (synced already) is put in place here: a trip to a
+                // thread would cost more than the rename.
+                let installed = if synced {
+                    apply()
+                } else {
+                    smol::unblock(apply).await
+                };
                 self.applying.remove(path);
                 match installed {
                     Ok(fsops::Install::Done {

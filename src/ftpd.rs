@@ -346,7 +346,9 @@ impl StorageBackend<SessionUser> for Confined {
                 // The back-end reads through a 4 KiB buffer, each read a trip to tokio's
                 // blocking pool; reads this large go past it to the file.
                 let inner = self.fs.get(user, path, start_pos).await?;
-                Ok(Box::new(tokio::io::BufReader::with_capacity(COPY_BUF, inner)))
+                Ok(Box::new(tokio::io::BufReader::with_capacity(
+                    COPY_BUF, inner,
+                )))
             }
             _ => Err(denied()),
         }

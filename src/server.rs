@@ -1583,8 +1583,7 @@ impl Server {
         // What the upload replaces must still be what the index was just refreshed from.
         let expect = self.tree.get(path).cloned();
         let synced = self.synced.contains(&staged_path);
-        // Hashing and fsync are slow: off the executor's threads.
-        let installed = smol::unblock(move || -> anyhow::Result<Option<fsops::Install>> {
+        let install = move || -> anyhow::Result<Option<fsops::Install>> {
             let file = open_staged(&staged_path)
                 .with_context(|| format!("staged upload {staged} is missing"))?;
             let mut hasher = blake3::Hasher::new();
@@ -1607,8 +1606,14 @@ impl Server {
                 &entry,
                 expect.as_ref(),
             )?))
-        })
-        .await?;
+        };
+        // Hashing and fsync are slow: off the executor's threads, unless this is a small file
+        // of a pack (synced already), where the trip to a thread would cost more.
+        let installed = if synced {
+            install()?
+        } else {
+            smol::unblock(install).await?
+        };
         match installed {
             None => Ok(Outcome::Failed {
                 reason: format!("{path}: uploaded bytes do not match their size and hash"),
