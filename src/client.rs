@@ -1091,28 +1091,37 @@ impl Client {
             let tree = &self.tree;
             let ordered =
                 agent::apply_order(dirty.into_iter().collect(), |p| tree.get(p).is_none());
-            // Small files to send go in packs, in their place in the order.
+            // Small files to send go in packs, and deletes of files in a row of commits sent
+            // without waiting for each result, both in their place in the order.
             let mut pack: Vec<PackItem> = Vec::new();
             let mut pack_bytes = 0;
+            let mut deletes: Vec<(RelPath, Entry)> = Vec::new();
             for path in ordered {
-                if let Some(item) = self.packable(&path) {
-                    if pack.len() == PACK_MAX_ITEMS || pack_bytes + item.entry.size > PACK_MAX_BYTES
-                    {
-                        self.send_pack(s, std::mem::take(&mut pack)).await?;
-                        pack_bytes = 0;
-                    }
-                    pack_bytes += item.entry.size;
-                    pack.push(item);
-                    continue;
-                }
-                if !pack.is_empty() {
+                let item = self.packable(&path);
+                let delete = item.is_none().then(|| self.deletable(&path)).flatten();
+                let full = pack.len() == PACK_MAX_ITEMS
+                    || item
+                        .as_ref()
+                        .is_some_and(|i| pack_bytes + i.entry.size > PACK_MAX_BYTES);
+                if item.is_none() || full {
                     self.send_pack(s, std::mem::take(&mut pack)).await?;
                     pack_bytes = 0;
                 }
-                let remote = self.base.get(&path).cloned();
-                self.resolve(s, &path, remote, None, 0).await?;
+                if delete.is_none() || deletes.len() == PACK_MAX_ITEMS {
+                    self.send_deletes(s, std::mem::take(&mut deletes)).await?;
+                }
+                if let Some(item) = item {
+                    pack_bytes += item.entry.size;
+                    pack.push(item);
+                } else if let Some(base) = delete {
+                    deletes.push((path, base));
+                } else {
+                    let remote = self.base.get(&path).cloned();
+                    self.resolve(s, &path, remote, None, 0).await?;
+                }
             }
             self.send_pack(s, pack).await?;
+            self.send_deletes(s, deletes).await?;
         }
         Ok(())
     }
@@ -1636,6 +1645,53 @@ impl Client {
         })
     }
 
+    /// If what `resolve` would do with `path` is send the delete of a file or link (gone here,
+    /// nothing new from the server), the base that delete is checked against.
+    fn deletable(&mut self, path: &RelPath) -> Option<Entry> {
+        let base = self.base.get(path).filter(|b| !b.is_dir())?.clone();
+        if self.tree.ignores(path, Some(false)) {
+            return None;
+        }
+        let (local, beneath) = self.tree.refresh(path);
+        self.note_beneath(path, beneath);
+        local.is_none().then_some(base)
+    }
+
+    /// Sends the deletes of `items` (paths and their bases) as commits in a row, then takes
+    /// their results: one round trip for all rather than one each. A lone one goes the usual way.
+    async fn send_deletes(
+        &mut self,
+        s: &mut Session,
+        items: Vec<(RelPath, Entry)>,
+    ) -> anyhow::Result<()> {
+        if items.len() < 2 {
+            for (path, base) in items {
+                self.resolve(s, &path, Some(base), None, 0).await?;
+            }
+            return Ok(());
+        }
+        // Absent may mean out of reach (an unmounted card): never a delete then.
+        self.tree
+            .check_root()
+            .map_err(|lost| Fatal(lost.to_string()))?;
+        let commits = items
+            .iter()
+            .map(|(p, b)| (p.clone(), Op::Delete, Some(b.clone())))
+            .collect();
+        log::debug!("sending {} deletes in a row", items.len());
+        let outcomes = s.commit_many(commits).await?;
+        for ((path, base), outcome) in items.into_iter().zip(outcomes) {
+            if let Some(current) = self
+                .committed(s, &path, None, Some(base), outcome, "delete")
+                .await?
+            {
+                // The server moved on meanwhile: decide again against what it has.
+                Box::pin(self.resolve(s, &path, current, None, 1)).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Sends the files of `items` in one pack: one upload, one round trip. A file that changed
     /// since it was scanned is left for its next change; one the server refused is decided
     /// again, as `resolve` would after a single commit. A lone file goes the usual way.
@@ -2032,6 +2088,39 @@ impl Session {
                 Err(_) => bail!("lost the connection to the server while committing a pack"),
             }
         }
+    }
+
+    /// Sends commits in a row, then waits for all their results (the server answers in order;
+    /// other messages are kept for later).
+    async fn commit_many(
+        &mut self,
+        commits: Vec<(RelPath, Op, Option<Entry>)>,
+    ) -> anyhow::Result<Vec<Outcome>> {
+        let first = self.next_id + 1;
+        let n = commits.len();
+        for (path, op, base) in commits {
+            self.next_id += 1;
+            let id = self.next_id;
+            self.send(ClientMsg::Commit { id, path, op, base }).await?;
+        }
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; n];
+        let mut missing = n;
+        while missing > 0 {
+            match self.inbox.recv().await {
+                Ok(ServerMsg::CommitResult { id, outcome })
+                    if (first..first + n as u64).contains(&id) =>
+                {
+                    let slot = &mut outcomes[(id - first) as usize];
+                    if slot.is_none() {
+                        missing -= 1;
+                    }
+                    *slot = Some(outcome);
+                }
+                Ok(other) => self.deferred.push_back(other),
+                Err(_) => bail!("lost the connection to the server while committing deletes"),
+            }
+        }
+        Ok(outcomes.into_iter().flatten().collect())
     }
 
     /// Sends a commit and waits for its result, keeping other messages for later.

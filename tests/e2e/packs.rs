@@ -56,6 +56,16 @@ fn many_small_files_travel_in_packs_both_ways() {
         "b fetched no pack\n{}",
         cl.log("b")
     );
+    // And a burst of deletes goes as a row of commits, not one round trip each.
+    fs::remove_dir_all(b.join("batch")).unwrap();
+    cl.wait_converged("the deletes are everywhere", |cl| {
+        cl.roots().iter().all(|r| !r.join("batch").exists())
+    });
+    assert!(
+        cl.log("b").contains("deletes in a row"),
+        "b sent its deletes one by one\n{}",
+        cl.log("b")
+    );
     // Nothing is left behind: not the packs, not their parts, not a fetched file.
     let leftovers: Vec<String> = [
         cl.server_root().join(".ferry/staging"),
