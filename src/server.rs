@@ -281,11 +281,18 @@ fn open_staged(path: &Path) -> std::io::Result<std::fs::File> {
 /// the pack. The pack must hold exactly the entries' bytes, at most `PACK_MAX_BYTES`.
 fn split_pack(pack: &Path, entries: &[Entry]) -> anyhow::Result<Vec<PathBuf>> {
     use std::io::Read;
-    let total: u64 = entries.iter().map(|e| e.size).sum();
     let file =
         open_staged(pack).with_context(|| format!("staged pack {} is missing", pack.display()))?;
     let len = file.metadata()?.len();
     let _ = std::fs::remove_file(pack);
+    // Each size is checked before they are added up: a peer's sizes could overflow the sum.
+    if let Some(e) = entries.iter().find(|e| e.size > PACK_FILE_MAX) {
+        bail!(
+            "a file of {} bytes in a pack (at most {PACK_FILE_MAX})",
+            e.size
+        );
+    }
+    let total: u64 = entries.iter().map(|e| e.size).sum();
     if len != total || total > PACK_MAX_BYTES {
         bail!("the pack holds {len} bytes, its files {total} (at most {PACK_MAX_BYTES})");
     }

@@ -165,6 +165,23 @@ fn a_pack_is_checked_file_by_file_and_a_bad_one_writes_nothing() {
     );
     assert!(!srv.join("x1").exists() && !srv.join("x2").exists());
 
+    // Sizes that would overflow their sum (wrapping to the pack's length) are refused too.
+    upload(&cl, &grant, "pwrap", &one[..1]);
+    let huge = |size| Entry {
+        size,
+        ..file_entry(&one)
+    };
+    let outcomes = commit_pack(
+        &mut s,
+        7,
+        "pwrap",
+        vec![item("w1", huge(u64::MAX)), item("w2", huge(2))],
+    );
+    assert!(
+        outcomes.iter().all(|o| matches!(o, Outcome::Failed { .. })),
+        "{outcomes:?}"
+    );
+
     // A pack with no such staged file, and one with a name no upload can have.
     for (id, name) in [(2, "pmissing"), (3, "../../escape")] {
         let outcomes = commit_pack(&mut s, id, name, vec![item("x3", file_entry(&one))]);
