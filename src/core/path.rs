@@ -6,6 +6,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -19,9 +20,19 @@ pub const MAX_COMPONENT: usize = 255;
 pub const MAX_PATH: usize = 3072;
 
 /// A validated path relative to a synced root, e.g. `photos/2026/cat.jpg`.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct RelPath(String);
+///
+/// Shared, not copied: an agent holds each path in several maps (tree, index or base) and in
+/// every change that names it, so a clone only counts a reference (16 bytes a copy, the text
+/// once). Compared, ordered and hashed by its text, and on the wire a plain string.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(try_from = "String")]
+pub struct RelPath(Arc<str>);
+
+impl Serialize for RelPath {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
 
 /// Why a path was refused; the message names the path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,7 +56,7 @@ impl RelPath {
     pub fn new(s: impl Into<String>) -> Result<RelPath, BadPath> {
         let s = s.into();
         match check(&s) {
-            Ok(()) => Ok(RelPath(s)),
+            Ok(()) => Ok(RelPath(s.into())),
             Err(reason) => Err(BadPath { path: s, reason }),
         }
     }
@@ -57,7 +68,7 @@ impl RelPath {
 
     /// The parent path, `None` for a top-level name.
     pub fn parent(&self) -> Option<RelPath> {
-        self.0.rfind('/').map(|i| RelPath(self.0[..i].to_string()))
+        self.0.rfind('/').map(|i| RelPath(self.0[..i].into()))
     }
 
     /// The last component.
@@ -77,7 +88,7 @@ impl RelPath {
     pub fn starts_with(&self, other: &RelPath) -> bool {
         self.0 == other.0
             || (self.0.len() > other.0.len()
-                && self.0.starts_with(&other.0)
+                && self.0.starts_with(&*other.0)
                 && self.0.as_bytes()[other.0.len()] == b'/')
     }
 
@@ -94,7 +105,7 @@ impl RelPath {
                 reason: "path too long",
             });
         }
-        Ok(RelPath(moved))
+        Ok(RelPath(moved.into()))
     }
 
     /// Number of components; parents sort before children when ordered by this.
@@ -162,7 +173,7 @@ pub fn take_last_refused() -> Option<BadPath> {
 
 impl From<RelPath> for String {
     fn from(p: RelPath) -> String {
-        p.0
+        p.0.to_string()
     }
 }
 

@@ -9,19 +9,48 @@ use serde::{Deserialize, Serialize};
 use super::path::RelPath;
 
 /// A `BTreeMap` keyed by path whose writes are tracked. Reads go through `Deref`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+///
+/// The map is kept dense: a `BTreeMap` filled in key order (a scan, a listing, a snapshot
+/// being loaded) leaves its nodes about half full, which for an agent's index is most of its
+/// memory. So a map that has had many keys added or removed since it was last built is
+/// rebuilt in one pass (full nodes) when its changes are taken, and when it is loaded.
+#[derive(Clone, Debug, Serialize)]
 #[serde(transparent)]
 pub struct Tracked<V> {
     map: BTreeMap<RelPath, V>,
     #[serde(skip)]
     dirty: BTreeSet<RelPath>,
+    /// Keys added or removed since the map was last rebuilt.
+    #[serde(skip)]
+    churn: usize,
 }
+
+/// Fewer added or removed keys than this never make a map worth rebuilding.
+const REBUILD_MIN: usize = 1024;
 
 impl<V> Default for Tracked<V> {
     fn default() -> Self {
         Tracked {
             map: BTreeMap::new(),
             dirty: BTreeSet::new(),
+            churn: 0,
+        }
+    }
+}
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for Tracked<V> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        BTreeMap::deserialize(d).map(Tracked::from)
+    }
+}
+
+impl<V> Tracked<V> {
+    /// Rebuilds the map with full nodes if enough keys came or went since the last rebuild
+    /// (a quarter of its size, amortizing the rebuild over the changes that called for it).
+    fn rebuild_if_sparse(&mut self) {
+        if self.churn >= REBUILD_MIN && self.churn >= self.map.len() / 4 {
+            self.map = std::mem::take(&mut self.map).into_iter().collect();
+            self.churn = 0;
         }
     }
 }
@@ -37,7 +66,9 @@ impl<V: Clone> Tracked<V> {
     /// Sets `key`; returns the old value.
     pub fn insert(&mut self, key: RelPath, value: V) -> Option<V> {
         self.dirty.insert(key.clone());
-        self.map.insert(key, value)
+        let old = self.map.insert(key, value);
+        self.churn += usize::from(old.is_none());
+        old
     }
 
     /// Removes `key`; returns the old value.
@@ -45,17 +76,19 @@ impl<V: Clone> Tracked<V> {
         let old = self.map.remove(key);
         if old.is_some() {
             self.dirty.insert(key.clone());
+            self.churn += 1;
         }
         old
     }
 
     /// Keeps only the entries `keep` accepts.
     pub fn retain(&mut self, mut keep: impl FnMut(&RelPath, &V) -> bool) {
-        let dirty = &mut self.dirty;
+        let (dirty, churn) = (&mut self.dirty, &mut self.churn);
         self.map.retain(|k, v| {
             let kept = keep(k, v);
             if !kept {
                 dirty.insert(k.clone());
+                *churn += 1;
             }
             kept
         });
@@ -68,29 +101,34 @@ impl<V: Clone> Tracked<V> {
 
     /// Sets or removes `key` without marking it changed: for replaying a journal.
     pub fn restore(&mut self, key: RelPath, value: Option<V>) {
-        match value {
-            Some(v) => self.map.insert(key, v),
-            None => self.map.remove(&key),
+        let changed = match value {
+            Some(v) => self.map.insert(key, v).is_none(),
+            None => self.map.remove(&key).is_some(),
         };
+        self.churn += usize::from(changed);
     }
 
     /// Every key written since the last call, with its current value (`None`: removed).
     pub fn take_changes(&mut self) -> Vec<(RelPath, Option<V>)> {
-        std::mem::take(&mut self.dirty)
+        let changes = std::mem::take(&mut self.dirty)
             .into_iter()
             .map(|k| {
                 let v = self.map.get(&k).cloned();
                 (k, v)
             })
-            .collect()
+            .collect();
+        self.rebuild_if_sparse();
+        changes
     }
 }
 
 impl<V> From<BTreeMap<RelPath, V>> for Tracked<V> {
+    /// Takes `map` (rebuilt with full nodes: it was most likely filled in key order).
     fn from(map: BTreeMap<RelPath, V>) -> Self {
         Tracked {
-            map,
+            map: map.into_iter().collect(),
             dirty: BTreeSet::new(),
+            churn: 0,
         }
     }
 }
@@ -118,5 +156,29 @@ mod tests {
         t.clear();
         assert_eq!(t.take_changes(), vec![(p("a"), None), (p("c"), None)]);
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn rebuilding_keeps_contents_and_changes() {
+        let mut t: Tracked<usize> = Tracked::default();
+        let n = 3 * REBUILD_MIN;
+        for i in 0..n {
+            t.insert(p(&format!("d/{i:05}")), i);
+        }
+        assert_eq!(t.churn, n);
+        assert_eq!(t.take_changes().len(), n);
+        assert_eq!(t.churn, 0, "rebuilt");
+        assert!(t
+            .iter()
+            .enumerate()
+            .all(|(i, (k, v))| *v == i && k.as_str() == format!("d/{i:05}")));
+        t.remove(&p("d/00007"));
+        t.insert(p("d/00007"), 8);
+        assert_eq!(t.take_changes(), vec![(p("d/00007"), Some(8))]);
+        assert_eq!(t.len(), n);
+        let back: Tracked<usize> =
+            postcard::from_bytes(&postcard::to_allocvec(&t).unwrap()).unwrap();
+        assert_eq!(*back, *t);
+        assert!(back.dirty.is_empty());
     }
 }
