@@ -22,8 +22,9 @@ pub struct Record {
     pub entry: Option<Entry>,
     /// Seq of the change that made it so.
     pub seq: u64,
-    /// Set if that change was a rename from this path.
-    pub moved_from: Option<RelPath>,
+    /// Set if that change was a rename from this path. Boxed: rarely set, and every record
+    /// of a large index pays for its size.
+    pub moved_from: Option<Box<RelPath>>,
 }
 
 /// How long, and how many, deletes are remembered.
@@ -164,7 +165,7 @@ impl Index {
             Record {
                 entry: entry.clone(),
                 seq: self.seq,
-                moved_from: moved_from.clone(),
+                moved_from: moved_from.clone().map(Box::new),
             },
         );
         Some(Change {
@@ -273,7 +274,7 @@ impl Index {
                 seq: r.seq,
                 path: p.clone(),
                 entry: r.entry.clone(),
-                moved_from: r.moved_from.clone(),
+                moved_from: r.moved_from.as_deref().cloned(),
                 target: None,
             })
             .collect();

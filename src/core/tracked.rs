@@ -1,7 +1,7 @@
 //! A map that remembers which keys changed since it was last asked, so an agent can journal
 //! just those (see `store::Journal`) instead of rewriting its whole state.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::ops::Deref;
 
 use serde::{Deserialize, Serialize};
@@ -18,8 +18,15 @@ use super::path::RelPath;
 #[serde(transparent)]
 pub struct Tracked<V> {
     map: BTreeMap<RelPath, V>,
+    /// Keys written since the last `take_changes`, in write order, possibly repeated (sorted
+    /// and deduplicated when taken, or when repeats make it outgrow the map). A list, not a
+    /// set: after a scan it holds every path, and a set's many small nodes, freed between
+    /// the map's own, would leave the heap full of holes.
     #[serde(skip)]
-    dirty: BTreeSet<RelPath>,
+    dirty: Vec<RelPath>,
+    /// `dirty` is deduplicated when it reaches this length.
+    #[serde(skip)]
+    dedup_at: usize,
     /// Keys added or removed since the map was last rebuilt.
     #[serde(skip)]
     churn: usize,
@@ -32,7 +39,8 @@ impl<V> Default for Tracked<V> {
     fn default() -> Self {
         Tracked {
             map: BTreeMap::new(),
-            dirty: BTreeSet::new(),
+            dirty: Vec::new(),
+            dedup_at: REBUILD_MIN,
             churn: 0,
         }
     }
@@ -63,9 +71,25 @@ impl<V> Deref for Tracked<V> {
 }
 
 impl<V: Clone> Tracked<V> {
+    /// Notes that `key` was written.
+    fn mark(&mut self, key: &RelPath) {
+        self.dirty.push(key.clone());
+        self.dedup_if_long();
+    }
+
+    /// Bounds the list of written keys when the same keys are written over and over (the
+    /// bound doubles with what remains, so the sorting is amortized over the writes).
+    fn dedup_if_long(&mut self) {
+        if self.dirty.len() >= self.dedup_at {
+            self.dirty.sort_unstable();
+            self.dirty.dedup();
+            self.dedup_at = (2 * self.dirty.len()).max(REBUILD_MIN + 2 * self.map.len());
+        }
+    }
+
     /// Sets `key`; returns the old value.
     pub fn insert(&mut self, key: RelPath, value: V) -> Option<V> {
-        self.dirty.insert(key.clone());
+        self.mark(&key);
         let old = self.map.insert(key, value);
         self.churn += usize::from(old.is_none());
         old
@@ -75,7 +99,7 @@ impl<V: Clone> Tracked<V> {
     pub fn remove(&mut self, key: &RelPath) -> Option<V> {
         let old = self.map.remove(key);
         if old.is_some() {
-            self.dirty.insert(key.clone());
+            self.mark(key);
             self.churn += 1;
         }
         old
@@ -87,11 +111,12 @@ impl<V: Clone> Tracked<V> {
         self.map.retain(|k, v| {
             let kept = keep(k, v);
             if !kept {
-                dirty.insert(k.clone());
+                dirty.push(k.clone());
                 *churn += 1;
             }
             kept
         });
+        self.dedup_if_long();
     }
 
     /// Removes everything.
@@ -110,7 +135,11 @@ impl<V: Clone> Tracked<V> {
 
     /// Every key written since the last call, with its current value (`None`: removed).
     pub fn take_changes(&mut self) -> Vec<(RelPath, Option<V>)> {
-        let changes = std::mem::take(&mut self.dirty)
+        let mut dirty = std::mem::take(&mut self.dirty);
+        self.dedup_at = REBUILD_MIN;
+        dirty.sort_unstable();
+        dirty.dedup();
+        let changes = dirty
             .into_iter()
             .map(|k| {
                 let v = self.map.get(&k).cloned();
@@ -127,7 +156,8 @@ impl<V> From<BTreeMap<RelPath, V>> for Tracked<V> {
     fn from(map: BTreeMap<RelPath, V>) -> Self {
         Tracked {
             map: map.into_iter().collect(),
-            dirty: BTreeSet::new(),
+            dirty: Vec::new(),
+            dedup_at: REBUILD_MIN,
             churn: 0,
         }
     }
@@ -180,5 +210,20 @@ mod tests {
             postcard::from_bytes(&postcard::to_allocvec(&t).unwrap()).unwrap();
         assert_eq!(*back, *t);
         assert!(back.dirty.is_empty());
+    }
+
+    #[test]
+    fn rewriting_one_key_keeps_the_list_of_changes_short() {
+        let mut t: Tracked<usize> = Tracked::default();
+        for i in 0..10 * REBUILD_MIN {
+            t.insert(p("a"), i);
+            t.remove(&p("b"));
+            assert!(t.dirty.len() <= REBUILD_MIN + 2);
+        }
+        t.insert(p("b"), 1);
+        assert_eq!(
+            t.take_changes(),
+            vec![(p("a"), Some(10 * REBUILD_MIN - 1)), (p("b"), Some(1))]
+        );
     }
 }
