@@ -104,6 +104,15 @@ impl Index {
         out
     }
 
+    /// `map` with its keys sharing their text with the index's (see `path::share_keys`): for
+    /// the tree cache loaded beside the index, whose paths are mostly the same.
+    pub fn share_keys<V>(
+        &self,
+        map: std::collections::BTreeMap<RelPath, V>,
+    ) -> std::collections::BTreeMap<RelPath, V> {
+        super::path::share_keys(map, &self.records)
+    }
+
     /// Number of live entries.
     pub fn live_count(&self) -> usize {
         self.records.values().filter(|r| r.entry.is_some()).count()
