@@ -245,12 +245,14 @@ impl Journal {
 
     /// Appends one record (no fsync: see `sync`).
     pub fn append<B: Serialize>(&mut self, batch: &B) -> io::Result<()> {
-        let payload = postcard::to_allocvec(batch).map_err(io::Error::other)?;
-        let len = u32::try_from(payload.len()).map_err(io::Error::other)?;
-        let mut record = Vec::with_capacity(4 + SUM + payload.len());
-        record.extend_from_slice(&len.to_le_bytes());
-        record.extend_from_slice(&checksum(&payload));
-        record.extend_from_slice(&payload);
+        // Encoded after room for the length and checksum, filled in after: a first sync's
+        // batch holds every path, and is not copied.
+        let mut record =
+            postcard::to_extend(batch, vec![0u8; 4 + SUM]).map_err(io::Error::other)?;
+        let len = u32::try_from(record.len() - 4 - SUM).map_err(io::Error::other)?;
+        let sum = checksum(&record[4 + SUM..]);
+        record[..4].copy_from_slice(&len.to_le_bytes());
+        record[4..4 + SUM].copy_from_slice(&sum);
         // One write call, so a kill leaves the record whole or absent (torn only by a power cut).
         self.file.write_all(&record)?;
         self.len += record.len() as u64;

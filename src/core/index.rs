@@ -22,8 +22,9 @@ pub struct Record {
     pub entry: Option<Entry>,
     /// Seq of the change that made it so.
     pub seq: u64,
-    /// Set if that change was a rename from this path.
-    pub moved_from: Option<RelPath>,
+    /// Set if that change was a rename from this path. Boxed: rarely set, and every record
+    /// of a large index pays for its size.
+    pub moved_from: Option<Box<RelPath>>,
 }
 
 /// How long, and how many, deletes are remembered.
@@ -103,6 +104,15 @@ impl Index {
         out
     }
 
+    /// `map` with its keys sharing their text with the index's (see `path::share_keys`): for
+    /// the tree cache loaded beside the index, whose paths are mostly the same.
+    pub fn share_keys<V>(
+        &self,
+        map: std::collections::BTreeMap<RelPath, V>,
+    ) -> std::collections::BTreeMap<RelPath, V> {
+        super::path::share_keys(map, &self.records)
+    }
+
     /// Number of live entries.
     pub fn live_count(&self) -> usize {
         self.records.values().filter(|r| r.entry.is_some()).count()
@@ -164,7 +174,7 @@ impl Index {
             Record {
                 entry: entry.clone(),
                 seq: self.seq,
-                moved_from: moved_from.clone(),
+                moved_from: moved_from.clone().map(Box::new),
             },
         );
         Some(Change {
@@ -273,7 +283,7 @@ impl Index {
                 seq: r.seq,
                 path: p.clone(),
                 entry: r.entry.clone(),
-                moved_from: r.moved_from.clone(),
+                moved_from: r.moved_from.as_deref().cloned(),
                 target: None,
             })
             .collect();

@@ -6,6 +6,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -19,9 +20,19 @@ pub const MAX_COMPONENT: usize = 255;
 pub const MAX_PATH: usize = 3072;
 
 /// A validated path relative to a synced root, e.g. `photos/2026/cat.jpg`.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct RelPath(String);
+///
+/// Shared, not copied: an agent holds each path in several maps (tree, index or base) and in
+/// every change that names it, so a clone only counts a reference (16 bytes a copy, the text
+/// once). Compared, ordered and hashed by its text, and on the wire a plain string.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(try_from = "String")]
+pub struct RelPath(Arc<str>);
+
+impl Serialize for RelPath {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
 
 /// Why a path was refused; the message names the path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,7 +56,7 @@ impl RelPath {
     pub fn new(s: impl Into<String>) -> Result<RelPath, BadPath> {
         let s = s.into();
         match check(&s) {
-            Ok(()) => Ok(RelPath(s)),
+            Ok(()) => Ok(RelPath(s.into())),
             Err(reason) => Err(BadPath { path: s, reason }),
         }
     }
@@ -57,7 +68,7 @@ impl RelPath {
 
     /// The parent path, `None` for a top-level name.
     pub fn parent(&self) -> Option<RelPath> {
-        self.0.rfind('/').map(|i| RelPath(self.0[..i].to_string()))
+        self.0.rfind('/').map(|i| RelPath(self.0[..i].into()))
     }
 
     /// The last component.
@@ -77,7 +88,7 @@ impl RelPath {
     pub fn starts_with(&self, other: &RelPath) -> bool {
         self.0 == other.0
             || (self.0.len() > other.0.len()
-                && self.0.starts_with(&other.0)
+                && self.0.starts_with(&*other.0)
                 && self.0.as_bytes()[other.0.len()] == b'/')
     }
 
@@ -94,13 +105,32 @@ impl RelPath {
                 reason: "path too long",
             });
         }
-        Ok(RelPath(moved))
+        Ok(RelPath(moved.into()))
     }
 
     /// Number of components; parents sort before children when ordered by this.
     pub fn depth(&self) -> usize {
         self.0.bytes().filter(|&b| b == b'/').count() + 1
     }
+}
+
+/// `map` with each key that `with` also holds replaced by `with`'s copy, so the two share its
+/// text. Maps filled at run time share their keys by themselves (a path is cloned from one
+/// into the other); maps loaded from a snapshot each hold their own copies until passed here.
+pub fn share_keys<V, W>(
+    map: std::collections::BTreeMap<RelPath, V>,
+    with: &std::collections::BTreeMap<RelPath, W>,
+) -> std::collections::BTreeMap<RelPath, V> {
+    let mut theirs = with.keys().peekable();
+    map.into_iter()
+        .map(|(key, v)| {
+            while theirs.next_if(|t| **t < key).is_some() {}
+            match theirs.peek() {
+                Some(t) if **t == key => ((*t).clone(), v),
+                _ => (key, v),
+            }
+        })
+        .collect()
 }
 
 fn check(s: &str) -> Result<(), &'static str> {
@@ -162,7 +192,7 @@ pub fn take_last_refused() -> Option<BadPath> {
 
 impl From<RelPath> for String {
     fn from(p: RelPath) -> String {
-        p.0
+        p.0.to_string()
     }
 }
 
@@ -275,5 +305,26 @@ mod tests {
         let err = deep.rebase(&from, &long).unwrap_err();
         assert_eq!(err.reason, "path too long");
         assert!(RelPath::new(err.path).is_err());
+    }
+
+    #[test]
+    fn shared_keys_hold_one_text() {
+        use std::collections::BTreeMap;
+        let mine: BTreeMap<RelPath, u8> = ["a", "b/c", "d"]
+            .iter()
+            .map(|p| (p.parse().unwrap(), 1))
+            .collect();
+        let theirs: BTreeMap<RelPath, ()> = ["0", "b/c", "d", "e"]
+            .iter()
+            .map(|p| (p.parse().unwrap(), ()))
+            .collect();
+        let shared = share_keys(mine.clone(), &theirs);
+        assert_eq!(shared, mine);
+        for k in shared.keys() {
+            let same = theirs
+                .get_key_value(k)
+                .is_some_and(|(t, _)| Arc::ptr_eq(&t.0, &k.0));
+            assert_eq!(same, k.as_str() != "a", "{k}");
+        }
     }
 }

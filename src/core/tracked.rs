@@ -1,7 +1,7 @@
 //! A map that remembers which keys changed since it was last asked, so an agent can journal
 //! just those (see `store::Journal`) instead of rewriting its whole state.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::ops::Deref;
 
 use serde::{Deserialize, Serialize};
@@ -9,19 +9,56 @@ use serde::{Deserialize, Serialize};
 use super::path::RelPath;
 
 /// A `BTreeMap` keyed by path whose writes are tracked. Reads go through `Deref`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+///
+/// The map is kept dense: a `BTreeMap` filled in key order (a scan, a listing, a snapshot
+/// being loaded) leaves its nodes about half full, which for an agent's index is most of its
+/// memory. So a map that has had many keys added or removed since it was last built is
+/// rebuilt in one pass (full nodes) when its changes are taken, and when it is loaded.
+#[derive(Clone, Debug, Serialize)]
 #[serde(transparent)]
 pub struct Tracked<V> {
     map: BTreeMap<RelPath, V>,
+    /// Keys written since the last `take_changes`, in write order, possibly repeated (sorted
+    /// and deduplicated when taken, or when repeats make it outgrow the map). A list, not a
+    /// set: after a scan it holds every path, and a set's many small nodes, freed between
+    /// the map's own, would leave the heap full of holes.
     #[serde(skip)]
-    dirty: BTreeSet<RelPath>,
+    dirty: Vec<RelPath>,
+    /// `dirty` is deduplicated when it reaches this length.
+    #[serde(skip)]
+    dedup_at: usize,
+    /// Keys added or removed since the map was last rebuilt.
+    #[serde(skip)]
+    churn: usize,
 }
+
+/// Fewer added or removed keys than this never make a map worth rebuilding.
+const REBUILD_MIN: usize = 1024;
 
 impl<V> Default for Tracked<V> {
     fn default() -> Self {
         Tracked {
             map: BTreeMap::new(),
-            dirty: BTreeSet::new(),
+            dirty: Vec::new(),
+            dedup_at: REBUILD_MIN,
+            churn: 0,
+        }
+    }
+}
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for Tracked<V> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        BTreeMap::deserialize(d).map(Tracked::from)
+    }
+}
+
+impl<V> Tracked<V> {
+    /// Rebuilds the map with full nodes if enough keys came or went since the last rebuild
+    /// (a quarter of its size, amortizing the rebuild over the changes that called for it).
+    fn rebuild_if_sparse(&mut self) {
+        if self.churn >= REBUILD_MIN && self.churn >= self.map.len() / 4 {
+            self.map = std::mem::take(&mut self.map).into_iter().collect();
+            self.churn = 0;
         }
     }
 }
@@ -34,31 +71,52 @@ impl<V> Deref for Tracked<V> {
 }
 
 impl<V: Clone> Tracked<V> {
+    /// Notes that `key` was written.
+    fn mark(&mut self, key: &RelPath) {
+        self.dirty.push(key.clone());
+        self.dedup_if_long();
+    }
+
+    /// Bounds the list of written keys when the same keys are written over and over (the
+    /// bound doubles with what remains, so the sorting is amortized over the writes).
+    fn dedup_if_long(&mut self) {
+        if self.dirty.len() >= self.dedup_at {
+            self.dirty.sort_unstable();
+            self.dirty.dedup();
+            self.dedup_at = (2 * self.dirty.len()).max(REBUILD_MIN + 2 * self.map.len());
+        }
+    }
+
     /// Sets `key`; returns the old value.
     pub fn insert(&mut self, key: RelPath, value: V) -> Option<V> {
-        self.dirty.insert(key.clone());
-        self.map.insert(key, value)
+        self.mark(&key);
+        let old = self.map.insert(key, value);
+        self.churn += usize::from(old.is_none());
+        old
     }
 
     /// Removes `key`; returns the old value.
     pub fn remove(&mut self, key: &RelPath) -> Option<V> {
         let old = self.map.remove(key);
         if old.is_some() {
-            self.dirty.insert(key.clone());
+            self.mark(key);
+            self.churn += 1;
         }
         old
     }
 
     /// Keeps only the entries `keep` accepts.
     pub fn retain(&mut self, mut keep: impl FnMut(&RelPath, &V) -> bool) {
-        let dirty = &mut self.dirty;
+        let (dirty, churn) = (&mut self.dirty, &mut self.churn);
         self.map.retain(|k, v| {
             let kept = keep(k, v);
             if !kept {
-                dirty.insert(k.clone());
+                dirty.push(k.clone());
+                *churn += 1;
             }
             kept
         });
+        self.dedup_if_long();
     }
 
     /// Removes everything.
@@ -68,29 +126,39 @@ impl<V: Clone> Tracked<V> {
 
     /// Sets or removes `key` without marking it changed: for replaying a journal.
     pub fn restore(&mut self, key: RelPath, value: Option<V>) {
-        match value {
-            Some(v) => self.map.insert(key, v),
-            None => self.map.remove(&key),
+        let changed = match value {
+            Some(v) => self.map.insert(key, v).is_none(),
+            None => self.map.remove(&key).is_some(),
         };
+        self.churn += usize::from(changed);
     }
 
     /// Every key written since the last call, with its current value (`None`: removed).
     pub fn take_changes(&mut self) -> Vec<(RelPath, Option<V>)> {
-        std::mem::take(&mut self.dirty)
+        let mut dirty = std::mem::take(&mut self.dirty);
+        self.dedup_at = REBUILD_MIN;
+        dirty.sort_unstable();
+        dirty.dedup();
+        let changes = dirty
             .into_iter()
             .map(|k| {
                 let v = self.map.get(&k).cloned();
                 (k, v)
             })
-            .collect()
+            .collect();
+        self.rebuild_if_sparse();
+        changes
     }
 }
 
 impl<V> From<BTreeMap<RelPath, V>> for Tracked<V> {
+    /// Takes `map` (rebuilt with full nodes: it was most likely filled in key order).
     fn from(map: BTreeMap<RelPath, V>) -> Self {
         Tracked {
-            map,
-            dirty: BTreeSet::new(),
+            map: map.into_iter().collect(),
+            dirty: Vec::new(),
+            dedup_at: REBUILD_MIN,
+            churn: 0,
         }
     }
 }
@@ -118,5 +186,44 @@ mod tests {
         t.clear();
         assert_eq!(t.take_changes(), vec![(p("a"), None), (p("c"), None)]);
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn rebuilding_keeps_contents_and_changes() {
+        let mut t: Tracked<usize> = Tracked::default();
+        let n = 3 * REBUILD_MIN;
+        for i in 0..n {
+            t.insert(p(&format!("d/{i:05}")), i);
+        }
+        assert_eq!(t.churn, n);
+        assert_eq!(t.take_changes().len(), n);
+        assert_eq!(t.churn, 0, "rebuilt");
+        assert!(t
+            .iter()
+            .enumerate()
+            .all(|(i, (k, v))| *v == i && k.as_str() == format!("d/{i:05}")));
+        t.remove(&p("d/00007"));
+        t.insert(p("d/00007"), 8);
+        assert_eq!(t.take_changes(), vec![(p("d/00007"), Some(8))]);
+        assert_eq!(t.len(), n);
+        let back: Tracked<usize> =
+            postcard::from_bytes(&postcard::to_allocvec(&t).unwrap()).unwrap();
+        assert_eq!(*back, *t);
+        assert!(back.dirty.is_empty());
+    }
+
+    #[test]
+    fn rewriting_one_key_keeps_the_list_of_changes_short() {
+        let mut t: Tracked<usize> = Tracked::default();
+        for i in 0..10 * REBUILD_MIN {
+            t.insert(p("a"), i);
+            t.remove(&p("b"));
+            assert!(t.dirty.len() <= REBUILD_MIN + 2);
+        }
+        t.insert(p("b"), 1);
+        assert_eq!(
+            t.take_changes(),
+            vec![(p("a"), Some(10 * REBUILD_MIN - 1)), (p("b"), Some(1))]
+        );
     }
 }
