@@ -327,7 +327,11 @@ impl Client {
         let id = replica_id(&cfg.root).context("cannot read or create the replica's id")?;
         let mut client = Client {
             id,
-            tree: Tree::new(cfg.root.clone(), saved.local),
+            // Loaded separately, the cache and the base share their paths' text from here on.
+            tree: Tree::new(
+                cfg.root.clone(),
+                crate::core::path::share_keys(saved.local, &saved.base),
+            ),
             cfg,
             base: saved.base.into(),
             applying: Tracked::default(),

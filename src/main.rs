@@ -20,8 +20,9 @@ fn main() -> ExitCode {
 /// sync of 100,000 files, whose listings, journal batches and snapshots are freed again, each
 /// agent sat idle on some 50 MiB of free heap (more than its whole index). `malloc_trim`
 /// returns every free page. It is called from a small thread once a MiB or more was freed
-/// and the freeing has stopped for a moment (or every few seconds during long work), so an
-/// idle agent costs nothing and a busy one does not fault its pages back in at every step.
+/// and the freeing has stopped for a moment (or every few seconds during long work), so a
+/// busy agent does not fault its pages back in at every step. The thread sleeps (parked, no
+/// timer) until the count of freed bytes crosses a MiB, so an idle agent never wakes it.
 ///
 /// Only the binary does this (the library forbids unsafe code), and only on glibc: musl's and
 /// bionic's allocators return memory by themselves.
@@ -29,6 +30,8 @@ fn main() -> ExitCode {
 mod heap {
     use std::alloc::{GlobalAlloc, Layout, System};
     use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+    use std::sync::OnceLock;
+    use std::thread::Thread;
     use std::time::Duration;
 
     #[global_allocator]
@@ -36,6 +39,20 @@ mod heap {
 
     /// Bytes freed (or moved away from by a reallocation) since the last trim.
     static FREED: AtomicUsize = AtomicUsize::new(0);
+
+    /// The trimming thread, woken when `FREED` crosses `WORTH`.
+    static TRIMMER: OnceLock<Thread> = OnceLock::new();
+
+    /// Counts `n` freed bytes, waking the trimming thread when they cross `WORTH`
+    /// (`unpark` neither allocates nor blocks).
+    fn freed(n: usize) {
+        let before = FREED.fetch_add(n, Relaxed);
+        if before < WORTH && before + n >= WORTH {
+            if let Some(t) = TRIMMER.get() {
+                t.unpark();
+            }
+        }
+    }
 
     /// Less than this freed is not worth a trim.
     const WORTH: usize = 1 << 20;
@@ -64,14 +81,14 @@ mod heap {
         }
 
         unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-            FREED.fetch_add(layout.size(), Relaxed);
+            freed(layout.size());
             unsafe { System.dealloc(ptr, layout) }
         }
 
         unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
             let moved = unsafe { System.realloc(ptr, layout, new_size) };
             if !moved.is_null() {
-                FREED.fetch_add(layout.size(), Relaxed);
+                freed(layout.size());
             }
             moved
         }
@@ -84,26 +101,34 @@ mod heap {
             .name("heap-trim".into())
             .spawn(|| {
                 let _ = nix::sys::signal::SigSet::all().thread_block();
-                let (mut last, mut busy) = (0, 0);
                 loop {
-                    std::thread::sleep(TICK);
-                    let freed = FREED.load(Relaxed);
-                    if freed < WORTH {
+                    // Asleep until a MiB has been freed (`park` may also return early).
+                    std::thread::park();
+                    if FREED.load(Relaxed) < WORTH {
                         continue;
                     }
-                    busy += 1;
-                    if freed != last && busy < BUSY_TICKS {
-                        last = freed;
-                        continue;
+                    // Then until the freeing settles, or at most BUSY_TICKS during long work.
+                    let mut last = FREED.load(Relaxed);
+                    for _ in 1..BUSY_TICKS {
+                        std::thread::sleep(TICK);
+                        let now = FREED.load(Relaxed);
+                        if now == last {
+                            break;
+                        }
+                        last = now;
                     }
-                    FREED.fetch_sub(freed, Relaxed);
-                    (last, busy) = (0, 0);
+                    FREED.store(0, Relaxed);
                     // SAFETY: malloc_trim only releases free pages; it is thread-safe.
                     unsafe { malloc_trim(0) };
                 }
             });
-        if let Err(e) = spawned {
-            eprintln!("ferry: cannot start the heap trimming thread: {e}");
+        match spawned {
+            Ok(handle) => {
+                let _ = TRIMMER.set(handle.thread().clone());
+                // In case the count crossed before the thread could be woken.
+                handle.thread().unpark();
+            }
+            Err(e) => eprintln!("ferry: cannot start the heap trimming thread: {e}"),
         }
     }
 }

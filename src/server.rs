@@ -426,6 +426,8 @@ async fn serve(cfg: ServerConfig, stop: Receiver<nix::sys::signal::Signal>) -> a
         .with_context(|| format!("cannot watch {}", root.display()))?;
 
     let (events_tx, events_rx) = async_channel::bounded(MAX_QUEUED_EVENTS);
+    // Loaded separately, the cache and the index share their paths' text from here on.
+    let local = index.share_keys(local);
     let mut server = Server {
         root: root.clone(),
         index,
