@@ -92,8 +92,9 @@ struct Saved {
     last_seq: u64,
     base: BTreeMap<RelPath, Entry>,
     local: BTreeMap<RelPath, Seen>,
-    /// Downloads being put in place (journaled before the rename): after a crash, one whose
-    /// file is found in place gets its base, so the start does not mistake it for a new file.
+    /// Downloads being put in place (journaled before the rename, kept until the rename is
+    /// durable): after a crash, one whose file is found in place gets its base, so the start
+    /// does not mistake it for a new file; one not in place loses a base that says it is.
     applying: BTreeMap<RelPath, Entry>,
 }
 
@@ -184,6 +185,8 @@ struct Client {
     counted_at: Option<Instant>,
     /// See `Saved::applying`.
     applying: Tracked<Entry>,
+    /// Files installed unsynced (see `sync`), whose `applying` records wait for it.
+    unsynced_installs: Vec<RelPath>,
     /// Paths the server refused, to try again at `retry_at` (see `send_local`).
     failed: BTreeSet<RelPath>,
     retry_at: Option<Instant>,
@@ -335,6 +338,7 @@ impl Client {
             cfg,
             base: saved.base.into(),
             applying: Tracked::default(),
+            unsynced_installs: Vec::new(),
             failed: BTreeSet::new(),
             retry_at: None,
             retry_pause: RETRY_MIN,
@@ -353,7 +357,10 @@ impl Client {
         };
         log::info!("scanning {}", client.cfg.root.display());
         let changes = client.tree.scan_all()?;
-        // Downloads cut off between their rename and their base: in place means applied.
+        // Downloads cut off between their rename and their base: in place means applied. One
+        // whose base was recorded but whose rename did not last (installed unsynced, then a
+        // power cut) has no base: reconciled as at a first contact, so nothing is taken for a
+        // local delete or edit.
         for (p, e) in saved.applying {
             if client
                 .tree
@@ -361,6 +368,8 @@ impl Client {
                 .is_some_and(|s| s.entry.same_content(&e))
             {
                 client.base.insert(p.clone(), e);
+            } else if client.base.get(&p) == Some(&e) {
+                client.base.remove(&p);
             }
             client.applying.remove(&p);
         }
@@ -500,8 +509,21 @@ impl Client {
         });
     }
 
-    /// fsyncs the journal, and folds it into a snapshot when it has grown.
+    /// fsyncs the journal, and folds it into a snapshot when it has grown. Files installed
+    /// unsynced (fetched in packs) are made durable first, with their renames, and only then
+    /// lose their `applying` record.
     fn sync(&mut self) {
+        if !self.unsynced_installs.is_empty() {
+            match fsops::sync_fs(&self.cfg.root) {
+                Ok(()) => {
+                    for p in std::mem::take(&mut self.unsynced_installs) {
+                        self.applying.remove(&p);
+                    }
+                    self.flush();
+                }
+                Err(e) => log::error!("cannot sync {}: {e}", self.cfg.root.display()),
+            }
+        }
         if let Err(e) = self.journal.sync() {
             log::error!("cannot sync the client's journal: {e}");
         }
@@ -1389,7 +1411,7 @@ impl Client {
                 self.flush();
                 let transferred = downloaded.transferred;
                 let install = if synced {
-                    fsops::install_synced
+                    fsops::install_unsynced
                 } else {
                     fsops::install_file
                 };
@@ -1418,7 +1440,12 @@ impl Client {
                 } else {
                     smol::unblock(apply).await
                 };
-                self.applying.remove(path);
+                if synced && matches!(installed, Ok(fsops::Install::Done { .. })) {
+                    // Not durable until the next `sync`: its `applying` record stays until then.
+                    self.unsynced_installs.push(path.clone());
+                } else {
+                    self.applying.remove(path);
+                }
                 match installed {
                     Ok(fsops::Install::Done {
                         installed: (seen, created),

@@ -63,8 +63,8 @@ pub fn partial_path(root: &Path, hash: &crate::core::entry::Hash) -> PathBuf {
 }
 
 /// Creates the temporary file `tmp` holding `bytes` with `entry`'s mode and mtime, for
-/// `install_synced` once a `sync_fs` has made a batch of them durable. (On Android it is
-/// fsynced here: shared storage is a FUSE filesystem, where `syncfs` may not reach it.)
+/// `install_unsynced`. (On Android it is fsynced here: shared storage is a FUSE filesystem,
+/// where `syncfs` may not reach it.)
 pub fn write_unsynced(tmp: &Path, bytes: &[u8], entry: &Entry) -> io::Result<()> {
     use std::io::Write;
     let mut file = File::options()
@@ -152,19 +152,35 @@ pub fn install_file(
     file.set_permissions(Permissions::from_mode(entry.mode))?;
     file.set_times(FileTimes::new().set_modified(system_time(entry.mtime_ns)))?;
     file.sync_all()?;
-    install_synced(root, file, tmp, rel, entry, expect)
+    place(root, file, tmp, rel, entry, expect, true)
 }
 
-/// `install_file` for a temporary file whose bytes, mode and mtime are on disk already:
-/// written by `write_unsynced`, then made durable with one `sync_fs` for a whole batch (an
-/// fsync per small file costs more than writing it).
-pub fn install_synced(
+/// `install_file` for a temporary file written by `write_unsynced`, synced neither before
+/// nor after its rename: an fsync per small file costs more than writing it. The caller makes
+/// a batch of these durable with one `sync_fs` before it records any of them durably (the
+/// server before it journals the commits; a client keeps them in its `applying` record until
+/// then).
+pub fn install_unsynced(
     root: &Path,
     file: File,
     tmp: &Path,
     rel: &RelPath,
     entry: &Entry,
     expect: Option<&Seen>,
+) -> io::Result<Install> {
+    place(root, file, tmp, rel, entry, expect, false)
+}
+
+/// Renames the temporary file into place (see `install_file`); `sync_dir`: fsync the
+/// directory after the rename.
+fn place(
+    root: &Path,
+    file: File,
+    tmp: &Path,
+    rel: &RelPath,
+    entry: &Entry,
+    expect: Option<&Seen>,
+    sync_dir: bool,
 ) -> io::Result<Install> {
     let meta = file.metadata()?;
     let seen = Seen {
@@ -181,7 +197,7 @@ pub fn install_synced(
     let (tmp_dir, tmp_name) = beneath::state_parent(tmp)?;
     let (dir, name, created) = parent_made(root, rel)?;
     let aside = tmp.with_extension("replaced");
-    match replace((&tmp_dir, tmp_name), (&dir, name), expect, &aside)? {
+    match replace((&tmp_dir, tmp_name), (&dir, name), expect, &aside, sync_dir)? {
         None => Ok(Install::ChangedHere),
         Some(displaced) => Ok(Install::Done {
             installed: (seen, created),
@@ -208,7 +224,7 @@ pub fn make_link(
     dir.symlink(target, &tmp_name)?;
     let made = dir.stat(&tmp_name).and_then(|meta| {
         let aside = tmp_path(root).with_extension("replaced");
-        let placed = replace((&dir, &tmp_name), (&dir, name), expect, &aside)?;
+        let placed = replace((&dir, &tmp_name), (&dir, name), expect, &aside, true)?;
         Ok(placed.map(|displaced| (meta.ino, displaced)))
     });
     match made {
@@ -245,6 +261,7 @@ fn replace(
     to: (&Dir, &str),
     expect: Option<&Seen>,
     aside: &Path,
+    sync_dir: bool,
 ) -> io::Result<Option<Option<PathBuf>>> {
     let (dir, name) = to;
     let mut kept = None;
@@ -266,7 +283,9 @@ fn replace(
         Err(e) => return Err(e),
     }
     from.0.rename(from.1, dir, name)?;
-    dir.sync()?;
+    if sync_dir {
+        dir.sync()?;
+    }
     let displaced =
         kept.and_then(
             |(aside_dir, aside_name, seen)| match aside_dir.stat(aside_name) {

@@ -222,7 +222,8 @@ struct Server {
     /// Commits accepted, and changes published, since the start.
     accepted: u64,
     published: u64,
-    /// Staged files of the pack being committed, durable already (see `split_pack`).
+    /// Staged files of the pack being committed, written unsynced (see `split_pack`): synced
+    /// with their renames at the end of the pack.
     synced: HashSet<PathBuf>,
 }
 
@@ -1356,6 +1357,11 @@ impl Server {
             self.synced.remove(&part);
             let _ = std::fs::remove_file(part);
         }
+        // The parts were renamed into place unsynced: durable now, before the commits are
+        // journaled (after this event) and announced.
+        if let Err(e) = fsops::sync_fs(&self.root) {
+            log::error!("cannot sync {}: {e}", self.root.display());
+        }
         (outcomes, changes)
     }
 
@@ -1603,7 +1609,7 @@ impl Server {
                 return Ok(None);
             }
             let install = if synced {
-                fsops::install_synced
+                fsops::install_unsynced
             } else {
                 fsops::install_file
             };
