@@ -357,10 +357,11 @@ impl Client {
         };
         log::info!("scanning {}", client.cfg.root.display());
         let changes = client.tree.scan_all()?;
-        // Downloads cut off between their rename and their base: in place means applied. One
-        // whose base was recorded but whose rename did not last (installed unsynced, then a
-        // power cut) has no base: reconciled as at a first contact, so nothing is taken for a
-        // local delete or edit.
+        // Downloads cut off between their rename and their base: in place means applied. A
+        // fetched file installed unsynced whose rename did not last (a power cut) is still in
+        // `.ferry/tmp`: a base recorded for it goes, so the path is reconciled as at a first
+        // contact and its absence is not taken for a local delete. (Not in place and not
+        // there: the rename happened, and what stands there now was done here since.)
         for (p, e) in saved.applying {
             if client
                 .tree
@@ -368,8 +369,14 @@ impl Client {
                 .is_some_and(|s| s.entry.same_content(&e))
             {
                 client.base.insert(p.clone(), e);
-            } else if client.base.get(&p) == Some(&e) {
-                client.base.remove(&p);
+            } else {
+                let fetched = fsops::fetched_path(&client.cfg.root, &p, &e.hash);
+                if fetched.exists() {
+                    if client.base.get(&p) == Some(&e) {
+                        client.base.remove(&p);
+                    }
+                    let _ = std::fs::remove_file(fetched);
+                }
             }
             client.applying.remove(&p);
         }
@@ -1566,11 +1573,15 @@ impl Client {
             if *blake3::hash(part).as_bytes() != e.hash {
                 continue;
             }
-            let tmp = fsops::tmp_path(&self.cfg.root);
+            let tmp = fsops::fetched_path(&self.cfg.root, &path, &e.hash);
             match fsops::write_unsynced(&tmp, part, &e) {
                 Ok(()) => {
-                    if let Some((_, old)) = s.prefetched.insert(path, (e, tmp)) {
-                        let _ = std::fs::remove_file(old);
+                    // The same path twice in a window: the newer one counts (same content,
+                    // same file: nothing to remove).
+                    if let Some((_, old)) = s.prefetched.insert(path, (e, tmp.clone())) {
+                        if old != tmp {
+                            let _ = std::fs::remove_file(old);
+                        }
                     }
                 }
                 Err(err) => {

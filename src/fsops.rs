@@ -88,6 +88,18 @@ pub fn sync_fs(dir: &Path) -> io::Result<()> {
     nix::unistd::syncfs(&d).map_err(io::Error::from)
 }
 
+/// Where a file fetched in a pack waits in `<root>/.ferry/tmp` before it is put in place at
+/// `rel`: named by path and content, so a start after a power cut can tell whether its rename
+/// was lost (the file is still here) or happened (see the client's `applying` record).
+pub fn fetched_path(root: &Path, rel: &RelPath, hash: &crate::core::entry::Hash) -> PathBuf {
+    let of_path = blake3::hash(rel.as_str().as_bytes());
+    tmp_dir(root).join(format!(
+        "f{}{}.part",
+        crate::agent::hex(&of_path.as_bytes()[..8]),
+        crate::agent::hex(&hash[..8])
+    ))
+}
+
 /// A fresh temporary file name in `<root>/.ferry/tmp`.
 pub fn tmp_path(root: &Path) -> PathBuf {
     let n: [u8; 8] = crate::proto::auth::random();
