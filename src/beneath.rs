@@ -40,6 +40,9 @@ pub struct Stat {
     pub len: u64,
     /// Modification time in nanoseconds since the epoch.
     pub mtime_ns: i64,
+    /// Status change time in nanoseconds since the epoch: unlike the mtime, nobody can set it,
+    /// so a directory whose ctime has not moved has the same names (see `crate::scan`).
+    pub ctime_ns: i64,
 }
 
 impl Stat {
@@ -77,6 +80,7 @@ impl From<nix::sys::stat::FileStat> for Stat {
             ino: st.st_ino as u64,
             len: st.st_size as u64,
             mtime_ns: st.st_mtime as i64 * 1_000_000_000 + st.st_mtime_nsec as i64,
+            ctime_ns: st.st_ctime as i64 * 1_000_000_000 + st.st_ctime_nsec as i64,
         }
     }
 }
@@ -89,6 +93,7 @@ impl From<&Metadata> for Stat {
             ino: m.ino(),
             len: m.len(),
             mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
         }
     }
 }

@@ -15,14 +15,25 @@
 //! one changes. What the cache knew of a path before it became ignored stays as it was
 //! (*frozen*): ignoring reports no delete, and when the path is un-ignored, the next look
 //! compares the disk with that entry, so an edit or delete made meanwhile is reported then.
+//!
+//! A walk of an unchanged tree (the poll watcher's, every interval) costs one `fstatat` per
+//! entry and nothing else: no listing, no allocation, no rule matching, nothing written to the
+//! cache (so nothing journaled). It lists a directory only if its ctime moved since its last
+//! listing, as creating, removing or renaming an entry in it does; otherwise the cache's children
+//! stand in for the listing (`Listing` says when that is sound). Files are still stat-ed in
+//! every directory: an in-place rewrite changes the file, not its directory. Whatever looks
+//! different from the cache (a child, or the directory) makes the walk list that directory and
+//! look at it the way a first scan does.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs::Metadata;
 use std::io;
-use std::os::unix::ffi::OsStringExt;
+use std::ops::Bound;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::beneath::{self, Dir, Stat};
 use crate::core::entry::{check_target, Entry, Kind, MAX_LINK_TARGET};
@@ -50,6 +61,18 @@ pub struct Tree {
     rules_changed: BTreeMap<PathBuf, bool>,
     /// The rules before those changes, to tell which cached paths they un-ignored.
     rules_before: Option<Rules>,
+    /// Directory listings the cache can stand in for, by directory (`""`: the root); see
+    /// `Listing`. Anything that changes the cache or the rules other than a walk drops them all.
+    listings: HashMap<String, Listing>,
+    /// How many `scan_all`s have run.
+    pass: u64,
+    /// `SETTLED_NS`; tests that wait out a clock tick instead set it to zero.
+    settle_ns: i64,
+    /// Directories listed so far, for tests to tell the cache stood in for listings.
+    #[cfg(test)]
+    lists: u64,
+    /// Entries looked at by the running `scan_all`, for its progress report.
+    looked: u64,
 }
 
 /// The root is not the tree ferry was syncing any more (unmounted, removed, replaced, or
@@ -135,6 +158,12 @@ impl Tree {
             rules: Rules::new(),
             rules_changed: BTreeMap::new(),
             rules_before: None,
+            listings: HashMap::new(),
+            pass: 0,
+            settle_ns: SETTLED_NS,
+            #[cfg(test)]
+            lists: 0,
+            looked: 0,
         }
     }
 
@@ -179,6 +208,8 @@ impl Tree {
             Some(_) => self.rules.load(&self.root, dir),
         };
         if changed {
+            // What is ignored, and so cached, may differ anywhere beneath `dir`.
+            self.listings.clear();
             log::info!(
                 "ignore rules changed in {}",
                 dir.join(IGNORE_FILE).display()
@@ -305,6 +336,8 @@ impl Tree {
     /// Records what ferry itself just put at `path` (so the watcher's echo is no change). A
     /// `.ferryignore` written here takes effect at once.
     pub fn set(&mut self, path: &RelPath, seen: Option<Seen>) {
+        // The cache may no longer hold what the recorded listings saw.
+        self.listings.clear();
         match seen {
             Some(s) => {
                 self.entries.insert(path.clone(), s);
@@ -319,6 +352,7 @@ impl Tree {
 
     /// Moves the cache of `from` and everything beneath it to `to`.
     pub fn rename_subtree(&mut self, from: &RelPath, to: &RelPath) {
+        self.listings.clear();
         let moved: Vec<(RelPath, Seen)> = self.take_subtree(from);
         for (p, s) in moved {
             // A name too long to travel is not cached, as a scan would skip it.
@@ -377,26 +411,17 @@ impl Tree {
                 format!("cannot list {}: {e}", self.root.display()),
             ));
         }
+        self.pass += 1;
+        self.looked = 0;
         let mut changes = Vec::new();
-        let mut seen = HashSet::new();
         self.progress = Some((crate::progress::Progress::new("scanning", "entries"), 0));
         let fd = Dir::root(&self.root)?;
-        self.walk_children(None, &fd, &mut seen, &mut changes);
+        let known = fd.meta().ok();
+        self.walk_children(None, &fd, known, &mut changes);
         self.progress = None;
-        let gone: Vec<RelPath> = self
-            .entries
-            .keys()
-            .filter(|k| !seen.contains(*k) && !self.is_frozen(k))
-            .cloned()
-            .collect();
-        for path in gone {
-            let old = self.entries.remove(&path);
-            changes.push(Changed {
-                path,
-                old,
-                new: None,
-            });
-        }
+        // Listings of directories this walk did not pass through are of no further use.
+        let pass = self.pass;
+        self.listings.retain(|_, l| l.pass == pass);
         Ok(changes)
     }
 
@@ -452,7 +477,9 @@ impl Tree {
     /// Stats `path`; on a directory with `deep`, walks it. Pushes what changed.
     fn scan_one(&mut self, path: &RelPath, deep: bool, changes: &mut Vec<Changed>) {
         match beneath::parent(&self.root, path, None) {
-            Ok((dir, _)) => self.scan_at(&dir, path, deep, changes),
+            Ok((dir, _)) => {
+                self.scan_at(&dir, path, deep, changes);
+            }
             // Not in the tree: a directory on the way is missing, or is a symlink or a file.
             Err(e) if beneath::is_absent(&e) => self.gone(path, changes),
             Err(e) => log::warn!("cannot stat {path}: {e}"),
@@ -472,76 +499,35 @@ impl Tree {
 
     /// `scan_one` for `path`, whose parent directory is `dir`: everything is looked at through
     /// it, so a symlink swapped in on the way is never followed.
-    fn scan_at(&mut self, dir: &Dir, path: &RelPath, deep: bool, changes: &mut Vec<Changed>) {
+    fn scan_at(
+        &mut self,
+        dir: &Dir,
+        path: &RelPath,
+        deep: bool,
+        changes: &mut Vec<Changed>,
+    ) -> Found {
         let name = path.file_name();
         let meta = match dir.stat(name) {
             Ok(m) => m,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return self.gone(path, changes),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.gone(path, changes);
+                return Found::Updated;
+            }
             Err(e) => {
                 log::warn!("cannot stat {path}: {e}");
-                return;
+                return Found::Unsure;
             }
         };
-        let new = if meta.is_dir() {
-            Some(dir_seen(&meta))
-        } else if meta.is_file() {
-            match self.entries.get(path) {
-                Some(old)
-                    if old.entry.kind == Kind::File
-                        && old.ino == meta.ino
-                        && old.entry.size == meta.len
-                        && old.entry.mtime_ns == meta.mtime_ns
-                        && old.entry.mode == meta.perm() =>
-                {
-                    Some(old.clone())
-                }
-                _ => match hash_at(dir, name) {
-                    Ok(Some(s)) => {
-                        if let Some((_, hashed)) = &mut self.progress {
-                            *hashed += s.entry.size;
-                        }
-                        Some(s)
-                    }
-                    // Still being written: its close will bring another hint.
-                    Ok(None) => return,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-                    Err(e) => {
-                        log::warn!("cannot read {path}: {e}");
-                        return;
-                    }
-                },
-            }
-        } else if meta.is_symlink() {
-            match dir.read_link(name).map(OsString::into_string) {
-                Ok(Ok(target)) if check_target(&target).is_ok() => Some(Seen {
-                    entry: Entry::link(&target),
-                    ino: meta.ino,
-                }),
-                Ok(_) => {
-                    if self.reported.insert(self.abs(path)) {
-                        log::warn!(
-                            "skipped {path}: its symlink target cannot be synced (not UTF-8, or \
-                             longer than {MAX_LINK_TARGET} bytes)"
-                        );
-                    }
-                    None
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-                // Replaced by something else since the stat: the next look sees what.
-                Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => return,
-                Err(e) => {
-                    log::warn!("cannot read the symlink {path}: {e}");
-                    return;
-                }
-            }
-        } else {
-            if self.reported.insert(self.abs(path)) {
-                log::warn!(
-                    "skipped {path}: special files (FIFOs, sockets, devices) are not synced"
-                );
-            }
-            None
+        let Some(new) = self.look(dir, path, &meta) else {
+            return Found::Unsure;
         };
+        if self.entries.get(path) == new.as_ref() {
+            // Nothing written: an unchanged entry must not reach the journal.
+            if deep && meta.is_dir() {
+                self.walk_into(dir, path, Some(meta), changes);
+            }
+            return Found::Same(meta);
+        }
         let was_dir = self.entries.get(path).is_some_and(|s| s.entry.is_dir());
         let is_dir = new.as_ref().is_some_and(|s| s.entry.is_dir());
         if was_dir && !is_dir {
@@ -568,67 +554,193 @@ impl Tree {
             });
         }
         if deep && is_dir {
-            let mut seen = HashSet::new();
-            self.walk_into(dir, path, &mut seen, changes);
-            let gone: Vec<RelPath> = self
-                .subtree_keys(path)
-                .into_iter()
-                .filter(|k| k != path && !seen.contains(k) && !self.is_frozen(k))
-                .collect();
-            for p in gone {
-                let old = self.entries.remove(&p);
-                changes.push(Changed {
-                    path: p,
-                    old,
-                    new: None,
-                });
-            }
+            self.walk_into(dir, path, None, changes);
         }
+        Found::Updated
+    }
+
+    /// What `path` (in `dir`, with metadata `meta`) is now: `None` if that cannot be told yet
+    /// (being written, unreadable), `Some(None)` if it is nothing ferry syncs. Hashes a file
+    /// only if it moved.
+    fn look(&mut self, dir: &Dir, path: &RelPath, meta: &Stat) -> Option<Option<Seen>> {
+        let name = path.file_name();
+        let new = if meta.is_dir() {
+            Some(dir_seen(meta))
+        } else if meta.is_file() {
+            match self.entries.get(path) {
+                Some(old) if same_file(old, meta) => Some(old.clone()),
+                _ => match hash_at(dir, name) {
+                    Ok(Some(s)) => {
+                        if let Some((_, hashed)) = &mut self.progress {
+                            *hashed += s.entry.size;
+                        }
+                        Some(s)
+                    }
+                    // Still being written: its close will bring another hint.
+                    Ok(None) => return None,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                    Err(e) => {
+                        log::warn!("cannot read {path}: {e}");
+                        return None;
+                    }
+                },
+            }
+        } else if meta.is_symlink() {
+            match dir.read_link(name).map(OsString::into_string) {
+                Ok(Ok(target)) if check_target(&target).is_ok() => Some(Seen {
+                    entry: Entry::link(&target),
+                    ino: meta.ino,
+                }),
+                Ok(_) => {
+                    if self.reported.insert(self.abs(path)) {
+                        log::warn!(
+                            "skipped {path}: its symlink target cannot be synced (not UTF-8, or \
+                             longer than {MAX_LINK_TARGET} bytes)"
+                        );
+                    }
+                    None
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                // Replaced by something else since the stat: the next look sees what.
+                Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => return None,
+                Err(e) => {
+                    log::warn!("cannot read the symlink {path}: {e}");
+                    return None;
+                }
+            }
+        } else {
+            if self.reported.insert(self.abs(path)) {
+                log::warn!(
+                    "skipped {path}: special files (FIFOs, sockets, devices) are not synced"
+                );
+            }
+            None
+        };
+        Some(new)
     }
 
     /// Opens the directory `path` in `parent` and walks it (see `walk_children`); if it cannot
-    /// be opened, keeps what was known beneath it rather than reporting it all deleted.
+    /// be opened, keeps what was known beneath it rather than reporting it all deleted. Returns
+    /// whether it was walked.
     fn walk_into(
         &mut self,
         parent: &Dir,
         path: &RelPath,
-        seen: &mut HashSet<RelPath>,
+        known: Option<Stat>,
         changes: &mut Vec<Changed>,
-    ) {
+    ) -> bool {
         match parent.open_dir(path.file_name()) {
-            Ok(fd) => self.walk_children(Some(path), &fd, seen, changes),
+            Ok(fd) => {
+                self.walk_children(Some(path), &fd, known, changes);
+                true
+            }
             Err(e) => {
                 log::warn!("cannot list {path}: {e}");
-                seen.extend(self.subtree_keys(path));
+                false
             }
         }
     }
 
-    /// Scans every entry beneath `dir` (the root if `None`), whose directory `fd` holds,
-    /// recording each path seen.
+    /// Scans every entry beneath `dir` (the root if `None`), whose directory `fd` holds, and
+    /// reports what the cache had beneath it that is gone. `known` is the directory's metadata
+    /// if its cached entry was unchanged: then, if its last listing still holds, the cache
+    /// stands in for a new one.
     fn walk_children(
         &mut self,
         dir: Option<&RelPath>,
         fd: &Dir,
-        seen: &mut HashSet<RelPath>,
+        known: Option<Stat>,
         changes: &mut Vec<Changed>,
     ) {
+        if let Some(meta) = known {
+            if self.listing_holds(dir, &meta) && self.walk_known(dir, fd, changes) {
+                return;
+            }
+        }
+        self.walk_listed(dir, fd, changes);
+    }
+
+    /// Whether `dir`, now with metadata `meta`, still has the names of its recorded listing.
+    fn listing_holds(&mut self, dir: Option<&RelPath>, meta: &Stat) -> bool {
+        let key = dir.map_or("", RelPath::as_str);
+        match self.listings.get_mut(key) {
+            Some(l) if l.ino == meta.ino && l.ctime_ns == meta.ctime_ns => {
+                l.pass = self.pass;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Walks a directory whose names are those of its last listing (`listing_holds`): each
+    /// cached child is stat-ed and compared, and nothing is listed, allocated or matched against
+    /// the rules. If a child is not as cached, returns false having changed nothing: the caller
+    /// lists the directory instead.
+    fn walk_known(&mut self, dir: Option<&RelPath>, fd: &Dir, changes: &mut Vec<Changed>) -> bool {
+        let prefix = dir.map_or_else(String::new, |d| format!("{d}/"));
+        let mut subdirs = Vec::new();
+        let mut looked = 0;
+        let mut children = self
+            .entries
+            .range::<str, _>((Bound::Included(prefix.as_str()), Bound::Unbounded));
+        while let Some((path, seen)) = children.next() {
+            let Some(name) = path.as_str().strip_prefix(prefix.as_str()) else {
+                break;
+            };
+            if let Some(i) = name.find('/') {
+                // Beneath a child: that child's own walk sees to it (nobody, if it is frozen).
+                let past = format!("{prefix}{}0", &name[..i]);
+                children = self
+                    .entries
+                    .range::<str, _>((Bound::Included(past.as_str()), Bound::Unbounded));
+                continue;
+            }
+            match fd.stat(name) {
+                Ok(meta) if unchanged(seen, &meta) => {
+                    if meta.is_dir() {
+                        subdirs.push((path.clone(), meta));
+                    }
+                }
+                _ => return false,
+            }
+            looked += 1;
+        }
+        self.looked += looked;
+        self.tick();
+        for (path, meta) in subdirs {
+            self.walk_into(fd, &path, Some(meta), changes);
+        }
+        true
+    }
+
+    /// Lists the directory `dir` (the root if `None`), whose directory `fd` holds, scans every
+    /// entry in it, walks its subdirectories, and reports what the cache had in it that is
+    /// gone. Records the listing if the next walks may stand on it (`walk_known`).
+    fn walk_listed(&mut self, dir: Option<&RelPath>, fd: &Dir, changes: &mut Vec<Changed>) {
+        #[cfg(test)]
+        {
+            self.lists += 1;
+        }
+        // Before the listing: a change made during it moves the ctime past what is recorded.
+        let now = now_ns();
+        let before = fd.meta().ok();
         let mut list = match fd.list() {
             Ok(list) => list,
             Err(e) => {
                 let shown = dir.map_or_else(|| self.root.display().to_string(), |d| d.to_string());
                 log::warn!("cannot list {shown}: {e}");
                 // Keep what we knew beneath it rather than reporting it all deleted.
-                if let Some(d) = dir {
-                    seen.extend(self.subtree_keys(d));
-                }
+                self.forget_listing(dir);
                 return;
             }
         };
+        // Anything not settled (an unreadable entry, a file being written) leaves the listing
+        // unrecorded, so the next walk lists the directory again.
+        let mut unsure = false;
         // The entry's type mostly costs no stat, and never follows a symlink.
         let mut names: Vec<(OsString, bool)> = list
             .iter()
-            .filter_map(|e| e.ok())
+            .filter_map(|e| e.map_err(|_| unsure = true).ok())
             .filter(|e| !matches!(e.file_name().to_bytes(), b"." | b".."))
             .map(|e| {
                 let name = OsString::from_vec(e.file_name().to_bytes().to_vec());
@@ -641,6 +753,7 @@ impl Tree {
                 (name, is_dir)
             })
             .collect();
+        drop(list);
         names.sort();
         let dir_rel = dir.map_or_else(PathBuf::new, |d| PathBuf::from(d.as_str()));
         // The directory's own rules first: they decide about the rest of it.
@@ -648,43 +761,204 @@ impl Tree {
             names.iter().any(|(n, d)| n == IGNORE_FILE && !d) || self.entries.contains_key(f)
         });
         if let Some(f) = &rules_file {
-            self.scan_at(fd, f, false, changes);
-            if self.entries.contains_key(f) {
-                seen.insert(f.clone());
-            }
+            unsure |= matches!(self.scan_at(fd, f, false, changes), Found::Unsure);
         }
         self.reload_rules(&dir_rel, false);
-        for (name, is_dir) in names {
+        // What became of each name, for telling what the cache has here that is gone.
+        let mut fate = vec![Fate::Unseen; names.len()];
+        // Cached paths the rules hide: the cache cannot stand in for this listing.
+        let mut frozen = false;
+        for (i, (name, is_dir)) in names.iter().enumerate() {
             if dir.is_none() && name == STATE_DIR {
                 continue;
             }
             if rules_file.is_some() && name == IGNORE_FILE && !is_dir {
+                fate[i] = Fate::Scanned;
                 continue;
             }
-            let rel = dir_rel.join(&name);
-            if self.rules.matches(&rel, is_dir) {
+            let rel = dir_rel.join(name);
+            if self.rules.matches(&rel, *is_dir) {
                 // Not looked at; what the cache knew of it stays (frozen).
-                if let Some(path) = quiet_rel(&rel) {
-                    seen.extend(self.subtree_keys(&path));
-                }
+                fate[i] = Fate::Kept;
+                frozen |= quiet_rel(&rel).is_some_and(|path| self.has_subtree(&path));
                 continue;
             }
             let Some(path) = self.rel_path(&rel) else {
                 continue;
             };
-            let mut sub = Vec::new();
-            self.scan_at(fd, &path, false, &mut sub);
-            changes.append(&mut sub);
-            if self.entries.contains_key(&path) {
-                seen.insert(path.clone());
-            }
-            if let Some((progress, hashed)) = &mut self.progress {
-                progress.tick(seen.len() as u64, *hashed);
-            }
+            let found = self.scan_at(fd, &path, false, changes);
+            unsure |= matches!(found, Found::Unsure);
+            fate[i] = Fate::Scanned;
+            self.looked += 1;
+            self.tick();
             if self.entries.get(&path).is_some_and(|s| s.entry.is_dir()) {
-                self.walk_into(fd, &path, seen, changes);
+                let known = match found {
+                    Found::Same(meta) => Some(meta),
+                    _ => None,
+                };
+                fate[i] = if self.walk_into(fd, &path, known, changes) {
+                    Fate::Walked
+                } else {
+                    Fate::Kept
+                };
             }
         }
+        // The cache's paths here that the walk did not account for are gone, unless the rules
+        // hide them (frozen).
+        let prefix = dir.map_or_else(String::new, |d| format!("{d}/"));
+        let mut gone = Vec::new();
+        let mut cached = self
+            .entries
+            .range::<str, _>((Bound::Included(prefix.as_str()), Bound::Unbounded));
+        while let Some((path, _)) = cached.next() {
+            let Some(rest) = path.as_str().strip_prefix(prefix.as_str()) else {
+                break;
+            };
+            let (name, beneath) = rest
+                .split_once('/')
+                .map_or((rest, false), |(n, _)| (n, true));
+            let fate = names
+                .binary_search_by(|(n, _)| n.as_bytes().cmp(name.as_bytes()))
+                .map_or(Fate::Unseen, |i| fate[i]);
+            match fate {
+                // Its own walk saw to what is beneath it, or it is kept as it was.
+                Fate::Walked | Fate::Kept if beneath => {
+                    let past = format!("{prefix}{name}0");
+                    cached = self
+                        .entries
+                        .range::<str, _>((Bound::Included(past.as_str()), Bound::Unbounded));
+                }
+                Fate::Walked | Fate::Kept => {}
+                Fate::Scanned if !beneath => {}
+                _ if self.is_frozen(path) => frozen = true,
+                _ => gone.push(path.clone()),
+            }
+        }
+        for path in gone {
+            let old = self.entries.remove(&path);
+            changes.push(Changed {
+                path,
+                old,
+                new: None,
+            });
+        }
+        match before {
+            Some(meta) if !unsure && !frozen && settled(&meta, now - self.settle_ns) => {
+                let listing = Listing {
+                    ino: meta.ino,
+                    ctime_ns: meta.ctime_ns,
+                    pass: self.pass,
+                };
+                let key = dir.map_or("", RelPath::as_str);
+                match self.listings.get_mut(key) {
+                    Some(l) => *l = listing,
+                    None => {
+                        self.listings.insert(key.to_string(), listing);
+                    }
+                }
+            }
+            _ => self.forget_listing(dir),
+        }
+    }
+
+    /// Drops the recorded listing of `dir`, if any.
+    fn forget_listing(&mut self, dir: Option<&RelPath>) {
+        self.listings.remove(dir.map_or("", RelPath::as_str));
+    }
+
+    /// Whether the cache has `path` or anything beneath it.
+    fn has_subtree(&self, path: &RelPath) -> bool {
+        let (lo, hi) = (format!("{path}/"), format!("{path}0"));
+        self.entries.contains_key(path)
+            || self
+                .entries
+                .range::<str, _>((Bound::Included(lo.as_str()), Bound::Excluded(hi.as_str())))
+                .next()
+                .is_some()
+    }
+
+    /// Reports the progress of a `scan_all`, if it is time to.
+    fn tick(&mut self) {
+        if let Some((progress, hashed)) = &mut self.progress {
+            progress.tick(self.looked, *hashed);
+        }
+    }
+}
+
+/// What `Tree::scan_at` found.
+#[derive(Clone, Copy, Debug)]
+enum Found {
+    /// Nothing could be told (unreadable, being written): the cache keeps what it had.
+    Unsure,
+    /// As cached, with this metadata now (for a directory: its listing may still hold).
+    Same(Stat),
+    /// Changed, gone, or nothing ferry syncs: the cache has what is there now.
+    Updated,
+}
+
+/// What became of a listed name in `Tree::walk_listed`.
+#[derive(Clone, Copy, Debug)]
+enum Fate {
+    /// Skipped (the state directory, a name that cannot travel).
+    Unseen,
+    /// Looked at; not a directory that was walked.
+    Scanned,
+    /// A directory that was walked: it accounted for what is beneath it.
+    Walked,
+    /// Ignored, or a directory that could not be opened: it and what is beneath it stay.
+    Kept,
+}
+
+/// A directory's listing that later walks may stand on: while its inode and ctime are the ones
+/// it had before the listing, it has the same names (creating, removing or renaming an entry
+/// sets a directory's ctime, and nothing else can set it back), and the cache knew each of
+/// them. Timestamps are coarse, so a listing counts only once they are `SETTLED` (`settled`).
+#[derive(Clone, Copy, Debug)]
+struct Listing {
+    ino: u64,
+    ctime_ns: i64,
+    /// The `scan_all` that last relied on it or made it: the others' listings are dropped.
+    pass: u64,
+}
+
+/// How old a directory's last change must be before its listing is recorded. A change in the
+/// same clock tick as an earlier one leaves the ctime as it was, so a listing taken in between
+/// would seem to hold after the second; ticks are a few milliseconds (2 s on FAT), and the
+/// margin covers them with room to spare.
+const SETTLED_NS: i64 = 3_000_000_000;
+
+/// Whether a directory with metadata `meta` last changed before `past` (`SETTLED_NS` before
+/// its listing). A filesystem that reports no ctime at all never settles.
+fn settled(meta: &Stat, past: i64) -> bool {
+    meta.ctime_ns > 0 && meta.ctime_ns < past && meta.mtime_ns < past
+}
+
+/// Wall-clock time in nanoseconds since the epoch (0 if the clock is before it: then nothing
+/// settles, which is only slower).
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
+
+/// Whether the file `meta` describes is `old` unchanged: same inode, size, mtime and mode.
+fn same_file(old: &Seen, meta: &Stat) -> bool {
+    old.entry.kind == Kind::File
+        && meta.is_file()
+        && old.ino == meta.ino
+        && old.entry.size == meta.len
+        && old.entry.mtime_ns == meta.mtime_ns
+        && old.entry.mode == meta.perm()
+}
+
+/// Whether `meta` shows `seen` unchanged, in a directory whose names have not changed since it
+/// was cached. A symlink with the same inode is the same link: its target cannot be rewritten
+/// in place, only replaced, which changes the directory.
+fn unchanged(seen: &Seen, meta: &Stat) -> bool {
+    match seen.entry.kind {
+        Kind::File => same_file(seen, meta),
+        Kind::Dir => meta.is_dir() && *seen == dir_seen(meta),
+        Kind::Symlink => meta.is_symlink() && seen.ino == meta.ino && seen.entry.size == meta.len,
     }
 }
 
@@ -977,6 +1251,218 @@ mod tests {
         std::fs::write(root.join("to-d"), "now a file").unwrap();
         let c = t.scan_path(Path::new("to-d"));
         assert_eq!(c[0].new.as_ref().unwrap().entry.kind, Kind::File);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// A tree whose listings are recorded as soon as they are made: `SETTLED_NS` is there for
+    /// changes in the same clock tick as a listing, which `idle_scan` waits out instead.
+    fn trusting(root: &Path) -> Tree {
+        let mut t = Tree::new(root.to_path_buf(), BTreeMap::new());
+        t.settle_ns = 0;
+        t
+    }
+
+    /// `scan_all`, then a wait past the clock tick it ran in, so the next change moves a
+    /// ctime. Returns the changes and how many directories were listed.
+    fn idle_scan(t: &mut Tree) -> (Vec<Changed>, u64) {
+        let lists = t.lists;
+        let c = t.scan_all().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        (c, t.lists - lists)
+    }
+
+    fn set_mode(path: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn an_idle_rescan_lists_nothing_and_writes_nothing() {
+        let root = tmp("idle");
+        std::fs::create_dir_all(root.join("a/b")).unwrap();
+        std::fs::create_dir_all(root.join("empty")).unwrap();
+        std::fs::write(root.join("a/b/f"), "f").unwrap();
+        std::fs::write(root.join("a/g"), "g").unwrap();
+        std::fs::write(root.join("a/x.log"), "ignored, never cached").unwrap();
+        std::fs::write(root.join(IGNORE_FILE), "*.log\n").unwrap();
+        std::os::unix::fs::symlink("a/g", root.join("link")).unwrap();
+        let mut t = trusting(&root);
+        let (c, lists) = idle_scan(&mut t);
+        assert_eq!(
+            paths(&c),
+            [IGNORE_FILE, "a", "a/b", "a/b/f", "a/g", "empty", "link"]
+        );
+        assert_eq!(lists, 4);
+        t.take_changes();
+        for _ in 0..2 {
+            let (c, lists) = idle_scan(&mut t);
+            assert!(c.is_empty(), "{c:?}");
+            assert_eq!(lists, 0, "every listing still holds");
+            assert!(
+                t.take_changes().is_empty(),
+                "nothing rewritten in the cache"
+            );
+        }
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn every_change_is_seen_where_listings_hold() {
+        let root = tmp("held");
+        std::fs::create_dir_all(root.join("a/b/c")).unwrap();
+        std::fs::write(root.join("a/b/c/deep"), "deep").unwrap();
+        std::fs::write(root.join("a/b/f"), "one").unwrap();
+        std::fs::write(root.join("a/g"), "g").unwrap();
+        std::fs::write(root.join("top"), "top").unwrap();
+        std::os::unix::fs::symlink("one", root.join("a/link")).unwrap();
+        let mut t = trusting(&root);
+        idle_scan(&mut t);
+        assert_eq!(idle_scan(&mut t).1, 0);
+        // Each step: what it changes is reported, and only the directories it touched (or
+        // whose entries it touched) are listed again.
+        // What is done, how, and the paths it should report.
+        type Step<'a> = (&'a str, Box<dyn Fn() + 'a>, Vec<&'a str>);
+        let steps: Vec<Step<'_>> = vec![
+            (
+                "rewritten in place, same size",
+                Box::new(|| std::fs::write(root.join("a/b/f"), "two").unwrap()),
+                vec!["a/b/f"],
+            ),
+            (
+                "rewritten deep down",
+                Box::new(|| std::fs::write(root.join("a/b/c/deep"), "deeper").unwrap()),
+                vec!["a/b/c/deep"],
+            ),
+            (
+                "file mode",
+                Box::new(|| set_mode(&root.join("a/g"), 0o600)),
+                vec!["a/g"],
+            ),
+            (
+                "directory mode",
+                Box::new(|| set_mode(&root.join("a/b/c"), 0o700)),
+                vec!["a/b/c"],
+            ),
+            (
+                "created",
+                Box::new(|| std::fs::write(root.join("a/b/c/new"), "new").unwrap()),
+                vec!["a/b/c/new"],
+            ),
+            (
+                "renamed",
+                Box::new(|| std::fs::rename(root.join("a/g"), root.join("a/b/g2")).unwrap()),
+                vec!["a/b/g2", "a/g"],
+            ),
+            (
+                "symlink retargeted",
+                Box::new(|| {
+                    std::fs::remove_file(root.join("a/link")).unwrap();
+                    std::os::unix::fs::symlink("two", root.join("a/link")).unwrap();
+                }),
+                vec!["a/link"],
+            ),
+            (
+                "deleted",
+                Box::new(|| std::fs::remove_file(root.join("top")).unwrap()),
+                vec!["top"],
+            ),
+            (
+                "directory made with contents",
+                Box::new(|| {
+                    std::fs::create_dir_all(root.join("a/n/m")).unwrap();
+                    std::fs::write(root.join("a/n/m/x"), "x").unwrap();
+                }),
+                vec!["a/n", "a/n/m", "a/n/m/x"],
+            ),
+            (
+                "directory removed",
+                Box::new(|| std::fs::remove_dir_all(root.join("a/b/c")).unwrap()),
+                vec!["a/b/c", "a/b/c/deep", "a/b/c/new"],
+            ),
+        ];
+        for (what, op, want) in steps {
+            op();
+            let (c, lists) = idle_scan(&mut t);
+            assert_eq!(paths(&c), want, "{what}");
+            assert!(lists <= 3, "{what}: {lists} directories listed");
+            let (c, _) = idle_scan(&mut t);
+            assert!(c.is_empty(), "{what}: then nothing: {c:?}");
+            assert_eq!(idle_scan(&mut t).1, 0, "{what}: then no listing");
+        }
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_directory_moved_away_and_back_is_listed_again() {
+        let root = tmp("away-back");
+        std::fs::create_dir_all(root.join("a/x/s")).unwrap();
+        std::fs::create_dir_all(root.join("b")).unwrap();
+        std::fs::write(root.join("a/x/s/f"), "f").unwrap();
+        let mut t = trusting(&root);
+        idle_scan(&mut t);
+        idle_scan(&mut t);
+        std::fs::rename(root.join("a/x"), root.join("b/x")).unwrap();
+        let (c, _) = idle_scan(&mut t);
+        assert_eq!(detect_renames(&c).len(), 1, "{c:?}");
+        // Back where it was: `s` and its inode and ctime are what the first listing saw, but
+        // the cache forgot what it held when it moved away.
+        std::fs::rename(root.join("b/x"), root.join("a/x")).unwrap();
+        let (c, _) = idle_scan(&mut t);
+        let added: Vec<&str> = c
+            .iter()
+            .filter(|c| c.new.is_some())
+            .map(|c| c.path.as_str())
+            .collect();
+        assert_eq!(added, ["a/x", "a/x/s", "a/x/s/f"]);
+        assert!(idle_scan(&mut t).0.is_empty());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn frozen_paths_stay_frozen_where_listings_hold() {
+        let root = tmp("held-frozen");
+        std::fs::create_dir_all(root.join("d")).unwrap();
+        std::fs::write(root.join("d/a.log"), "v1").unwrap();
+        std::fs::write(root.join("d/a.txt"), "v1").unwrap();
+        let mut t = trusting(&root);
+        idle_scan(&mut t);
+        std::fs::write(root.join(IGNORE_FILE), "*.log\n").unwrap();
+        let (mut c, _) = idle_scan(&mut t);
+        c.extend(t.scan_rule_changes());
+        assert_eq!(paths(&c), [IGNORE_FILE]);
+        idle_scan(&mut t);
+        for _ in 0..2 {
+            std::fs::write(root.join("d/a.log"), "v2, longer").unwrap();
+            std::fs::write(root.join("d/b.log"), "new").unwrap();
+            assert!(idle_scan(&mut t).0.is_empty());
+        }
+        std::fs::write(root.join("d/a.txt"), "v2, longer").unwrap();
+        assert_eq!(paths(&idle_scan(&mut t).0), ["d/a.txt"]);
+        // A changed rules file is seen where listings hold, and un-ignoring reports what
+        // changed meanwhile.
+        std::fs::write(root.join(IGNORE_FILE), "*.tmp\n").unwrap();
+        let (mut c, _) = idle_scan(&mut t);
+        c.extend(t.scan_rule_changes());
+        // The walk that met the new rules reports them, and the rules' catch-up again.
+        let mut seen = paths(&c);
+        seen.dedup();
+        assert_eq!(seen, [IGNORE_FILE, "d/a.log", "d/b.log"]);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn ferry_s_own_writes_make_the_next_walk_list() {
+        let root = tmp("held-set");
+        std::fs::create_dir_all(root.join("d")).unwrap();
+        std::fs::write(root.join("d/f"), "f").unwrap();
+        let mut t = trusting(&root);
+        idle_scan(&mut t);
+        // The cache forgets a file that is still there (as a delete that failed might leave
+        // it): the next walk lists and finds it.
+        t.set(&"d/f".parse().unwrap(), None);
+        let (c, lists) = idle_scan(&mut t);
+        assert_eq!(paths(&c), ["d/f"]);
+        assert_eq!(lists, 2);
         std::fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -20,7 +20,8 @@
 //! view, the media provider or MTP writing to the lower filesystem directly, FUSE passthrough)
 //! raise no event on it. So an inotify-based sync would silently miss exactly the files a phone
 //! user cares about, like the photos the camera app saves. `lstat` sees every writer's result.
-//! Polling costs a walk (an `lstat` per entry) per interval; only what moved is read.
+//! Polling costs a walk (an `lstat` per entry; a directory is listed only if its ctime moved)
+//! per interval; only what moved is read.
 
 use std::io;
 use std::path::PathBuf;

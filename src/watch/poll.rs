@@ -9,7 +9,10 @@
 //! file ferry created and a user deleted between two walks (neither walk saw it, so nothing
 //! differs, and the delete would never travel), and it would keep a second record per file that
 //! a phone pays for in RAM. The scanner's walk stats every entry and hashes only what moved
-//! (size, mtime, inode or mode changed), which is the cheap diff this backend needs.
+//! (size, mtime, inode or mode changed), which is the cheap diff this backend needs. When
+//! nothing changed, that walk is one `fstatat` per entry: directories whose ctime has not moved
+//! are not listed again (their cached children stand in), and nothing is allocated or written
+//! (see `crate::scan`). What it keeps for that is per directory, not per file.
 
 use std::io;
 use std::sync::atomic::{self, AtomicBool};
