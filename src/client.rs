@@ -408,6 +408,15 @@ impl Client {
         }
     }
 
+    /// `hints` and every batch queued behind it, as one: while the agent was busy (a first
+    /// sync), a poll watcher may have queued a rescan a second, and one scan answers them all.
+    fn with_queued_hints(&self, mut hints: Vec<Hint>) -> Vec<Hint> {
+        while let Ok(more) = self.hints.try_recv() {
+            hints.extend(more);
+        }
+        hints
+    }
+
     /// Keeps noting local changes while disconnected.
     async fn offline_for(&mut self, wait: Duration) -> anyhow::Result<()> {
         let deadline = smol::Timer::after(wait);
@@ -846,6 +855,7 @@ impl Client {
                 Wake::Msg(Some(m)) => self.on_message(s, m).await?,
                 Wake::Hints(None) => bail!(Fatal("the watcher stopped".into())),
                 Wake::Hints(Some(h)) => {
+                    let h = self.with_queued_hints(h);
                     let changes = agent::scan_hints(&mut self.tree, h)
                         .map_err(|lost| Fatal(lost.to_string()))?;
                     self.note_local(changes);
@@ -882,7 +892,8 @@ impl Client {
         // Bounded: each round applies what the last one brought back; a tree that keeps
         // changing (someone editing right now) is left for the next run.
         for _ in 0..16 {
-            while let Ok(h) = self.hints.try_recv() {
+            if let Ok(h) = self.hints.try_recv() {
+                let h = self.with_queued_hints(h);
                 let changes =
                     agent::scan_hints(&mut self.tree, h).map_err(|lost| Fatal(lost.to_string()))?;
                 self.note_local(changes);
