@@ -94,7 +94,8 @@ struct Saved {
     local: BTreeMap<RelPath, Seen>,
     /// Downloads being put in place (journaled before the rename, kept until the rename is
     /// durable): after a crash, one whose file is found in place gets its base, so the start
-    /// does not mistake it for a new file; one not in place loses a base that says it is.
+    /// does not mistake it for a new file; one whose rename was lost loses a base that says
+    /// it was done (see `Client::start`).
     applying: BTreeMap<RelPath, Entry>,
 }
 

@@ -222,9 +222,9 @@ struct Server {
     /// Commits accepted, and changes published, since the start.
     accepted: u64,
     published: u64,
-    /// Staged files of the pack being committed, written unsynced (see `split_pack`): synced
-    /// with their renames at the end of the pack.
-    synced: HashSet<PathBuf>,
+    /// Staged files of the pack being committed (see `split_pack`): durable already, so put
+    /// in place without syncs of their own; the pack's renames are synced once at its end.
+    pack_parts: HashSet<PathBuf>,
 }
 
 fn seq_file(root: &Path) -> PathBuf {
@@ -446,7 +446,7 @@ async fn serve(cfg: ServerConfig, stop: Receiver<nix::sys::signal::Signal>) -> a
         counted_at: None,
         accepted: 0,
         published: 0,
-        synced: HashSet::new(),
+        pack_parts: HashSet::new(),
     };
     log::info!("scanning {}", root.display());
     server.startup_scan()?;
@@ -1339,7 +1339,7 @@ impl Server {
         };
         let mut outcomes = Vec::with_capacity(n);
         let mut changes = Vec::new();
-        self.synced.extend(parts.iter().cloned());
+        self.pack_parts.extend(parts.iter().cloned());
         for (item, part) in items.into_iter().zip(&parts) {
             let part_name = part.file_name().unwrap_or_default().to_string_lossy();
             let op = Op::Put {
@@ -1354,7 +1354,7 @@ impl Server {
             changes.extend(more);
         }
         for part in parts {
-            self.synced.remove(&part);
+            self.pack_parts.remove(&part);
             let _ = std::fs::remove_file(part);
         }
         // The parts were renamed into place unsynced: durable now, before the commits are
@@ -1597,7 +1597,7 @@ impl Server {
         let staged = staged.to_string();
         // What the upload replaces must still be what the index was just refreshed from.
         let expect = self.tree.get(path).cloned();
-        let synced = self.synced.contains(&staged_path);
+        let in_pack = self.pack_parts.contains(&staged_path);
         let install = move || -> anyhow::Result<Option<fsops::Install>> {
             let file = open_staged(&staged_path)
                 .with_context(|| format!("staged upload {staged} is missing"))?;
@@ -1608,7 +1608,7 @@ impl Server {
                 let _ = std::fs::remove_file(&staged_path);
                 return Ok(None);
             }
-            let install = if synced {
+            let install = if in_pack {
                 fsops::install_unsynced
             } else {
                 fsops::install_file
@@ -1624,7 +1624,7 @@ impl Server {
         };
         // Hashing and fsync are slow: off the executor's threads, unless this is a small file
         // of a pack (synced already), where the trip to a thread would cost more.
-        let installed = if synced {
+        let installed = if in_pack {
             install()?
         } else {
             smol::unblock(install).await?
