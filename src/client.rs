@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -2012,15 +2013,31 @@ impl Session {
         self.next_id += 1;
         let id = self.next_id;
         self.send(ClientMsg::Probe { id, target, len }).await?;
+        self.answer("probing a transfer", |m| match m {
+            ServerMsg::Probed {
+                id: got,
+                size,
+                hash,
+            } if got == id => ControlFlow::Break((size, hash)),
+            other => ControlFlow::Continue(other),
+        })
+        .await
+    }
+
+    /// Waits for the answer `pick` takes (`Break`; any other message comes back as
+    /// `Continue`), keeping the other messages for later.
+    async fn answer<T>(
+        &mut self,
+        doing: &str,
+        mut pick: impl FnMut(ServerMsg) -> ControlFlow<T, ServerMsg>,
+    ) -> anyhow::Result<T> {
         loop {
             match self.inbox.recv().await {
-                Ok(ServerMsg::Probed {
-                    id: got,
-                    size,
-                    hash,
-                }) if got == id => return Ok((size, hash)),
-                Ok(other) => self.deferred.push_back(other),
-                Err(_) => bail!("lost the connection to the server while probing a transfer"),
+                Ok(msg) => match pick(msg) {
+                    ControlFlow::Break(answer) => return Ok(answer),
+                    ControlFlow::Continue(other) => self.deferred.push_back(other),
+                },
+                Err(_) => bail!("lost the connection to the server while {doing}"),
             }
         }
     }
@@ -2102,17 +2119,15 @@ impl Session {
         self.next_id += 1;
         let id = self.next_id;
         self.send(ClientMsg::Fetch { id, items }).await?;
-        loop {
-            match self.inbox.recv().await {
-                Ok(ServerMsg::Fetched {
-                    id: got,
-                    staged,
-                    present,
-                }) if got == id => return Ok((staged, present)),
-                Ok(other) => self.deferred.push_back(other),
-                Err(_) => bail!("lost the connection to the server while fetching files"),
-            }
-        }
+        self.answer("fetching files", |m| match m {
+            ServerMsg::Fetched {
+                id: got,
+                staged,
+                present,
+            } if got == id => ControlFlow::Break((staged, present)),
+            other => ControlFlow::Continue(other),
+        })
+        .await
     }
 
     /// Sends a pack's commit and waits for its outcomes, one per item, keeping other messages
@@ -2127,21 +2142,21 @@ impl Session {
         let n = items.len();
         self.send(ClientMsg::CommitPack { id, staged, items })
             .await?;
-        loop {
-            match self.inbox.recv().await {
-                Ok(ServerMsg::PackResult { id: got, outcomes }) if got == id => {
-                    if outcomes.len() != n {
-                        bail!(
-                            "protocol error: {} outcomes for a pack of {n} files",
-                            outcomes.len()
-                        );
-                    }
-                    return Ok(outcomes);
+        let outcomes = self
+            .answer("committing a pack", |m| match m {
+                ServerMsg::PackResult { id: got, outcomes } if got == id => {
+                    ControlFlow::Break(outcomes)
                 }
-                Ok(other) => self.deferred.push_back(other),
-                Err(_) => bail!("lost the connection to the server while committing a pack"),
-            }
+                other => ControlFlow::Continue(other),
+            })
+            .await?;
+        if outcomes.len() != n {
+            bail!(
+                "protocol error: {} outcomes for a pack of {n} files",
+                outcomes.len()
+            );
         }
+        Ok(outcomes)
     }
 
     /// Sends commits in a row, then waits for all their results (the server answers in order;
@@ -2157,22 +2172,18 @@ impl Session {
             let id = self.next_id;
             self.send(ClientMsg::Commit { id, path, op, base }).await?;
         }
+        let ids = first..first + n as u64;
         let mut outcomes: Vec<Option<Outcome>> = vec![None; n];
-        let mut missing = n;
-        while missing > 0 {
-            match self.inbox.recv().await {
-                Ok(ServerMsg::CommitResult { id, outcome })
-                    if (first..first + n as u64).contains(&id) =>
-                {
-                    let slot = &mut outcomes[(id - first) as usize];
-                    if slot.is_none() {
-                        missing -= 1;
+        while outcomes.iter().any(Option::is_none) {
+            let (id, outcome) = self
+                .answer("committing deletes", |m| match m {
+                    ServerMsg::CommitResult { id, outcome } if ids.contains(&id) => {
+                        ControlFlow::Break((id, outcome))
                     }
-                    *slot = Some(outcome);
-                }
-                Ok(other) => self.deferred.push_back(other),
-                Err(_) => bail!("lost the connection to the server while committing deletes"),
-            }
+                    other => ControlFlow::Continue(other),
+                })
+                .await?;
+            outcomes[(id - first) as usize] = Some(outcome);
         }
         Ok(outcomes.into_iter().flatten().collect())
     }
@@ -2193,14 +2204,12 @@ impl Session {
             base,
         })
         .await?;
-        loop {
-            match self.inbox.recv().await {
-                Ok(ServerMsg::CommitResult { id: got, outcome }) if got == id => {
-                    return Ok(outcome)
-                }
-                Ok(other) => self.deferred.push_back(other),
-                Err(_) => bail!("lost the connection to the server while committing {path}"),
+        self.answer(&format!("committing {path}"), |m| match m {
+            ServerMsg::CommitResult { id: got, outcome } if got == id => {
+                ControlFlow::Break(outcome)
             }
-        }
+            other => ControlFlow::Continue(other),
+        })
+        .await
     }
 }

@@ -910,13 +910,9 @@ impl Server {
                 op,
                 base,
             } => {
-                if self.drop_if_not_reading(id) {
-                    return;
-                }
-                let Some(c) = self.clients.get(&id) else {
+                let Some((name, staging)) = self.committer(id) else {
                     return;
                 };
-                let (name, staging) = (c.name.clone(), c.staging.clone());
                 let (outcome, changes) = self.commit(&name, &staging, &path, op, base).await;
                 if let Outcome::Failed { reason } = &outcome {
                     log::warn!("{name}: commit of {path} failed: {reason}");
@@ -972,13 +968,9 @@ impl Server {
                 staged,
                 items,
             } => {
-                if self.drop_if_not_reading(id) {
-                    return;
-                }
-                let Some(c) = self.clients.get(&id) else {
+                let Some((name, staging)) = self.committer(id) else {
                     return;
                 };
-                let (name, staging) = (c.name.clone(), c.staging.clone());
                 let (outcomes, changes) = self.commit_pack(&name, &staging, &staged, items).await;
                 if let Some(c) = self.clients.get(&id) {
                     let _ = c.tx.try_send(ServerMsg::PackResult { id: cid, outcomes });
@@ -1073,6 +1065,16 @@ impl Server {
     /// it asks without reading the answers, which would otherwise pile up here without limit.
     /// (As in `publish`: a client that was merely slow reconnects, and sends what was not
     /// answered again.) Returns whether it was dropped.
+    /// The name and staging area of client `id`, if it is still here and reads its answers
+    /// (one that does not is dropped).
+    fn committer(&mut self, id: u64) -> Option<(String, String)> {
+        if self.drop_if_not_reading(id) {
+            return None;
+        }
+        let c = self.clients.get(&id)?;
+        Some((c.name.clone(), c.staging.clone()))
+    }
+
     fn drop_if_not_reading(&mut self, id: u64) -> bool {
         match self.clients.get(&id) {
             Some(c) if c.tx.len() > MAX_QUEUED_FRAMES => {
