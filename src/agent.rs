@@ -111,13 +111,12 @@ pub fn spawn_writer<M: serde::Serialize + Send + Sync + 'static>(
 }
 
 /// Waits for the next hint, then gathers the rest of its burst. `None` when the watcher is gone.
-pub async fn gather_hints(rx: &async_channel::Receiver<Hint>) -> Option<Vec<Hint>> {
-    let first = rx.recv().await.ok()?;
-    let mut hints = vec![first];
+pub async fn gather_hints(rx: &async_channel::Receiver<Vec<Hint>>) -> Option<Vec<Hint>> {
+    let mut hints = rx.recv().await.ok()?;
     let start = Instant::now();
     loop {
-        while let Ok(h) = rx.try_recv() {
-            hints.push(h);
+        while let Ok(more) = rx.try_recv() {
+            hints.extend(more);
         }
         let left = MAX_GATHER.saturating_sub(start.elapsed());
         if left.is_zero() {
@@ -130,7 +129,7 @@ pub async fn gather_hints(rx: &async_channel::Receiver<Hint>) -> Option<Vec<Hint
             })
             .await;
         match next {
-            Some(h) => hints.push(h),
+            Some(more) => hints.extend(more),
             None => break,
         }
     }

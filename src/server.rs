@@ -553,7 +553,7 @@ async fn serve(cfg: ServerConfig, stop: Receiver<nix::sys::signal::Signal>) -> a
     Ok(())
 }
 
-async fn forward_hints(rx: Receiver<Hint>, events: Sender<Event>) {
+async fn forward_hints(rx: Receiver<Vec<Hint>>, events: Sender<Event>) {
     while let Some(hints) = agent::gather_hints(&rx).await {
         if events.send(Event::Hints(hints)).await.is_err() {
             break;

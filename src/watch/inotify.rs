@@ -30,7 +30,7 @@ use super::{Hint, WatchConfig};
 use crate::core::path::STATE_DIR;
 use crate::ignore::{Rules, IGNORE_FILE};
 
-/// How long a directory's MOVED_FROM waits for the MOVED_TO with its cookie. The kernel queues
+/// How long a MOVED_FROM waits for the MOVED_TO with its cookie. The kernel queues
 /// the two back to back within one rename, but a read can fall between them.
 const PAIR_GRACE: Duration = Duration::from_millis(20);
 
@@ -79,7 +79,7 @@ impl Drop for InotifyWatcher {
 /// limit, handed to the fallback poller).
 pub(crate) fn spawn(
     cfg: &WatchConfig,
-    tx: async_channel::Sender<Hint>,
+    tx: async_channel::Sender<Vec<Hint>>,
 ) -> io::Result<InotifyWatcher> {
     spawn_limited(cfg, tx, None)
 }
@@ -87,7 +87,7 @@ pub(crate) fn spawn(
 /// `spawn`, with `fake_limit` pretending the kernel allows only that many watches (tests).
 fn spawn_limited(
     cfg: &WatchConfig,
-    tx: async_channel::Sender<Hint>,
+    tx: async_channel::Sender<Vec<Hint>>,
     fake_limit: Option<usize>,
 ) -> io::Result<InotifyWatcher> {
     let inotify = Inotify::init()?;
@@ -119,8 +119,9 @@ fn spawn_limited(
 }
 
 /// The watcher thread's state.
-/// A directory that left (MOVED_FROM): its path, when, and the watches that went with it.
-type Pending = (PathBuf, Instant, Vec<(PathBuf, WatchDescriptor)>);
+/// A path that left (MOVED_FROM): its path, when, and for a directory the watches that went
+/// with it (`None` for a file).
+type Pending = (PathBuf, Instant, Option<Vec<(PathBuf, WatchDescriptor)>>);
 
 struct State {
     root: PathBuf,
@@ -129,8 +130,9 @@ struct State {
     by_wd: HashMap<WatchDescriptor, PathBuf>,
     /// The same, by path; ordered so a directory's subtree is one contiguous range.
     by_path: BTreeMap<PathBuf, WatchDescriptor>,
-    /// Directories seen leaving (MOVED_FROM) whose arrival (MOVED_TO) is not yet seen, by
-    /// cookie: the path, when, and the watches that left with it.
+    /// Paths seen leaving (MOVED_FROM) whose arrival (MOVED_TO) is not yet seen, by cookie.
+    /// Hints wait while any is pending, so both halves of a rename reach the scanner together
+    /// (apart, it sees a delete and a create).
     pending: HashMap<u32, Pending>,
     fallback: Arc<Fallback>,
     warned_limit: bool,
@@ -146,7 +148,7 @@ impl State {
     fn new(
         cfg: &WatchConfig,
         inotify: &Inotify,
-        tx: async_channel::Sender<Hint>,
+        tx: async_channel::Sender<Vec<Hint>>,
         fake_limit: Option<usize>,
     ) -> State {
         let fallback = Arc::new(Fallback {
@@ -169,7 +171,12 @@ impl State {
         }
     }
 
-    fn run(mut self, mut inotify: Inotify, stop: &AtomicBool, tx: &async_channel::Sender<Hint>) {
+    fn run(
+        mut self,
+        mut inotify: Inotify,
+        stop: &AtomicBool,
+        tx: &async_channel::Sender<Vec<Hint>>,
+    ) {
         let mut buf = vec![0; BUF_LEN];
         loop {
             // While a MOVED_FROM waits for its pair, read without blocking so it can time out.
@@ -193,17 +200,18 @@ impl State {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     log::error!("reading inotify events failed: {e}; the watcher stops");
-                    let _ = tx.send_blocking(Hint::Rescan);
+                    let _ = tx.send_blocking(vec![Hint::Rescan]);
                     return;
                 }
             }
             self.expire_pending();
-            if self.pending.is_empty() {
-                for h in self.out.drain(..) {
-                    if tx.send_blocking(h).is_err() {
-                        return;
-                    }
-                }
+            // One batch per read: the hints of one rename (MOVED_FROM, MOVED_TO) must reach the
+            // scanner together, or it sees a delete and a create instead of a rename.
+            if self.pending.is_empty()
+                && !self.out.is_empty()
+                && tx.send_blocking(std::mem::take(&mut self.out)).is_err()
+            {
+                return;
             }
         }
     }
@@ -249,15 +257,14 @@ impl State {
             self.rules_changed(&dir);
         }
         if mask.contains(EventMask::MOVED_FROM) {
-            if is_dir {
-                let left = self.watches_under(&rel);
-                self.pending
-                    .insert(ev.cookie, (rel.clone(), Instant::now(), left));
-            }
+            let left = is_dir.then(|| self.watches_under(&rel));
+            self.pending
+                .insert(ev.cookie, (rel.clone(), Instant::now(), left));
             self.out.push(Hint::Path(rel));
         } else if mask.contains(EventMask::MOVED_TO) {
+            let from = self.pending.remove(&ev.cookie);
             if is_dir {
-                match self.pending.remove(&ev.cookie) {
+                match from {
                     Some((old, _, _)) => self.moved_within(&old, &rel),
                     None => self.add_tree(&rel),
                 }
@@ -479,7 +486,7 @@ impl State {
             .map(|(c, _)| *c)
             .collect();
         for cookie in expired {
-            if let Some((old, _, left)) = self.pending.remove(&cookie) {
+            if let Some((old, _, Some(left))) = self.pending.remove(&cookie) {
                 self.moved_out(&old, left);
             }
         }
@@ -535,7 +542,7 @@ impl State {
 #[derive(Debug)]
 struct Fallback {
     interval: Duration,
-    tx: async_channel::Sender<Hint>,
+    tx: async_channel::Sender<Vec<Hint>>,
     /// Tops of the unwatched subtrees, relative to the root.
     subtrees: Arc<Mutex<BTreeSet<PathBuf>>>,
     /// The polling thread, started by the first subtree; dropping it stops it.
@@ -644,6 +651,52 @@ mod tests {
 
         let seen = h.step(|| fs::remove_file(t.path("g")).unwrap());
         assert_hinted(&seen, &["g"]);
+    }
+
+    #[test]
+    fn both_halves_of_a_rename_come_in_one_batch() {
+        let t = TempTree::new("ino-rename-batch");
+        let outside = t.root.parent().unwrap().join("moved-out-of-the-tree");
+        fs::write(t.path("f0"), b"x").unwrap();
+        fs::create_dir(t.path("d")).unwrap();
+        let (_w, h) = start(&t);
+        let batch_with = |name: &str| -> Vec<Hint> {
+            let want = Hint::Path(PathBuf::from(name));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let batch = smol::block_on(smol::future::FutureExt::or(
+                    async { h.rx.recv().await.ok() },
+                    async {
+                        smol::Timer::after(left).await;
+                        None
+                    },
+                ));
+                let batch = batch.unwrap_or_else(|| panic!("no hint for {name} in time"));
+                if batch.contains(&want) {
+                    return batch;
+                }
+            }
+        };
+        // Batches are split where the scanner would split them; each rename, into a
+        // directory or within one, must arrive whole (bounded: 200 renames).
+        for i in 0..200 {
+            let (from, to) = if i % 2 == 0 {
+                (format!("f{i}"), format!("d/f{}", i + 1))
+            } else {
+                (format!("d/f{i}"), format!("f{}", i + 1))
+            };
+            fs::rename(t.path(&from), t.path(&to)).unwrap();
+            let batch = batch_with(&to);
+            assert!(
+                batch.contains(&Hint::Path(PathBuf::from(&from))),
+                "rename {from} -> {to} split across batches: {batch:?}"
+            );
+        }
+        // A file moved out of the tree has no MOVED_TO: its hint still comes, after the grace.
+        fs::rename(t.path("f200"), &outside).unwrap();
+        batch_with("f200");
+        let _ = fs::remove_file(outside);
     }
 
     #[test]
@@ -815,7 +868,7 @@ mod tests {
     // polled sorted), and at the root when a step waits for inotify events.
 
     /// True once `rel` has been hinted twice: the fallback hands it over every interval.
-    fn polled(h: &Hints, rel: &str) -> bool {
+    fn polled(h: &mut Hints, rel: &str) -> bool {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut times = 0;
         while let Some(hint) = h.next(deadline.saturating_duration_since(Instant::now())) {
@@ -830,8 +883,8 @@ mod tests {
     }
 
     /// Hints seen over a few polling intervals, after what was already queued is dropped.
-    fn quiet_window(h: &Hints) -> BTreeSet<PathBuf> {
-        while h.rx.try_recv().is_ok() {}
+    fn quiet_window(h: &mut Hints) -> BTreeSet<PathBuf> {
+        h.drain();
         let mut seen = BTreeSet::new();
         let end = Instant::now() + Duration::from_millis(300);
         while let Some(Hint::Path(p)) = h.next(end.saturating_duration_since(Instant::now())) {
@@ -845,20 +898,20 @@ mod tests {
         let t = TempTree::new("ino-limit");
         fs::create_dir_all(t.path("deep/er")).unwrap();
         // Room for the root's watch only: `deep` goes to the poller, whole.
-        let (_w, h) = start_limited(&t, Some(1));
+        let (_w, mut h) = start_limited(&t, Some(1));
         assert!(
-            polled(&h, "deep"),
+            polled(&mut h, "deep"),
             "the unwatched subtree is handed to the scanner"
         );
 
         // A directory created past the limit: polled too.
         fs::create_dir(t.path("fresh")).unwrap();
-        assert!(polled(&h, "fresh"));
+        assert!(polled(&mut h, "fresh"));
 
         // A polled directory renamed: polled under its new name only.
         fs::rename(t.path("deep"), t.path("moved")).unwrap();
-        assert!(polled(&h, "moved"));
-        assert_none_under(&quiet_window(&h), "deep");
+        assert!(polled(&mut h, "moved"));
+        assert_none_under(&quiet_window(&mut h), "deep");
     }
 
     #[test]
@@ -866,12 +919,12 @@ mod tests {
         let t = TempTree::new("ino-limit-parent");
         fs::create_dir_all(t.path("w/deep")).unwrap();
         // The root and `w` are watched, `w/deep` is polled.
-        let (_w, h) = start_limited(&t, Some(2));
-        assert!(polled(&h, "w/deep"));
+        let (_w, mut h) = start_limited(&t, Some(2));
+        assert!(polled(&mut h, "w/deep"));
 
         fs::rename(t.path("w"), t.path("v")).unwrap();
-        assert!(polled(&h, "v/deep"));
-        assert_none_under(&quiet_window(&h), "w");
+        assert!(polled(&mut h, "v/deep"));
+        assert_none_under(&quiet_window(&mut h), "w");
     }
 
     #[test]

@@ -110,7 +110,7 @@ impl Watcher {
     /// its thread). Skips the state directory `<root>/.ferry` entirely (constant
     /// `crate::core::path::STATE_DIR`). Returns once the initial watches are in place, so any
     /// change made after `spawn` returns is reported.
-    pub fn spawn(cfg: WatchConfig, tx: async_channel::Sender<Hint>) -> io::Result<Watcher> {
+    pub fn spawn(cfg: WatchConfig, tx: async_channel::Sender<Vec<Hint>>) -> io::Result<Watcher> {
         let running = match cfg.backend {
             Backend::Poll => Running::Poll(poll::spawn(&cfg, tx)?),
             Backend::Inotify => spawn_inotify(&cfg, tx)?,
@@ -120,7 +120,7 @@ impl Watcher {
 }
 
 #[cfg(target_os = "linux")]
-fn spawn_inotify(cfg: &WatchConfig, tx: async_channel::Sender<Hint>) -> io::Result<Running> {
+fn spawn_inotify(cfg: &WatchConfig, tx: async_channel::Sender<Vec<Hint>>) -> io::Result<Running> {
     match inotify::spawn(cfg, tx.clone()) {
         Ok(w) => Ok(Running::Inotify(w)),
         // A root that is not there is the caller's error; anything else (no inotify instances
@@ -139,7 +139,7 @@ fn spawn_inotify(cfg: &WatchConfig, tx: async_channel::Sender<Hint>) -> io::Resu
 }
 
 #[cfg(not(target_os = "linux"))]
-fn spawn_inotify(cfg: &WatchConfig, tx: async_channel::Sender<Hint>) -> io::Result<Running> {
+fn spawn_inotify(cfg: &WatchConfig, tx: async_channel::Sender<Vec<Hint>>) -> io::Result<Running> {
     log::warn!(
         "the inotify watcher exists only on Linux; polling {} every {:?} instead",
         cfg.root.display(),
@@ -201,28 +201,43 @@ pub(crate) mod testutil {
 
     /// The receiving end of a watcher, with a way to know it has caught up.
     pub(crate) struct Hints {
-        pub rx: async_channel::Receiver<Hint>,
+        pub rx: async_channel::Receiver<Vec<Hint>>,
+        /// The rest of the batch the last `next` took a hint from.
+        batch: std::collections::VecDeque<Hint>,
         root: PathBuf,
         syncs: usize,
     }
 
     impl Hints {
-        pub(crate) fn new(rx: async_channel::Receiver<Hint>, root: &Path) -> Hints {
+        pub(crate) fn new(rx: async_channel::Receiver<Vec<Hint>>, root: &Path) -> Hints {
             Hints {
                 rx,
+                batch: Default::default(),
                 root: root.to_path_buf(),
                 syncs: 0,
             }
         }
 
         /// The next hint, or `None` if none comes within `timeout`. Panics if the watcher is gone.
-        pub(crate) fn next(&self, timeout: Duration) -> Option<Hint> {
-            smol::block_on(
+        pub(crate) fn next(&mut self, timeout: Duration) -> Option<Hint> {
+            if let Some(h) = self.batch.pop_front() {
+                return Some(h);
+            }
+            let batch = smol::block_on(
                 async { Some(self.rx.recv().await.expect("the watcher stopped")) }.or(async {
                     smol::Timer::after(timeout).await;
                     None
                 }),
-            )
+            )?;
+            assert!(!batch.is_empty(), "the watcher sent an empty batch");
+            self.batch.extend(batch);
+            self.batch.pop_front()
+        }
+
+        /// Drops every hint received so far.
+        pub(crate) fn drain(&mut self) {
+            self.batch.clear();
+            while self.rx.try_recv().is_ok() {}
         }
 
         /// Writes a new sentinel file at the root and collects hints until its own arrives.
@@ -284,7 +299,7 @@ pub(crate) mod testutil {
     }
 
     /// Waits until the watcher's threads are gone: all senders dropped closes the channel.
-    pub(crate) fn assert_closes(rx: &async_channel::Receiver<Hint>) {
+    pub(crate) fn assert_closes(rx: &async_channel::Receiver<Vec<Hint>>) {
         let closed = smol::block_on(
             async {
                 while rx.recv().await.is_ok() {}

@@ -56,7 +56,10 @@ impl Drop for PollWatcher {
 }
 
 /// Starts asking for a rescan of the whole tree every `cfg.poll_interval`.
-pub(crate) fn spawn(cfg: &WatchConfig, tx: async_channel::Sender<Hint>) -> io::Result<PollWatcher> {
+pub(crate) fn spawn(
+    cfg: &WatchConfig,
+    tx: async_channel::Sender<Vec<Hint>>,
+) -> io::Result<PollWatcher> {
     if !std::fs::symlink_metadata(&cfg.root)?.is_dir() {
         return Err(io::Error::other(format!(
             "{} is not a directory",
@@ -66,10 +69,11 @@ pub(crate) fn spawn(cfg: &WatchConfig, tx: async_channel::Sender<Hint>) -> io::R
     hint_every(cfg.poll_interval, tx, || vec![Hint::Rescan], "ferry-poll")
 }
 
-/// Runs a thread that sends `hints()` every `interval` until dropped or the receiver is gone.
+/// Runs a thread that sends `hints()` (as one batch) every `interval` until dropped or the
+/// receiver is gone.
 pub(crate) fn hint_every(
     interval: Duration,
-    tx: async_channel::Sender<Hint>,
+    tx: async_channel::Sender<Vec<Hint>>,
     hints: impl Fn() -> Vec<Hint> + Send + 'static,
     name: &str,
 ) -> io::Result<PollWatcher> {
@@ -78,10 +82,9 @@ pub(crate) fn hint_every(
     let thread_stop = stop.clone();
     let handle = thread::Builder::new().name(name.into()).spawn(move || {
         while nap(&thread_stop, interval) && !tx.is_closed() {
-            for h in hints() {
-                if tx.send_blocking(h).is_err() {
-                    return;
-                }
+            let batch = hints();
+            if !batch.is_empty() && tx.send_blocking(batch).is_err() {
+                return;
             }
         }
     })?;
@@ -111,7 +114,7 @@ mod tests {
     #[test]
     fn asks_for_a_rescan_every_interval() {
         let t = TempTree::new("poll-rescan");
-        let (_w, h) = start(&t);
+        let (_w, mut h) = start(&t);
         for _ in 0..3 {
             assert_eq!(h.next(Duration::from_secs(10)), Some(Hint::Rescan));
         }
