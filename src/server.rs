@@ -559,7 +559,10 @@ async fn forward_hints(rx: Receiver<Vec<Hint>>, events: Sender<Event>) {
             break;
         }
     }
-    log::error!("the watcher stopped; changes made directly in the tree are no longer seen");
+    // At a stop the event queue closes before the watcher is dropped: no news then.
+    if !events.is_closed() {
+        log::error!("the watcher stopped; changes made directly in the tree are no longer seen");
+    }
 }
 
 async fn accept_loop(listener: Async<TcpListener>, shared: Arc<Shared>, events: Sender<Event>) {

@@ -63,6 +63,12 @@ fn sigterm_mid_upload_stops_the_server_cleanly() {
         cl.logs()
     );
     assert!(cl.log("server").contains("stopped"), "{}", cl.log("server"));
+    // The watcher goes down with the server: a clean stop, not an error.
+    assert!(
+        !cl.log("server").contains("the watcher stopped"),
+        "{}",
+        cl.log("server")
+    );
     assert!(
         strays(&cl.server_root(), &[]).is_empty(),
         "partial file under a real name"
