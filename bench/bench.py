@@ -499,7 +499,8 @@ def main():
 
     print("building ferry (release)...", file=sys.stderr, flush=True)
     subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
-    binary = os.path.join(ROOT, "target", "release", "ferry")
+    target_dir = os.path.abspath(os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target"))
+    binary = os.path.join(target_dir, "release", "ferry")
 
     missing = []
     if not shutil.which("rsync"):
@@ -589,9 +590,10 @@ def main():
     sizes = {}
     for path, label in [(binary, "x86_64 release (this machine)")]:
         sizes[label] = os.path.getsize(path)
-    for f in sorted(os.listdir(os.path.join(ROOT, "target"))):
-        if f.startswith("ferry-") and os.path.isfile(os.path.join(ROOT, "target", f)):
-            sizes[f[len("ferry-"):]] = os.path.getsize(os.path.join(ROOT, "target", f))
+    # The cross builds `scripts/build-targets.sh` left (none: only this machine's is listed).
+    for f in sorted(os.listdir(target_dir)):
+        if f.startswith("ferry-") and os.path.isfile(os.path.join(target_dir, f)):
+            sizes[f[len("ferry-"):]] = os.path.getsize(os.path.join(target_dir, f))
 
     elapsed = time.monotonic() - started
     results.update({"latency_ms": {"inotify": lat, "poll": lat_poll, "baselines": base},
