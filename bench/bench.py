@@ -208,7 +208,10 @@ def bench_baseline_latency(work, trials, rsyncd):
 
 
 def bench_large(binary, work, trials, size, rsyncd):
-    """One large random file moved into a client's tree until identical on the server; MiB/s."""
+    """One large random file moved into a client's tree until identical on the server; MiB/s.
+    The page cache is written back before each tool's trial (untimed), so no tool pays for the
+    writeback of the data the harness or another tool left dirty; what a tool makes durable
+    itself (ferry fsyncs each file) it pays for."""
     out = {"ferry": [], "rsync": [], "cp": []}
     fe = Ferry(binary, os.path.join(work, "large"), [("a", "inotify")])
     mib = size / (1 << 20)
@@ -219,6 +222,7 @@ def bench_large(binary, work, trials, size, rsyncd):
             want = digest(tmp)
             name = f"large-{i}.bin"
             srv = os.path.join(fe.server_root, name)
+            os.sync()
             t0 = time.monotonic()
             os.rename(tmp, os.path.join(fe.roots["a"], name))
             t = wait_for(lambda: os.path.exists(srv) and same_file(srv, size, want), step=0.005)
@@ -227,9 +231,11 @@ def bench_large(binary, work, trials, size, rsyncd):
             os.makedirs(src)
             shutil.copy(os.path.join(fe.roots["a"], name), src)
             if rsyncd:
+                os.sync()
                 t0 = time.monotonic()
                 rsyncd.push(src)
                 out["rsync"].append(mib / (time.monotonic() - t0))
+            os.sync()
             t0 = time.monotonic()
             subprocess.run(["cp", "-a", os.path.join(src, name), os.path.join(work, f"large-cp-{i}.bin")], check=True)
             out["cp"].append(mib / (time.monotonic() - t0))
@@ -241,7 +247,8 @@ def bench_large(binary, work, trials, size, rsyncd):
 
 
 def bench_small(binary, work, trials, dirs, per_dir, rsyncd):
-    """dirs × per_dir × 4 KiB files moved into a client's tree until all are on the server."""
+    """dirs × per_dir × 4 KiB files moved into a client's tree until all are on the server
+    (the page cache written back before each tool's trial, as in `bench_large`)."""
     out = {"ferry": [], "rsync": [], "cp": []}
     fe = Ferry(binary, os.path.join(work, "small"), [("a", "inotify")])
     total = dirs * per_dir
@@ -254,6 +261,7 @@ def bench_small(binary, work, trials, dirs, per_dir, rsyncd):
                     with open(os.path.join(tree, f"d{d}", f"f{n}"), "wb") as f:
                         f.write(os.urandom(4096))
             last = os.path.join(fe.server_root, f"small-{i}", f"d{dirs - 1}", f"f{per_dir - 1}")
+            os.sync()
             t0 = time.monotonic()
             os.rename(tree, os.path.join(fe.roots["a"], f"small-{i}"))
 
@@ -266,9 +274,11 @@ def bench_small(binary, work, trials, dirs, per_dir, rsyncd):
             out["ferry"].append(None if t is None else total / (t - t0))
             src = os.path.join(fe.roots["a"], f"small-{i}")
             if rsyncd:
+                os.sync()
                 t0 = time.monotonic()
                 rsyncd.push(src)
                 out["rsync"].append(total / (time.monotonic() - t0))
+            os.sync()
             t0 = time.monotonic()
             subprocess.run(["cp", "-a", src, os.path.join(work, f"small-cp-{i}")], check=True)
             out["cp"].append(total / (time.monotonic() - t0))

@@ -271,6 +271,7 @@ def small_files_trials(src, dst, trials, dirs, per, stage, deadline=DEADLINE):
         tree = os.path.join(stage, f"small-{i}")
         paths = [f"small-{i}/{p}" for p in make_tree(tree, dirs, per, 4096)]
         arrived = Arrival(dst, paths, 4096)
+        os.sync()  # nobody pays for the writeback of what was written before (see bench_large)
         t0 = time.monotonic()
         os.rename(tree, os.path.join(src, f"small-{i}"))
         t = wait_for(arrived, deadline, 0.01)
