@@ -118,11 +118,11 @@ fn spawn_limited(
     })
 }
 
-/// The watcher thread's state.
 /// A path that left (MOVED_FROM): its path, when, and for a directory the watches that went
 /// with it (`None` for a file).
 type Pending = (PathBuf, Instant, Option<Vec<(PathBuf, WatchDescriptor)>>);
 
+/// The watcher thread's state.
 struct State {
     root: PathBuf,
     watches: Watches,
@@ -659,27 +659,21 @@ mod tests {
         let outside = t.root.parent().unwrap().join("moved-out-of-the-tree");
         fs::write(t.path("f0"), b"x").unwrap();
         fs::create_dir(t.path("d")).unwrap();
-        let (_w, h) = start(&t);
-        let batch_with = |name: &str| -> Vec<Hint> {
+        let (_w, mut h) = start(&t);
+        let mut batch_with = |name: &str| -> Vec<Hint> {
             let want = Hint::Path(PathBuf::from(name));
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
                 let left = deadline.saturating_duration_since(Instant::now());
-                let batch = smol::block_on(smol::future::FutureExt::or(
-                    async { h.rx.recv().await.ok() },
-                    async {
-                        smol::Timer::after(left).await;
-                        None
-                    },
-                ));
-                let batch = batch.unwrap_or_else(|| panic!("no hint for {name} in time"));
+                let batch = h
+                    .next_batch(left)
+                    .unwrap_or_else(|| panic!("no hint for {name} in time"));
                 if batch.contains(&want) {
                     return batch;
                 }
             }
         };
-        // Batches are split where the scanner would split them; each rename, into a
-        // directory or within one, must arrive whole (bounded: 200 renames).
+        // Each rename, into a directory and back out, must arrive whole (bounded: 200).
         for i in 0..200 {
             let (from, to) = if i % 2 == 0 {
                 (format!("f{i}"), format!("d/f{}", i + 1))

@@ -220,9 +220,17 @@ pub(crate) mod testutil {
 
         /// The next hint, or `None` if none comes within `timeout`. Panics if the watcher is gone.
         pub(crate) fn next(&mut self, timeout: Duration) -> Option<Hint> {
-            if let Some(h) = self.batch.pop_front() {
-                return Some(h);
+            if self.batch.is_empty() {
+                let batch = self.next_batch(timeout)?;
+                self.batch.extend(batch);
             }
+            self.batch.pop_front()
+        }
+
+        /// The next batch as the watcher sent it (the rest of one `next` took from is dropped),
+        /// or `None` if none comes within `timeout`. Panics if the watcher is gone.
+        pub(crate) fn next_batch(&mut self, timeout: Duration) -> Option<Vec<Hint>> {
+            self.batch.clear();
             let batch = smol::block_on(
                 async { Some(self.rx.recv().await.expect("the watcher stopped")) }.or(async {
                     smol::Timer::after(timeout).await;
@@ -230,8 +238,7 @@ pub(crate) mod testutil {
                 }),
             )?;
             assert!(!batch.is_empty(), "the watcher sent an empty batch");
-            self.batch.extend(batch);
-            self.batch.pop_front()
+            Some(batch)
         }
 
         /// Drops every hint received so far.
