@@ -211,7 +211,9 @@ def bench_large(binary, work, trials, size, rsyncd):
     """One large random file moved into a client's tree until identical on the server; MiB/s.
     The page cache is written back before each tool's trial (untimed), so no tool pays for the
     writeback of the data the harness or another tool left dirty; what a tool makes durable
-    itself (ferry fsyncs each file) it pays for."""
+    itself (ferry fsyncs each file) it pays for. A file is put in place with a rename, so the
+    clock stops when it is there at its full size; its bytes are compared after (untimed), as
+    rsync's and cp's runs end when their copy is written, not after a read of it."""
     out = {"ferry": [], "rsync": [], "cp": []}
     fe = Ferry(binary, os.path.join(work, "large"), [("a", "inotify")])
     mib = size / (1 << 20)
@@ -225,8 +227,8 @@ def bench_large(binary, work, trials, size, rsyncd):
             os.sync()
             t0 = time.monotonic()
             os.rename(tmp, os.path.join(fe.roots["a"], name))
-            t = wait_for(lambda: os.path.exists(srv) and same_file(srv, size, want), step=0.005)
-            out["ferry"].append(None if t is None else mib / (t - t0))
+            t = wait_for(Arrival(fe.server_root, [name], size), step=0.005)
+            out["ferry"].append(checked(t and mib / (t - t0), same_file(srv, size, want), srv))
             src = os.path.join(work, f"large-src-{i}")
             os.makedirs(src)
             shutil.copy(os.path.join(fe.roots["a"], name), src)
@@ -246,6 +248,14 @@ def bench_large(binary, work, trials, size, rsyncd):
     return {k: summary(v) for k, v in out.items() if v}
 
 
+def checked(value, same, where):
+    """A trial's figure, or None (a failed trial) if what arrived differs from what was sent."""
+    if value and not same:
+        print(f"ferry: {where} differs from what was sent; trial recorded as failed", file=sys.stderr)
+        return None
+    return value or None
+
+
 def bench_small(binary, work, trials, dirs, per_dir, rsyncd):
     """dirs × per_dir × 4 KiB files moved into a client's tree until all are on the server
     (the page cache written back before each tool's trial, as in `bench_large`)."""
@@ -260,19 +270,14 @@ def bench_small(binary, work, trials, dirs, per_dir, rsyncd):
                 for n in range(per_dir):
                     with open(os.path.join(tree, f"d{d}", f"f{n}"), "wb") as f:
                         f.write(os.urandom(4096))
-            last = os.path.join(fe.server_root, f"small-{i}", f"d{dirs - 1}", f"f{per_dir - 1}")
+            paths = [f"small-{i}/d{d}/f{n}" for d in range(dirs) for n in range(per_dir)]
             os.sync()
             t0 = time.monotonic()
             os.rename(tree, os.path.join(fe.roots["a"], f"small-{i}"))
-
-            def all_there():
-                if not os.path.exists(last):
-                    return False
-                return sum(len(fs) for _, _, fs in os.walk(os.path.join(fe.server_root, f"small-{i}"))) == total
-
-            t = wait_for(all_there, step=0.01)
-            out["ferry"].append(None if t is None else total / (t - t0))
+            t = wait_for(Arrival(fe.server_root, paths, 4096), step=0.01)
             src = os.path.join(fe.roots["a"], f"small-{i}")
+            dst = os.path.join(fe.server_root, f"small-{i}")
+            out["ferry"].append(checked(t and total / (t - t0), identical(src, dst), dst))
             if rsyncd:
                 os.sync()
                 t0 = time.monotonic()
@@ -283,6 +288,8 @@ def bench_small(binary, work, trials, dirs, per_dir, rsyncd):
             subprocess.run(["cp", "-a", src, os.path.join(work, f"small-cp-{i}")], check=True)
             out["cp"].append(total / (time.monotonic() - t0))
             shutil.rmtree(src)
+            # The next trial starts once this one's deletes have reached the server (untimed).
+            wait_for(lambda: not os.path.exists(dst), step=0.01)
     finally:
         fe.stop()
     return {k: summary(v) for k, v in out.items() if v}
