@@ -224,6 +224,7 @@ impl DataConn {
         self.progress.store(total, Ordering::Relaxed);
         let mut local_error = None;
         let mut pacer = Pacer::new(self.max_rate);
+        let mut writeback = crate::fsops::Writeback::new(resume.offset);
         let read: std::io::Result<()> = async {
             loop {
                 let n = stream.read(&mut buf).await?;
@@ -236,6 +237,8 @@ impl DataConn {
                 if local_error.is_none() {
                     if let Err(e) = file.write_all(&buf[..n]) {
                         local_error = Some(e);
+                    } else if let Some(range) = writeback.due(total) {
+                        crate::fsops::start_writeback(&file, range);
                     }
                 }
                 if let Some(due) = pacer.as_mut().and_then(|p| p.after(n)) {

@@ -88,6 +88,48 @@ pub fn sync_fs(dir: &Path) -> io::Result<()> {
     nix::unistd::syncfs(&d).map_err(io::Error::from)
 }
 
+/// Has a large file's bytes written to disk while more of them arrive, so the fsync before it
+/// is put in place finds little left to do: the disk works while the network does, instead of
+/// after it. Every `STEP` bytes the kernel is asked to start writing back what arrived since
+/// the last step, and to drop from the page cache what the step before wrote back, so a large
+/// transfer does not push everything else out of a small machine's memory either.
+#[derive(Debug)]
+pub struct Writeback {
+    /// Writeback has been asked for up to here.
+    asked: u64,
+}
+
+impl Writeback {
+    const STEP: u64 = 8 << 20;
+
+    /// For a file written from offset `from` on.
+    pub fn new(from: u64) -> Self {
+        Writeback { asked: from }
+    }
+
+    /// The range to pass to `start_writeback` now that the file holds `end` bytes, once a
+    /// step has passed since the last one.
+    pub fn due(&mut self, end: u64) -> Option<(u64, u64)> {
+        if end < self.asked + Self::STEP {
+            return None;
+        }
+        let range = (self.asked.saturating_sub(Self::STEP), end);
+        self.asked = end;
+        Some(range)
+    }
+}
+
+/// Starts writing bytes `from..to` of `file` back to disk without waiting for it, and drops
+/// those already written back from the page cache (`POSIX_FADV_DONTNEED` does both). Advice
+/// only: an offset that does not fit `off_t` (a 32-bit target past 2 GiB) or a filesystem that
+/// ignores it changes nothing but speed.
+pub fn start_writeback(file: &File, (from, to): (u64, u64)) {
+    use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
+    if let (Ok(offset), Ok(len)) = (from.try_into(), (to - from).try_into()) {
+        let _ = posix_fadvise(file, offset, len, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
+    }
+}
+
 /// Where a file fetched in a pack waits in `<root>/.ferry/tmp` before it is put in place at
 /// `rel`: named by path and content, so a start after a power cut can tell whether its rename
 /// was lost (the file is still here) or happened (see the client's `applying` record).

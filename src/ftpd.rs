@@ -35,6 +35,7 @@ use unftp_core::storage::{
 use unftp_sbe_fs::{Filesystem, Meta};
 
 use crate::core::path::{RelPath, STATE_DIR};
+use crate::fsops;
 
 /// Per-session FTP credentials, shared between the control channel and the FTP server.
 #[derive(Clone, Default, Debug)]
@@ -83,6 +84,67 @@ impl FtpCredentials {
     }
 }
 
+/// The hashes of the uploads the FTP server wrote in full, taken as their bytes arrived, so
+/// the commit that follows need not read a large file back to check it. A receipt is trusted
+/// only while the staged file is as its upload left it: same inode, size and change time.
+#[derive(Clone, Default, Debug)]
+pub struct Receipts {
+    inner: Arc<Mutex<HashMap<PathBuf, Receipt>>>,
+}
+
+#[derive(Debug)]
+struct Receipt {
+    ino: u64,
+    size: u64,
+    ctime: (i64, i64),
+    hash: [u8; 32],
+}
+
+impl Receipts {
+    /// Smaller uploads are read back: cheap, and too many to keep receipts for.
+    const MIN_SIZE: u64 = 1 << 20;
+    /// Receipts never taken (an upload abandoned before its commit) are dropped past this.
+    const MAX: usize = 64;
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Receipt>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn record(&self, path: PathBuf, meta: &std::fs::Metadata, hash: blake3::Hash) {
+        use std::os::unix::fs::MetadataExt;
+        if meta.len() < Self::MIN_SIZE {
+            return;
+        }
+        let mut table = self.lock();
+        if table.len() >= Self::MAX {
+            table.clear();
+        }
+        let receipt = Receipt {
+            ino: meta.ino(),
+            size: meta.len(),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+            hash: *hash.as_bytes(),
+        };
+        table.insert(path, receipt);
+    }
+
+    /// Forgets the receipt for `path`.
+    pub fn forget(&self, path: &Path) {
+        self.lock().remove(path);
+    }
+
+    /// The hash of the staged file at `path` as its upload wrote it, if there is a receipt
+    /// and `meta` (the file's now) shows it unchanged since. The receipt is used up.
+    pub fn take(&self, path: &Path, meta: &std::fs::Metadata) -> Option<[u8; 32]> {
+        use std::os::unix::fs::MetadataExt;
+        let r = self.lock().remove(path)?;
+        let same = r.ino == meta.ino()
+            && r.size == meta.len()
+            && r.ctime == (meta.ctime(), meta.ctime_nsec());
+        same.then_some(r.hash)
+    }
+}
+
 /// The running FTP server.
 #[derive(Debug)]
 pub struct EmbeddedFtp {
@@ -97,6 +159,7 @@ pub fn start(
     root: PathBuf,
     listen: SocketAddr,
     creds: FtpCredentials,
+    receipts: Receipts,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) -> anyhow::Result<EmbeddedFtp> {
     let listener = std::net::TcpListener::bind(listen).with_context(|| {
@@ -113,7 +176,7 @@ pub fn start(
         .context("cannot start the FTP server's runtime")?;
     let thread = std::thread::Builder::new()
         .name("ftp".into())
-        .spawn(move || runtime.block_on(serve(listener, root, creds, tls)))?;
+        .spawn(move || runtime.block_on(serve(listener, root, creds, receipts, tls)))?;
     Ok(EmbeddedFtp {
         addr,
         _thread: thread,
@@ -124,6 +187,7 @@ async fn serve(
     listener: std::net::TcpListener,
     root: PathBuf,
     creds: FtpCredentials,
+    receipts: Receipts,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
@@ -144,7 +208,7 @@ async fn serve(
         };
         // Replies are small and answered at once: don't let Nagle hold them back.
         let _ = stream.set_nodelay(true);
-        let server = match build(&root, &creds, tls.clone()) {
+        let server = match build(&root, &creds, &receipts, tls.clone()) {
             Ok(s) => s,
             Err(e) => {
                 log::error!("FTP session from {peer} not served: {e}");
@@ -164,16 +228,19 @@ async fn serve(
 fn build(
     root: &Path,
     creds: &FtpCredentials,
+    receipts: &Receipts,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) -> anyhow::Result<libunftp::Server<Confined, SessionUser>> {
     let root = root.to_path_buf();
     let fs_root = root.clone();
     let session_creds = creds.clone();
+    let receipts = receipts.clone();
     let builder = libunftp::ServerBuilder::with_user_detail_provider(
         Box::new(move || Confined {
             fs: Filesystem::new(fs_root.clone()).expect("the root was opened at start"),
             root: fs_root.clone(),
             creds: session_creds.clone(),
+            receipts: receipts.clone(),
         }),
         Arc::new(Users(creds.clone())),
     )
@@ -295,6 +362,7 @@ struct Confined {
     fs: Filesystem,
     root: PathBuf,
     creds: FtpCredentials,
+    receipts: Receipts,
 }
 
 impl Confined {
@@ -379,25 +447,52 @@ impl StorageBackend<SessionUser> for Confined {
         // to tokio's blocking pool for each): large buffers make a large upload several
         // times faster. `place` checked the name; the staging directory is the server's own.
         use std::os::unix::fs::OpenOptionsExt;
-        use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+        use tokio::io::{AsyncBufReadExt, AsyncSeekExt, AsyncWriteExt};
+        let path = dir.join(name);
+        self.receipts.forget(&path);
         let file = std::fs::File::options()
             .write(true)
             .create(true)
             .truncate(false)
             .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(dir.join(name))
+            .open(&path)
             .map_err(local)?;
         file.set_len(start_pos).map_err(local)?;
+        let hint = Arc::new(file.try_clone().map_err(local)?);
         let mut file = tokio::fs::File::from_std(file);
         file.seek(std::io::SeekFrom::Start(start_pos))
             .await
             .map_err(local)?;
         let mut reader = tokio::io::BufReader::with_capacity(COPY_BUF, input);
         let mut writer = tokio::io::BufWriter::with_capacity(4 * COPY_BUF, file);
-        let copied = tokio::io::copy_buf(&mut reader, &mut writer)
-            .await
-            .map_err(local)?;
+        // A whole upload is hashed as it arrives (see `Receipts`); a resumed one is not.
+        let mut hasher = (start_pos == 0).then(blake3::Hasher::new);
+        let mut writeback = fsops::Writeback::new(start_pos);
+        let mut copied = 0u64;
+        loop {
+            let chunk = reader.fill_buf().await.map_err(local)?;
+            if chunk.is_empty() {
+                break;
+            }
+            let n = chunk.len();
+            if let Some(h) = hasher.as_mut() {
+                h.update(chunk);
+            }
+            writer.write_all(chunk).await.map_err(local)?;
+            reader.consume(n);
+            copied += n as u64;
+            if let Some(range) = writeback.due(start_pos + copied) {
+                writer.flush().await.map_err(local)?;
+                let hint = hint.clone();
+                let _ =
+                    tokio::task::spawn_blocking(move || fsops::start_writeback(&hint, range)).await;
+            }
+        }
         writer.flush().await.map_err(local)?;
+        if let Some(h) = hasher {
+            let meta = hint.metadata().map_err(local)?;
+            self.receipts.record(path, &meta, h.finalize());
+        }
         Ok(copied)
     }
 
@@ -476,5 +571,59 @@ mod tests {
         for (path, want) in table {
             assert_eq!(place(&u, Path::new(path)), *want, "{path}");
         }
+    }
+
+    #[test]
+    fn a_receipt_holds_only_while_the_file_is_as_uploaded() {
+        use std::io::Write;
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::env::temp_dir().join(format!("ferry-receipts-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("u1");
+        let bytes = vec![7u8; Receipts::MIN_SIZE as usize];
+        std::fs::write(&path, &bytes).unwrap();
+        let meta = || std::fs::metadata(&path).unwrap();
+        let receipts = Receipts::default();
+
+        receipts.record(path.clone(), &meta(), blake3::hash(&bytes));
+        assert_eq!(
+            receipts.take(&path, &meta()),
+            Some(*blake3::hash(&bytes).as_bytes())
+        );
+        assert_eq!(
+            receipts.take(&path, &meta()),
+            None,
+            "a receipt is used once"
+        );
+
+        // Written to after its upload (same size, so only the change time tells).
+        receipts.record(path.clone(), &meta(), blake3::hash(&bytes));
+        let before = meta();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while meta().ctime_nsec() == before.ctime_nsec() && meta().ctime() == before.ctime() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the change time never moved"
+            );
+            let mut f = std::fs::File::options().write(true).open(&path).unwrap();
+            f.write_all(b"x").unwrap();
+        }
+        assert_eq!(receipts.take(&path, &meta()), None);
+
+        // Replaced by another file (the old one kept aside, so its inode cannot come back).
+        receipts.record(path.clone(), &meta(), blake3::hash(&bytes));
+        std::fs::rename(&path, dir.join("old")).unwrap();
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(receipts.take(&path, &meta()), None);
+
+        // Forgotten (a new upload to the same name begins), and small files are not kept.
+        receipts.record(path.clone(), &meta(), blake3::hash(&bytes));
+        receipts.forget(&path);
+        assert_eq!(receipts.take(&path, &meta()), None);
+        std::fs::write(&path, b"small").unwrap();
+        receipts.record(path.clone(), &meta(), blake3::hash(b"small"));
+        assert_eq!(receipts.take(&path, &meta()), None);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -22,7 +22,7 @@ use crate::core::index::{Index, Record, Retention, MARK_EVERY_SECS};
 use crate::core::path::RelPath;
 use crate::core::renames::{detect_renames, Changed, Seen};
 use crate::fsops;
-use crate::ftpd::{self, FtpCredentials};
+use crate::ftpd::{self, FtpCredentials, Receipts};
 use crate::gate::{Gate, Ticket};
 use crate::proto::auth::{random, Channel, Secret};
 use crate::proto::codec::{read_frame, write_frame, MAX_FRAME, MAX_HANDSHAKE_FRAME};
@@ -225,6 +225,8 @@ struct Server {
     /// Staged files of the pack being committed (see `split_pack`): durable already, so put
     /// in place without syncs of their own; the pack's renames are synced once at its end.
     pack_parts: HashSet<PathBuf>,
+    /// Hashes the embedded FTP server took of uploads as they arrived.
+    receipts: Receipts,
 }
 
 fn seq_file(root: &Path) -> PathBuf {
@@ -447,6 +449,7 @@ async fn serve(cfg: ServerConfig, stop: Receiver<nix::sys::signal::Signal>) -> a
         accepted: 0,
         published: 0,
         pack_parts: HashSet::new(),
+        receipts: Receipts::default(),
     };
     log::info!("scanning {}", root.display());
     server.startup_scan()?;
@@ -459,7 +462,13 @@ async fn serve(cfg: ServerConfig, stop: Receiver<nix::sys::signal::Signal>) -> a
     let (_embedded, ftp_addr, external) = match &cfg.ftp {
         FtpMode::Embedded(listen) => {
             let tls = identity.as_ref().map(|id| id.config.clone());
-            let ftp = ftpd::start(root.clone(), *listen, creds.clone(), tls)?;
+            let ftp = ftpd::start(
+                root.clone(),
+                *listen,
+                creds.clone(),
+                server.receipts.clone(),
+                tls,
+            )?;
             let addr = ftp.addr;
             (Some(ftp), addr, None)
         }
@@ -1336,6 +1345,7 @@ impl Server {
             Ok(p) => p,
             Err(e) => return fail_all(format!("{e:#}")),
         };
+        self.receipts.forget(&pack);
         let entries: Vec<Entry> = items.iter().map(|i| i.entry.clone()).collect();
         let split = smol::unblock(move || split_pack(&pack, &entries)).await;
         let parts = match split {
@@ -1603,13 +1613,19 @@ impl Server {
         // What the upload replaces must still be what the index was just refreshed from.
         let expect = self.tree.get(path).cloned();
         let in_pack = self.pack_parts.contains(&staged_path);
+        let receipts = self.receipts.clone();
         let install = move || -> anyhow::Result<Option<fsops::Install>> {
             let file = open_staged(&staged_path)
                 .with_context(|| format!("staged upload {staged} is missing"))?;
-            let mut hasher = blake3::Hasher::new();
-            hasher.update_reader(&file)?;
-            let size = file.metadata()?.len();
-            if size != entry.size || *hasher.finalize().as_bytes() != entry.hash {
+            let meta = file.metadata()?;
+            let hash = match receipts.take(&staged_path, &meta) {
+                Some(hash) => hash,
+                None => *blake3::Hasher::new()
+                    .update_reader(&file)?
+                    .finalize()
+                    .as_bytes(),
+            };
+            if meta.len() != entry.size || hash != entry.hash {
                 let _ = std::fs::remove_file(&staged_path);
                 return Ok(None);
             }
