@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 
-from common import (DEADLINE, PROCS, Arrival, cpu_seconds, digest, free_port, identical,
+from common import (DEADLINE, PROCS, TRASH, Arrival, cpu_seconds, digest, free_port, identical,
                     idle_footprint, latency_trials, listening, make_tree, same_file,
                     small_files_trials, summary, wait_for)
 import baselines
@@ -130,8 +130,10 @@ class RsyncDaemon:
                     f"[bench]\npath = {self.dest}\nread only = no\n"
                     f"[tree]\npath = {path}\nread only = yes\n")
 
-    def push(self, src):
-        subprocess.run(["rsync", "-a", "--delete", src.rstrip("/") + "/", f"rsync://127.0.0.1:{self.port}/bench/"],
+    def push(self, src, into=""):
+        """`rsync -a --delete` of src's contents into the module (or its directory `into`)."""
+        dest = f"rsync://127.0.0.1:{self.port}/bench/" + (into.strip("/") + "/" if into else "")
+        subprocess.run(["rsync", "-a", "--delete", src.rstrip("/") + "/", dest],
                        check=True, stdout=subprocess.DEVNULL)
 
     def pull_tree(self, dest):
@@ -278,18 +280,17 @@ def bench_small(binary, work, trials, dirs, per_dir, rsyncd):
             src = os.path.join(fe.roots["a"], f"small-{i}")
             dst = os.path.join(fe.server_root, f"small-{i}")
             out["ferry"].append(checked(t and total / (t - t0), identical(src, dst), dst))
+            # Each trial's files stay where they are until the end (see `Trash`): each tool
+            # writes new files into new directories, as ferry did.
             if rsyncd:
                 os.sync()
                 t0 = time.monotonic()
-                rsyncd.push(src)
+                rsyncd.push(src, f"small-{i}")
                 out["rsync"].append(total / (time.monotonic() - t0))
             os.sync()
             t0 = time.monotonic()
             subprocess.run(["cp", "-a", src, os.path.join(work, f"small-cp-{i}")], check=True)
             out["cp"].append(total / (time.monotonic() - t0))
-            shutil.rmtree(src)
-            # The next trial starts once this one's deletes have reached the server (untimed).
-            wait_for(lambda: not os.path.exists(dst), step=0.01)
     finally:
         fe.stop()
     return {k: summary(v) for k, v in out.items() if v}
@@ -332,7 +333,7 @@ def ferry_first_sync(binary, work, n_files, trials, poll, quiet, window, rsyncd,
         for watcher, name, poll_ms in runs:
             if watcher in last:  # the previous client of this kind: gone, replica and all
                 fe.stop_one(last[watcher][1])
-                shutil.rmtree(fe.roots[last[watcher][0]])
+                TRASH.put(fe.roots[last[watcher][0]])
             t0 = time.monotonic()
             p = fe.add_client(name, "poll" if poll_ms else "inotify", poll_ms)
             if paths:
@@ -362,13 +363,13 @@ def ferry_first_sync(binary, work, n_files, trials, poll, quiet, window, rsyncd,
             t0 = time.monotonic()
             rsyncd.pull_tree(dest)
             times.append(time.monotonic() - t0)
-            shutil.rmtree(dest)
+            TRASH.put(dest)
             os.sync()  # the next trial does not pay for this one's writeback
         res["rsync_s"] = summary(times)
         rsyncd.serve_tree(rsyncd.dest)
     for name in fe.roots:
-        shutil.rmtree(fe.roots[name], ignore_errors=True)
-    shutil.rmtree(os.path.join(tree, ".ferry"), ignore_errors=True)
+        TRASH.put(fe.roots[name])
+    TRASH.put(os.path.join(tree, ".ferry"))
     return res, tree, paths
 
 
@@ -388,7 +389,7 @@ def baseline_live(label, cls, delay, work, lat_trials, dirs, per, small_trials):
         small = small_files_trials(a, b, small_trials, dirs, per, os.path.join(d, "stage"), DEADLINE * 3)
     finally:
         tool.stop()
-        shutil.rmtree(d, ignore_errors=True)
+        TRASH.put(d)
     return {"latency_ms": summary(lat), "small_files_per_s": summary(small)}
 
 
@@ -412,7 +413,7 @@ def baseline_first(label, cls, delay, work, tree, paths, quiet, window):
         res["footprint"] = idle_footprint(tool.pids(), quiet, window)
     finally:
         tool.stop()
-        shutil.rmtree(d, ignore_errors=True)
+        TRASH.put(d)
         shutil.rmtree(os.path.join(tree, ".stfolder"), ignore_errors=True)
     return res
 
@@ -551,6 +552,7 @@ def main():
     scale_budget = 20 * 60  # a workload-5 point projected to take longer is skipped
 
     work = tempfile.mkdtemp(prefix="ferry-bench-")
+    TRASH.init(work)
     results = {"machine": {"cpus": os.cpu_count(), "kernel": os.uname().release,
                            "load_avg_at_start": os.getloadavg(),
                            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())},
@@ -583,7 +585,7 @@ def main():
                 continue
             seen.add(cls)
             first_base[label] = baseline_first(label, cls, delay, work, tree, paths, quiet, window)
-        shutil.rmtree(os.path.dirname(tree), ignore_errors=True)
+        TRASH.put(os.path.dirname(tree))
 
         print("5. scale of cost", file=sys.stderr, flush=True)
         points = []
@@ -595,14 +597,19 @@ def main():
                 p = {"files": n, "skipped": f"at {rate:.0f} files/s it would take ~{n / rate / 60:.0f} min"}
             else:
                 print(f"   {n} files", file=sys.stderr, flush=True)
+                if n >= 1_000_000:
+                    # What the run left would not fit beside a million more files on a small
+                    # disk: removed now, and the point starts a little after a mass delete.
+                    TRASH.empty()
+                    os.sync()
                 p, tree, _ = ferry_first_sync(binary, work, n, 1, False, quiet, 1, rsyncd, 1 if full else 3)
-                shutil.rmtree(os.path.dirname(tree), ignore_errors=True)
+                TRASH.put(os.path.dirname(tree))
             if n and "first_sync_s" in p and p["first_sync_s"]["inotify"]:
                 rate = n / p["first_sync_s"]["inotify"]["median"]
             points.append(p)
     finally:
         PROCS.kill_all()
-        shutil.rmtree(work, ignore_errors=True)
+        subprocess.run(["rm", "-rf", "--", work], check=False)
 
     sizes = {}
     for path, label in [(binary, "x86_64 release (this machine)")]:
