@@ -170,8 +170,17 @@ impl Tree {
     /// Whether `path` is ignored here. `is_dir` says what it is if the caller knows (an entry
     /// from elsewhere); otherwise the disk, then the cache, tell.
     pub fn ignores(&self, path: &RelPath, is_dir: Option<bool>) -> bool {
-        let is_dir = is_dir.unwrap_or_else(|| self.is_dir_here(p(path)));
-        self.rules.is_ignored(p(path), is_dir)
+        let rel = p(path);
+        if let Some(is_dir) = is_dir {
+            return self.rules.is_ignored(rel, is_dir);
+        }
+        // What it is on disk matters only where a rule matches one kind (`dir/`): the disk
+        // is looked at only then, not for every path of a first sync.
+        let as_file = self.rules.is_ignored(rel, false);
+        if as_file == self.rules.is_ignored(rel, true) {
+            return as_file;
+        }
+        self.rules.is_ignored(rel, self.is_dir_here(rel))
     }
 
     /// Whether `rel` is a directory on disk (if it is gone: whether the cache had one there).
