@@ -86,10 +86,19 @@ impl FtpCredentials {
 
 /// The hashes of the uploads the FTP server wrote in full, taken as their bytes arrived, so
 /// the commit that follows need not read a large file back to check it. A receipt is trusted
-/// only while the staged file is as its upload left it: same inode, size and change time.
+/// only while the staged file is as its upload left it (same inode, size and change time), and
+/// is never written for an upload that overlapped another to the same file: their writes may
+/// have interleaved, so that file is read back.
 #[derive(Clone, Default, Debug)]
 pub struct Receipts {
-    inner: Arc<Mutex<HashMap<PathBuf, Receipt>>>,
+    inner: Arc<Mutex<ReceiptTable>>,
+}
+
+#[derive(Default, Debug)]
+struct ReceiptTable {
+    done: HashMap<PathBuf, Receipt>,
+    /// Uploads under way per file, and whether two or more were at once since it had none.
+    writing: HashMap<PathBuf, (u32, bool)>,
 }
 
 #[derive(Debug)]
@@ -100,24 +109,63 @@ struct Receipt {
     hash: [u8; 32],
 }
 
+/// An upload under way to one staged file (see `Receipts::begin`).
+struct Writing<'a> {
+    receipts: &'a Receipts,
+    path: PathBuf,
+}
+
 impl Receipts {
     /// Smaller uploads are read back: cheap, and too many to keep receipts for.
     const MIN_SIZE: u64 = 1 << 20;
     /// Receipts never taken (an upload abandoned before its commit) are dropped past this.
     const MAX: usize = 64;
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Receipt>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReceiptTable> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn record(&self, path: PathBuf, meta: &std::fs::Metadata, hash: blake3::Hash) {
+    /// Notes an upload to `path` beginning: what a receipt said of the file no longer holds.
+    fn begin(&self, path: PathBuf) -> Writing<'_> {
+        let mut table = self.lock();
+        table.done.remove(&path);
+        let (n, overlapped) = table.writing.entry(path.clone()).or_default();
+        *n += 1;
+        *overlapped |= *n > 1;
+        Writing {
+            receipts: self,
+            path,
+        }
+    }
+
+    /// Forgets the receipt for `path`.
+    pub fn forget(&self, path: &Path) {
+        self.lock().done.remove(path);
+    }
+
+    /// The hash of the staged file at `path` as its upload wrote it, if there is a receipt
+    /// and `meta` (the file's now) shows it unchanged since. The receipt is used up.
+    pub fn take(&self, path: &Path, meta: &std::fs::Metadata) -> Option<[u8; 32]> {
         use std::os::unix::fs::MetadataExt;
-        if meta.len() < Self::MIN_SIZE {
+        let r = self.lock().done.remove(path)?;
+        let same = r.ino == meta.ino()
+            && r.size == meta.len()
+            && r.ctime == (meta.ctime(), meta.ctime_nsec());
+        same.then_some(r.hash)
+    }
+}
+
+impl Writing<'_> {
+    /// The upload wrote the whole file, `meta` as it left it, whose bytes hash to `hash`.
+    fn finish(self, meta: &std::fs::Metadata, hash: blake3::Hash) {
+        use std::os::unix::fs::MetadataExt;
+        let mut table = self.receipts.lock();
+        let alone = table.writing.get(&self.path).is_some_and(|&(_, o)| !o);
+        if !alone || meta.len() < Receipts::MIN_SIZE {
             return;
         }
-        let mut table = self.lock();
-        if table.len() >= Self::MAX {
-            table.clear();
+        if table.done.len() >= Receipts::MAX {
+            table.done.clear();
         }
         let receipt = Receipt {
             ino: meta.ino(),
@@ -125,23 +173,19 @@ impl Receipts {
             ctime: (meta.ctime(), meta.ctime_nsec()),
             hash: *hash.as_bytes(),
         };
-        table.insert(path, receipt);
+        table.done.insert(self.path.clone(), receipt);
     }
+}
 
-    /// Forgets the receipt for `path`.
-    pub fn forget(&self, path: &Path) {
-        self.lock().remove(path);
-    }
-
-    /// The hash of the staged file at `path` as its upload wrote it, if there is a receipt
-    /// and `meta` (the file's now) shows it unchanged since. The receipt is used up.
-    pub fn take(&self, path: &Path, meta: &std::fs::Metadata) -> Option<[u8; 32]> {
-        use std::os::unix::fs::MetadataExt;
-        let r = self.lock().remove(path)?;
-        let same = r.ino == meta.ino()
-            && r.size == meta.len()
-            && r.ctime == (meta.ctime(), meta.ctime_nsec());
-        same.then_some(r.hash)
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        let mut table = self.receipts.lock();
+        if let Some((n, _)) = table.writing.get_mut(&self.path) {
+            *n -= 1;
+            if *n == 0 {
+                table.writing.remove(&self.path);
+            }
+        }
     }
 }
 
@@ -449,7 +493,7 @@ impl StorageBackend<SessionUser> for Confined {
         use std::os::unix::fs::OpenOptionsExt;
         use tokio::io::{AsyncBufReadExt, AsyncSeekExt, AsyncWriteExt};
         let path = dir.join(name);
-        self.receipts.forget(&path);
+        let writing = self.receipts.begin(path.clone());
         let file = std::fs::File::options()
             .write(true)
             .create(true)
@@ -491,7 +535,7 @@ impl StorageBackend<SessionUser> for Confined {
         writer.flush().await.map_err(local)?;
         if let Some(h) = hasher {
             let meta = hint.metadata().map_err(local)?;
-            self.receipts.record(path, &meta, h.finalize());
+            writing.finish(&meta, h.finalize());
         }
         Ok(copied)
     }
@@ -582,15 +626,14 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("u1");
         let bytes = vec![7u8; Receipts::MIN_SIZE as usize];
+        let hash = blake3::hash(&bytes);
         std::fs::write(&path, &bytes).unwrap();
         let meta = || std::fs::metadata(&path).unwrap();
         let receipts = Receipts::default();
+        let upload = || receipts.begin(path.clone()).finish(&meta(), hash);
 
-        receipts.record(path.clone(), &meta(), blake3::hash(&bytes));
-        assert_eq!(
-            receipts.take(&path, &meta()),
-            Some(*blake3::hash(&bytes).as_bytes())
-        );
+        upload();
+        assert_eq!(receipts.take(&path, &meta()), Some(*hash.as_bytes()));
         assert_eq!(
             receipts.take(&path, &meta()),
             None,
@@ -598,7 +641,7 @@ mod tests {
         );
 
         // Written to after its upload (same size, so only the change time tells).
-        receipts.record(path.clone(), &meta(), blake3::hash(&bytes));
+        upload();
         let before = meta();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while meta().ctime_nsec() == before.ctime_nsec() && meta().ctime() == before.ctime() {
@@ -612,17 +655,39 @@ mod tests {
         assert_eq!(receipts.take(&path, &meta()), None);
 
         // Replaced by another file (the old one kept aside, so its inode cannot come back).
-        receipts.record(path.clone(), &meta(), blake3::hash(&bytes));
+        upload();
         std::fs::rename(&path, dir.join("old")).unwrap();
         std::fs::write(&path, &bytes).unwrap();
         assert_eq!(receipts.take(&path, &meta()), None);
 
-        // Forgotten (a new upload to the same name begins), and small files are not kept.
-        receipts.record(path.clone(), &meta(), blake3::hash(&bytes));
+        // Forgotten, or another upload to the same file begun since.
+        upload();
         receipts.forget(&path);
         assert_eq!(receipts.take(&path, &meta()), None);
+        upload();
+        drop(receipts.begin(path.clone()));
+        assert_eq!(receipts.take(&path, &meta()), None);
+
+        // Two uploads at once: neither can vouch for what the file holds, in either order;
+        // one alone afterwards can.
+        let (a, b) = (receipts.begin(path.clone()), receipts.begin(path.clone()));
+        a.finish(&meta(), hash);
+        b.finish(&meta(), hash);
+        assert_eq!(receipts.take(&path, &meta()), None);
+        let (a, b) = (receipts.begin(path.clone()), receipts.begin(path.clone()));
+        b.finish(&meta(), hash);
+        let c = receipts.begin(path.clone());
+        a.finish(&meta(), hash);
+        c.finish(&meta(), hash);
+        assert_eq!(receipts.take(&path, &meta()), None);
+        upload();
+        assert_eq!(receipts.take(&path, &meta()), Some(*hash.as_bytes()));
+
+        // Small files get none.
         std::fs::write(&path, b"small").unwrap();
-        receipts.record(path.clone(), &meta(), blake3::hash(b"small"));
+        receipts
+            .begin(path.clone())
+            .finish(&meta(), blake3::hash(b"small"));
         assert_eq!(receipts.take(&path, &meta()), None);
         std::fs::remove_dir_all(&dir).unwrap();
     }
