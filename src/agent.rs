@@ -139,6 +139,8 @@ pub async fn gather_hints(rx: &async_channel::Receiver<Vec<Hint>>) -> Option<Vec
 /// Scans what `hints` point at; returns what changed on disk. If anything looks deleted, the
 /// root is checked first (`Tree::check_root`): a lost root is an error, never deletes.
 pub fn scan_hints(tree: &mut Tree, hints: Vec<Hint>) -> Result<Vec<Changed>, RootLost> {
+    // The hints of a batch are mostly in a few directories.
+    let _reuse = crate::beneath::Reuse::start();
     let changes = if hints.contains(&Hint::Rescan) {
         match tree.scan_all() {
             Ok(c) => c,
@@ -159,8 +161,15 @@ pub fn scan_hints(tree: &mut Tree, hints: Vec<Hint>) -> Result<Vec<Changed>, Roo
         paths.sort();
         paths.dedup();
         let mut changes = Vec::new();
+        // A directory's scan looks at its whole subtree: hints beneath it add nothing (sorted
+        // by component, they follow it).
+        let mut scanned: Option<std::path::PathBuf> = None;
         for p in paths {
+            if scanned.as_ref().is_some_and(|s| p.starts_with(s)) {
+                continue;
+            }
             changes.extend(tree.scan_path(&p));
+            scanned = Some(p);
         }
         changes
     };

@@ -10,7 +10,9 @@
 //! directory that was opened, which is beneath the root.
 //!
 //! A component-by-component walk works on every Linux and Android kernel ferry runs on;
-//! `openat2(RESOLVE_BENEATH)` would only save a few system calls. Directories are opened with
+//! `openat2(RESOLVE_BENEATH)` would only save a few system calls. What costs is walking
+//! again for every file of a batch: while a [`Reuse`] guard lives, walks on its thread start
+//! from the directories recent walks opened (see there). Directories are opened with
 //! `O_PATH`, which, like a walk by path, needs search permission only. The root itself is
 //! opened by path and may be a symlink to the real tree: that is the user's choice, not
 //! something a peer can plant.
@@ -20,6 +22,7 @@ use std::fs::{File, Metadata};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
+use std::sync::Arc;
 
 use nix::errno::Errno;
 use nix::fcntl::{openat, OFlag, AT_FDCWD};
@@ -98,9 +101,10 @@ impl From<&Metadata> for Stat {
     }
 }
 
-/// An open directory (an `O_PATH` descriptor): names are resolved relative to it.
-#[derive(Debug)]
-pub struct Dir(OwnedFd);
+/// An open directory (an `O_PATH` descriptor): names are resolved relative to it. Cloning
+/// shares the descriptor.
+#[derive(Clone, Debug)]
+pub struct Dir(Arc<OwnedFd>);
 
 /// Opening a directory: `O_PATH` needs no read permission and follows nothing with `O_NOFOLLOW`.
 fn dir_flags() -> OFlag {
@@ -124,17 +128,17 @@ impl Dir {
     /// Opens a replica's root (following it if it is a symlink: see the module doc).
     pub fn root(root: &Path) -> io::Result<Dir> {
         let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
-        Ok(Dir(openat(AT_FDCWD, root, flags, Mode::empty())?))
+        Ok(Dir(Arc::new(openat(AT_FDCWD, root, flags, Mode::empty())?)))
     }
 
     /// Opens a directory named by path: ferry's own state directories, never a peer's path.
     pub fn at_path(dir: &Path) -> io::Result<Dir> {
-        Dir::root(dir)
+        reuse::by_path(dir)
     }
 
     /// Opens the subdirectory `name`; a symlink there fails with ELOOP or ENOTDIR.
     pub fn open_dir(&self, name: &str) -> nix::Result<Dir> {
-        openat(&self.0, name, dir_flags(), Mode::empty()).map(Dir)
+        openat(&self.0, name, dir_flags(), Mode::empty()).map(|fd| Dir(Arc::new(fd)))
     }
 
     /// What `name` itself is (a symlink is reported as one, not followed).
@@ -163,6 +167,22 @@ impl Dir {
             return Err(io::Error::other("not a regular file"));
         }
         Ok(file)
+    }
+
+    /// Creates (or truncates) the regular file `name` for writing; a symlink there fails with
+    /// ELOOP rather than being followed.
+    pub fn create_file(&self, name: &str) -> io::Result<File> {
+        let flags = OFlag::O_WRONLY
+            | OFlag::O_CREAT
+            | OFlag::O_TRUNC
+            | OFlag::O_NOFOLLOW
+            | OFlag::O_CLOEXEC;
+        Ok(File::from(openat(
+            &self.0,
+            name,
+            flags,
+            Mode::from_bits_truncate(0o666),
+        )?))
     }
 
     /// Opens `name` (a file or a directory) so its mode and times can be set through the
@@ -240,6 +260,7 @@ impl Dir {
 
     /// Removes the empty directory `name`.
     pub fn remove_dir(&self, name: &str) -> io::Result<()> {
+        reuse::forget();
         Ok(nix::unistd::unlinkat(
             &self.0,
             name,
@@ -247,7 +268,9 @@ impl Dir {
         )?)
     }
 
-    /// Renames `name` to `to_name` in `to`, replacing what is there (as `rename` does).
+    /// Renames `name` to `to_name` in `to`, replacing what is there (as `rename` does). For
+    /// putting a file in place: unlike `rename_noreplace`, it leaves the directories a
+    /// [`Reuse`] holds as they are, so it must not move a directory.
     pub fn rename(&self, name: &str, to: &Dir, to_name: &str) -> io::Result<()> {
         Ok(nix::fcntl::renameat(&self.0, name, &to.0, to_name)?)
     }
@@ -268,6 +291,7 @@ impl Dir {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     pub fn rename_noreplace(&self, name: &str, to: &Dir, to_name: &str) -> io::Result<()> {
         use nix::fcntl::{renameat2, RenameFlags};
+        reuse::forget();
         Ok(renameat2(
             &self.0,
             name,
@@ -287,6 +311,7 @@ impl Dir {
     /// Either way nothing leaves the two directories.
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     pub fn rename_noreplace(&self, name: &str, to: &Dir, to_name: &str) -> io::Result<()> {
+        reuse::forget();
         if !self.stat(name)?.is_dir() {
             match self.hard_link(name, to, to_name) {
                 Ok(()) => return self.remove_file(name),
@@ -335,14 +360,33 @@ impl AsFd for Dir {
 pub fn parent<'a>(
     root: &Path,
     rel: &'a RelPath,
-    mut created: Option<&mut Vec<(RelPath, Stat)>>,
+    created: Option<&mut Vec<(RelPath, Stat)>>,
 ) -> io::Result<(Dir, &'a str)> {
-    let mut dir = Dir::root(root)?;
     let s = rel.as_str();
+    let (dirs, name) = match s.rfind('/') {
+        Some(i) => (&s[..i], &s[i + 1..]),
+        None => ("", s),
+    };
+    if let Some(dir) = reuse::parent(root, dirs) {
+        return Ok((dir, name));
+    }
+    let dir = walk(reuse::by_path(root)?, dirs, created)?;
+    reuse::keep(root, dirs, &dir);
+    Ok((dir, name))
+}
+
+/// Opens `dirs` (a relative path of directories; empty: `dir` itself) beneath `dir`, one
+/// component at a time, as `parent` does.
+fn walk(
+    mut dir: Dir,
+    dirs: &str,
+    mut created: Option<&mut Vec<(RelPath, Stat)>>,
+) -> io::Result<Dir> {
+    if dirs.is_empty() {
+        return Ok(dir);
+    }
     let mut end = 0;
-    let parts: Vec<&str> = s.split('/').collect();
-    let (name, parents) = parts.split_last().expect("a RelPath has a component");
-    for part in parents {
+    for part in dirs.split('/') {
         end += part.len();
         let next = match (dir.open_dir(part), created.as_deref_mut()) {
             (Err(Errno::ENOENT), Some(created)) => {
@@ -353,7 +397,7 @@ pub fn parent<'a>(
                 };
                 let next = dir.open_dir(part);
                 if let (true, Ok(d)) = (made, &next) {
-                    let path = RelPath::new(&s[..end]).map_err(io::Error::other)?;
+                    let path = RelPath::new(&dirs[..end]).map_err(io::Error::other)?;
                     created.push((path, d.meta()?));
                 }
                 next
@@ -362,12 +406,12 @@ pub fn parent<'a>(
         };
         dir = match next {
             Ok(d) => d,
-            Err(e) if not_a_dir(e) => return Err(in_the_way(&s[..end])),
+            Err(e) if not_a_dir(e) => return Err(in_the_way(&dirs[..end])),
             Err(e) => return Err(e.into()),
         };
         end += 1;
     }
-    Ok((dir, name))
+    Ok(dir)
 }
 
 /// The directory that holds `path` (a file in ferry's state directory, named by path) and the
@@ -395,6 +439,156 @@ pub fn read_link(root: &Path, rel: &RelPath) -> io::Result<String> {
     dir.read_link(name)?
         .into_string()
         .map_err(|_| io::Error::other("the symlink's target is not UTF-8"))
+}
+
+/// Keeps the directories walks open for the length of a batch (see [`Reuse`]).
+pub use reuse::Reuse;
+
+mod reuse {
+    use std::cell::{Cell, RefCell};
+    use std::io;
+    use std::marker::PhantomData;
+    use std::path::{Path, PathBuf};
+    use std::time::{Duration, Instant};
+
+    use super::Dir;
+
+    /// How long a kept directory is handed out: a bound on the window described at [`Reuse`].
+    const FRESH: Duration = Duration::from_millis(250);
+
+    /// Parent directories kept at once (a batch's files are mostly in a few directories).
+    const PARENTS: usize = 8;
+
+    /// While one lives, walks on its thread reuse the directories recent walks opened: the
+    /// roots and state directories opened by path, and the last few parent directories
+    /// reached. A batch of a thousand files in one directory then opens it once, not a
+    /// thousand times (three times each: to look, to install, to see the watcher's echo).
+    ///
+    /// What that changes: a kept directory is the one that stood at its path when it was
+    /// opened. Renamed or removed meanwhile by someone else, it is still the one acted in,
+    /// wherever it went: the race every walk-then-act has, over a longer window. So the
+    /// window is kept short: ferry's own removals and renames of directories forget
+    /// everything, a directory is kept at most [`FRESH`], and a guard spans one batch. Its
+    /// thread only: a walk on another thread opens its own.
+    #[derive(Debug)]
+    pub struct Reuse {
+        _this_thread: PhantomData<*const ()>,
+    }
+
+    struct Kept {
+        since: Instant,
+        by_path: Vec<(PathBuf, Dir)>,
+        parents: Vec<(PathBuf, String, Dir)>,
+    }
+
+    thread_local! {
+        static GUARDS: Cell<u32> = const { Cell::new(0) };
+        static KEPT: RefCell<Option<Kept>> = const { RefCell::new(None) };
+    }
+
+    impl Reuse {
+        /// Starts reusing (nested guards share the outer one's directories).
+        pub fn start() -> Reuse {
+            GUARDS.with(|g| g.set(g.get() + 1));
+            Reuse {
+                _this_thread: PhantomData,
+            }
+        }
+    }
+
+    impl Drop for Reuse {
+        fn drop(&mut self) {
+            let left = GUARDS.with(|g| {
+                g.set(g.get() - 1);
+                g.get()
+            });
+            if left == 0 {
+                KEPT.with(|k| k.borrow_mut().take());
+            }
+        }
+    }
+
+    /// Runs `f` on the kept directories if a guard lives (dropping stale ones first).
+    fn with_kept<T>(f: impl FnOnce(&mut Kept) -> Option<T>) -> Option<T> {
+        if GUARDS.with(Cell::get) == 0 {
+            return None;
+        }
+        KEPT.with(|k| {
+            let mut k = k.borrow_mut();
+            let kept = k.get_or_insert_with(|| Kept {
+                since: Instant::now(),
+                by_path: Vec::new(),
+                parents: Vec::new(),
+            });
+            if kept.since.elapsed() > FRESH {
+                kept.by_path.clear();
+                kept.parents.clear();
+                kept.since = Instant::now();
+            }
+            f(kept)
+        })
+    }
+
+    /// The directory at `path` (a root or a state directory), opened by path.
+    pub(super) fn by_path(path: &Path) -> io::Result<Dir> {
+        let found = with_kept(|k| {
+            k.by_path
+                .iter()
+                .find(|(p, _)| p == path)
+                .map(|(_, d)| d.clone())
+        });
+        if let Some(dir) = found {
+            return Ok(dir);
+        }
+        let dir = Dir::root(path)?;
+        with_kept(|k| {
+            k.by_path.push((path.to_path_buf(), dir.clone()));
+            Some(())
+        });
+        Ok(dir)
+    }
+
+    /// The directory `dirs` beneath `root`, if a walk opened it lately.
+    pub(super) fn parent(root: &Path, dirs: &str) -> Option<Dir> {
+        with_kept(|k| {
+            k.parents
+                .iter()
+                .find(|(r, d, _)| d == dirs && r == root)
+                .map(|(_, _, dir)| dir.clone())
+        })
+    }
+
+    /// Keeps `dir`, just walked to as `dirs` beneath `root`.
+    pub(super) fn keep(root: &Path, dirs: &str, dir: &Dir) {
+        if dirs.is_empty() {
+            return; // the root itself: kept by path
+        }
+        with_kept(|k| {
+            if k.parents.len() == PARENTS {
+                k.parents.remove(0);
+            }
+            k.parents
+                .push((root.to_path_buf(), dirs.to_string(), dir.clone()));
+            Some(())
+        });
+    }
+
+    /// Forgets every kept directory: one may have been renamed or removed.
+    pub(super) fn forget() {
+        with_kept(|k| {
+            k.by_path.clear();
+            k.parents.clear();
+            Some(())
+        });
+    }
+}
+
+#[cfg(test)]
+impl Dir {
+    /// The same descriptor (a directory handed out again), not merely the same directory.
+    pub fn is(&self, other: &Dir) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 /// True if `e` says `rel` is not in the tree: missing, or a symlink or file stands where one

@@ -19,6 +19,7 @@ use smol::future::FutureExt;
 use smol::Async;
 
 use crate::agent::{self, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT};
+use crate::beneath::{self, Stat};
 use crate::core::entry::{Entry, Kind};
 use crate::core::path::RelPath;
 use crate::core::plan::{plan, rename_locally, Decision};
@@ -244,16 +245,16 @@ struct Session {
     renames: HashMap<RelPath, (u64, BTreeSet<RelPath>)>,
     /// Targets of the server's symlink changes, checked, until they are applied here.
     targets: HashMap<RelPath, String>,
-    /// Small files fetched in a pack ahead of their changes (see `prefetch`): the entry each
-    /// was fetched as, and its temporary file (durable, with that mode and mtime). Used
-    /// instead of a download if the change still wants that entry.
-    prefetched: HashMap<RelPath, (Entry, PathBuf)>,
+    /// Small files fetched in a pack ahead of their changes (see `ask_fetch`): the entry each
+    /// was fetched as, its temporary file (durable, with that mode and mtime) and that file's
+    /// stat. Used instead of a download if the change still wants that entry.
+    prefetched: HashMap<RelPath, (Entry, PathBuf, Stat)>,
 }
 
 impl Session {
     /// Forgets the files fetched ahead that no change used, and removes them.
     fn drop_prefetched(&mut self) {
-        for (_, (_, part)) in self.prefetched.drain() {
+        for (_, (_, part, _)) in self.prefetched.drain() {
             let _ = std::fs::remove_file(part);
         }
     }
@@ -944,13 +945,43 @@ impl Client {
     }
 
     async fn on_message(&mut self, s: &mut Session, msg: ServerMsg) -> anyhow::Result<()> {
+        // A batch of changes walks to the same few directories over and over.
+        let _reuse = beneath::Reuse::start();
         match msg {
-            ServerMsg::Changes(changes) => {
+            ServerMsg::Changes(mut changes) => {
+                s.more_changes(&mut changes);
+                // Small files come in packs, each covering a window of changes, pipelined:
+                // while a window's files are put in place, the next one's pack is written to
+                // the state directory on another thread, and the server reads the one after.
                 let mut fetched_to = 0;
+                let mut writing = None;
+                let mut asked = None;
                 for (i, c) in changes.iter().enumerate() {
                     if i == fetched_to {
                         s.drop_prefetched();
-                        fetched_to = i + self.prefetch(s, &changes[i..]).await?;
+                        let (covered, this) = match writing.take() {
+                            Some(w) => w,
+                            None => {
+                                let w = self.ask_fetch(s, &changes[i..]).await?;
+                                (w.covered, self.download_fetched(s, w).await?)
+                            }
+                        };
+                        fetched_to = i + covered;
+                        if fetched_to < changes.len() {
+                            let next = match asked.take() {
+                                Some(w) => w,
+                                None => self.ask_fetch(s, &changes[fetched_to..]).await?,
+                            };
+                            let after = fetched_to + next.covered;
+                            if after < changes.len() {
+                                asked = Some(self.ask_fetch(s, &changes[after..]).await?);
+                            }
+                            writing = Some((next.covered, self.download_fetched(s, next).await?));
+                        }
+                        if let Some(task) = this {
+                            let fetched = task.await?;
+                            self.take_fetched(s, fetched);
+                        }
                     }
                     self.on_change(s, c.clone()).await?;
                     if let Some(p) = &mut s.progress {
@@ -1390,75 +1421,76 @@ impl Client {
             Some(e) if e.kind == Kind::Symlink => self.take_link(s, path, e),
             Some(e) => {
                 let tmp = fsops::partial_path(&root, &e.hash);
-                let prefetched = s.prefetched.remove(path);
-                let (synced, downloaded) = match prefetched {
-                    Some((fetched, part)) if fetched == e => match std::fs::File::open(&part) {
-                        Ok(file) => (
-                            true,
-                            Ok(crate::data::Downloaded {
-                                file,
-                                path: part,
-                                transferred: e.size,
-                            }),
-                        ),
-                        Err(_) => (false, self.download(s, path, &e, tmp).await),
-                    },
+                // A fetched small file is used if it is still the one written (else downloaded).
+                let fetched = match s.prefetched.remove(path) {
+                    Some((fetched, part, meta)) if fetched == e && still_written(&part, &meta) => {
+                        Some((part, meta))
+                    }
                     other => {
-                        if let Some((_, part)) = other {
+                        if let Some((_, part, _)) = other {
                             let _ = std::fs::remove_file(part);
                         }
-                        (false, self.download(s, path, &e, tmp).await)
+                        None
                     }
                 };
-                let downloaded = match downloaded {
-                    Ok(d) => d,
-                    Err(DownloadError::Changed(why)) => {
-                        // A newer change for this path is on its way.
-                        log::debug!("{why}");
-                        return Ok(());
-                    }
-                    Err(DownloadError::Local(err)) => {
-                        log::error!("cannot download {path}: {err:#}");
-                        return Ok(());
-                    }
-                    Err(DownloadError::Transport(err)) => return Err(err),
+                let downloaded = match &fetched {
+                    Some(_) => None,
+                    None => match self.download(s, path, &e, tmp).await {
+                        Ok(d) => Some(d),
+                        Err(DownloadError::Changed(why)) => {
+                            // A newer change for this path is on its way.
+                            log::debug!("{why}");
+                            return Ok(());
+                        }
+                        Err(DownloadError::Local(err)) => {
+                            log::error!("cannot download {path}: {err:#}");
+                            return Ok(());
+                        }
+                        Err(DownloadError::Transport(err)) => return Err(err),
+                    },
                 };
+                let synced = fetched.is_some();
                 let rel = path.clone();
                 let entry = e.clone();
                 // What the download replaces must still be what the plan saw.
                 let expect = self.tree.get(path).cloned();
                 self.applying.insert(path.clone(), e.clone());
                 self.flush();
-                let transferred = downloaded.transferred;
-                let install = if synced {
-                    fsops::install_unsynced
-                } else {
-                    fsops::install_file
-                };
-                let apply = move || {
-                    install(
-                        &root,
-                        downloaded.file,
-                        &downloaded.path,
-                        &rel,
-                        &entry,
-                        expect.as_ref(),
-                    )
-                    .inspect(|i| {
-                        if matches!(i, fsops::Install::ChangedHere) {
-                            let _ = std::fs::remove_file(&downloaded.path);
+                let transferred = downloaded.as_ref().map_or(e.size, |d| d.transferred);
+                let installed = match (fetched, downloaded) {
+                    // Synced already, and a trip to a thread would cost more than the rename.
+                    (Some((part, meta)), _) => {
+                        let installed = fsops::install_unsynced(
+                            &root,
+                            &meta,
+                            &part,
+                            &rel,
+                            &entry,
+                            expect.as_ref(),
+                        );
+                        if !matches!(installed, Ok(fsops::Install::Done { .. })) {
+                            let _ = std::fs::remove_file(&part);
                         }
-                    })
-                    .inspect_err(|_| {
-                        let _ = std::fs::remove_file(&downloaded.path);
-                    })
-                };
-                // A fetched small file (synced already) is put in place here: a trip to a
-                // thread would cost more than the rename.
-                let installed = if synced {
-                    apply()
-                } else {
-                    smol::unblock(apply).await
+                        installed
+                    }
+                    (None, Some(d)) => {
+                        smol::unblock(move || {
+                            let installed = fsops::install_file(
+                                &root,
+                                d.file,
+                                &d.path,
+                                &rel,
+                                &entry,
+                                expect.as_ref(),
+                            );
+                            if !matches!(installed, Ok(fsops::Install::Done { .. })) {
+                                let _ = std::fs::remove_file(&d.path);
+                            }
+                            installed
+                        })
+                        .await
+                    }
+                    (None, None) => unreachable!("a file is fetched or downloaded"),
                 };
                 if synced && matches!(installed, Ok(fsops::Install::Done { .. })) {
                     // Not durable until the next `sync`: its `applying` record stays until then.
@@ -1522,11 +1554,11 @@ impl Client {
         downloaded
     }
 
-    /// Fetches, in packs, the bytes of the small files that `changes` (from their start) are
-    /// likely to need, so they do not each cost a data connection. A hint only: what the
-    /// changes then decide is unchanged, and bytes no change uses are dropped. Returns how
-    /// many changes the window covered (at least one).
-    async fn prefetch(&mut self, s: &mut Session, changes: &[Change]) -> anyhow::Result<usize> {
+    /// Asks the server for a pack of the small files that `changes` (from their start) are
+    /// likely to need, so they do not each cost a data connection (`take_fetched` takes it).
+    /// A hint only: what the changes then decide is unchanged, and bytes no change uses are
+    /// dropped.
+    async fn ask_fetch(&mut self, s: &mut Session, changes: &[Change]) -> anyhow::Result<Window> {
         let mut items = Vec::new();
         let mut bytes = 0;
         let mut covered = 0;
@@ -1553,10 +1585,31 @@ impl Client {
             covered += 1;
         }
         // One file gains nothing from a pack.
-        if items.len() < 2 {
-            return Ok(covered.max(1));
-        }
-        let (staged, present) = s.fetch(items.clone()).await?;
+        let id = if items.len() < 2 {
+            items.clear();
+            None
+        } else {
+            Some(s.ask_fetch(items.clone()).await?)
+        };
+        Ok(Window {
+            covered: covered.max(1),
+            items,
+            id,
+        })
+    }
+
+    /// Waits for the pack `window` asked for and downloads it; its files are checked and
+    /// written to the state directory on another thread (the task), while this one goes on.
+    async fn download_fetched(
+        &mut self,
+        s: &mut Session,
+        window: Window,
+    ) -> anyhow::Result<Option<smol::Task<anyhow::Result<Fetched>>>> {
+        let Window { items, id, .. } = window;
+        let Some(id) = id else {
+            return Ok(None);
+        };
+        let (staged, present) = s.fetched(id).await?;
         if present.len() != items.len() {
             bail!(
                 "protocol error: the server answered a fetch of {} files with {}",
@@ -1565,7 +1618,7 @@ impl Client {
             );
         }
         if staged.is_empty() {
-            return Ok(covered);
+            return Ok(None);
         }
         let packed = s.data.download_staged(&staged, PACK_MAX_BYTES).await?;
         log::debug!(
@@ -1573,42 +1626,23 @@ impl Client {
             present.iter().filter(|p| **p).count(),
             packed.len()
         );
-        let mut rest = &packed[..];
-        for ((path, e), here) in items.into_iter().zip(present) {
-            if !here {
-                continue;
-            }
-            if (rest.len() as u64) < e.size {
-                bail!("protocol error: the server's pack {staged} is shorter than its files");
-            }
-            let (part, tail) = rest.split_at(e.size as usize);
-            rest = tail;
-            if *blake3::hash(part).as_bytes() != e.hash {
-                continue;
-            }
-            let tmp = fsops::fetched_path(&self.cfg.root, &path, &e.hash);
-            match fsops::write_unsynced(&tmp, part, &e) {
-                Ok(()) => {
-                    // The same path twice in a window: the newer one counts (same content,
-                    // same file: nothing to remove).
-                    if let Some((_, old)) = s.prefetched.insert(path, (e, tmp.clone())) {
-                        if old != tmp {
-                            let _ = std::fs::remove_file(old);
-                        }
-                    }
-                }
-                Err(err) => {
-                    let _ = std::fs::remove_file(&tmp);
-                    log::debug!("cannot write a fetched file to {}: {err}", tmp.display());
+        let root = self.cfg.root.clone();
+        Ok(Some(smol::unblock(move || {
+            write_fetched(&root, &staged, &packed, items, present)
+        })))
+    }
+
+    /// Hands the files of a fetched pack to `take_remote`.
+    fn take_fetched(&mut self, s: &mut Session, fetched: Fetched) {
+        for (path, e, tmp, meta) in fetched {
+            // The same path twice in a window: the newer one counts (same content, same
+            // file: nothing to remove).
+            if let Some((_, old, _)) = s.prefetched.insert(path, (e, tmp.clone(), meta)) {
+                if old != tmp {
+                    let _ = std::fs::remove_file(old);
                 }
             }
         }
-        // One sync for the lot, where each download would have had its own fsync.
-        if let Err(err) = fsops::sync_fs(&fsops::tmp_dir(&self.cfg.root)) {
-            log::debug!("cannot sync fetched files: {err}; they are downloaded one by one");
-            s.drop_prefetched();
-        }
-        Ok(covered)
     }
 
     /// Removes the symlink the cache knows at `path` (the link itself), so a directory can take
@@ -1974,6 +2008,61 @@ enum Staged {
     From(Box<Resume>),
 }
 
+/// The files of a fetched pack, written to the state directory: path, entry, where, what.
+type Fetched = Vec<(RelPath, Entry, PathBuf, Stat)>;
+
+/// Checks the files of the pack `packed` (staged as `staged`) against their entries (`items`,
+/// those `present`) and writes them to the state directory, made durable with one sync for
+/// the lot where each download would have had its own fsync.
+fn write_fetched(
+    root: &std::path::Path,
+    staged: &str,
+    packed: &[u8],
+    items: Vec<(RelPath, Entry)>,
+    present: Vec<bool>,
+) -> anyhow::Result<Fetched> {
+    let _reuse = beneath::Reuse::start();
+    let mut written = Vec::new();
+    let mut rest = packed;
+    for ((path, e), here) in items.into_iter().zip(present) {
+        if !here {
+            continue;
+        }
+        if (rest.len() as u64) < e.size {
+            bail!("protocol error: the server's pack {staged} is shorter than its files");
+        }
+        let (part, tail) = rest.split_at(e.size as usize);
+        rest = tail;
+        if *blake3::hash(part).as_bytes() != e.hash {
+            continue;
+        }
+        let tmp = fsops::fetched_path(root, &path, &e.hash);
+        match fsops::write_unsynced(&tmp, part, &e) {
+            Ok(meta) => written.push((path, e, tmp, meta)),
+            Err(err) => {
+                let _ = std::fs::remove_file(&tmp);
+                log::debug!("cannot write a fetched file to {}: {err}", tmp.display());
+            }
+        }
+    }
+    if let Err(err) = fsops::sync_fs(&fsops::tmp_dir(root)) {
+        log::debug!("cannot sync fetched files: {err}; they are downloaded one by one");
+        for (_, _, tmp, _) in written.drain(..) {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+    Ok(written)
+}
+
+/// True if the fetched file `part` is still the one written as `meta` (a stat: no open).
+fn still_written(part: &std::path::Path, meta: &Stat) -> bool {
+    beneath::state_parent(part)
+        .and_then(|(dir, name)| dir.stat(name))
+        .is_ok_and(|now| {
+            now.ino == meta.ino && now.len == meta.len && now.mtime_ns == meta.mtime_ns
+        })
+}
+
 /// This replica's random identity, kept in its state directory (created on first start).
 fn replica_id(root: &std::path::Path) -> std::io::Result<[u8; 16]> {
     let path = fsops::state_dir(root).join("replica.id");
@@ -2005,7 +2094,43 @@ fn hash_prefix(mut file: std::fs::File, len: u64) -> Option<blake3::Hasher> {
     (n == len).then_some(hasher)
 }
 
+/// How many changes `Session::more_changes` gathers for one call of `on_message`.
+const MERGED_CHANGES: usize = 16 * 1024;
+
+/// A window of changes whose small files were asked for in one pack.
+struct Window {
+    /// How many changes it spans.
+    covered: usize,
+    /// The files asked for.
+    items: Vec<(RelPath, Entry)>,
+    /// The fetch's id; `None`: too few files to be worth a pack, nothing asked.
+    id: Option<u64>,
+}
+
 impl Session {
+    /// Appends to `changes` the `Changes` frames that follow it, as far as they are here
+    /// already (at most `MERGED_CHANGES` changes): a first sync's listing comes in many
+    /// frames, and its packs are pipelined only within one call (see `on_message`). Other
+    /// messages keep their order.
+    fn more_changes(&mut self, changes: &mut Vec<Change>) {
+        while changes.len() < MERGED_CHANGES {
+            let next = match self.deferred.pop_front() {
+                Some(m) => m,
+                None => match self.inbox.try_recv() {
+                    Ok(m) => m,
+                    Err(_) => return,
+                },
+            };
+            match next {
+                ServerMsg::Changes(more) => changes.extend(more),
+                other => {
+                    self.deferred.push_front(other);
+                    return;
+                }
+            }
+        }
+    }
+
     /// Asks the server about a file and waits for the answer: (size, hash of the prefix).
     async fn probe(
         &mut self,
@@ -2115,12 +2240,27 @@ impl Session {
             .map_err(|_| anyhow!("lost the connection to the server"))
     }
 
-    /// Asks the server for a pack of `items` and waits for its answer: the pack's staged name
-    /// and which items it holds.
-    async fn fetch(&mut self, items: Vec<(RelPath, Entry)>) -> anyhow::Result<(String, Vec<bool>)> {
+    /// Asks the server for a pack of `items`; `fetched` waits for the answer.
+    async fn ask_fetch(&mut self, items: Vec<(RelPath, Entry)>) -> anyhow::Result<u64> {
         self.next_id += 1;
         let id = self.next_id;
         self.send(ClientMsg::Fetch { id, items }).await?;
+        Ok(id)
+    }
+
+    /// Waits for the answer to the fetch `id`: the pack's staged name and which items it
+    /// holds. It may have come while another answer was awaited (and been kept for later).
+    async fn fetched(&mut self, id: u64) -> anyhow::Result<(String, Vec<bool>)> {
+        let kept = self
+            .deferred
+            .iter()
+            .position(|m| matches!(m, ServerMsg::Fetched { id: got, .. } if *got == id));
+        if let Some(ServerMsg::Fetched {
+            staged, present, ..
+        }) = kept.and_then(|i| self.deferred.remove(i))
+        {
+            return Ok((staged, present));
+        }
         self.answer("fetching files", |m| match m {
             ServerMsg::Fetched {
                 id: got,

@@ -12,7 +12,7 @@
 
 use std::fs::{self, File, FileTimes, Permissions};
 use std::io;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -20,7 +20,7 @@ use crate::beneath::{self, Dir, Stat};
 use crate::core::entry::{Entry, Kind};
 use crate::core::path::{RelPath, STATE_DIR};
 use crate::core::renames::Seen;
-use crate::scan::{dir_seen, mtime_ns};
+use crate::scan::dir_seen;
 
 /// `<root>/.ferry`.
 pub fn state_dir(root: &Path) -> PathBuf {
@@ -63,22 +63,19 @@ pub fn partial_path(root: &Path, hash: &crate::core::entry::Hash) -> PathBuf {
 }
 
 /// Creates the temporary file `tmp` holding `bytes` with `entry`'s mode and mtime, for
-/// `install_unsynced`. (On Android it is fsynced here: shared storage is a FUSE filesystem,
-/// where `syncfs` may not reach it.)
-pub fn write_unsynced(tmp: &Path, bytes: &[u8], entry: &Entry) -> io::Result<()> {
+/// `install_unsynced`, and returns what it now is. (On Android it is fsynced here: shared
+/// storage is a FUSE filesystem, where `syncfs` may not reach it.)
+pub fn write_unsynced(tmp: &Path, bytes: &[u8], entry: &Entry) -> io::Result<Stat> {
     use std::io::Write;
-    let mut file = File::options()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(tmp)?;
+    let (dir, name) = beneath::state_parent(tmp)?;
+    let mut file = dir.create_file(name)?;
     file.write_all(bytes)?;
     file.set_permissions(Permissions::from_mode(entry.mode))?;
     file.set_times(FileTimes::new().set_modified(system_time(entry.mtime_ns)))?;
     if cfg!(target_os = "android") {
         file.sync_all()?;
     }
-    Ok(())
+    Ok(Stat::from(&file.metadata()?))
 }
 
 /// Makes everything written to the filesystem holding `dir` durable: one `syncfs` for a
@@ -206,48 +203,48 @@ pub fn install_file(
     file.set_permissions(Permissions::from_mode(entry.mode))?;
     file.set_times(FileTimes::new().set_modified(system_time(entry.mtime_ns)))?;
     file.sync_all()?;
-    place(root, file, tmp, rel, entry, expect, true)
+    let meta = Stat::from(&file.metadata()?);
+    drop(file);
+    place(root, &meta, tmp, rel, entry, expect, true)
 }
 
-/// `install_file` for a temporary file written by `write_unsynced`, synced neither before
-/// nor after its rename: an fsync per small file costs more than writing it. The caller makes
-/// a batch of these durable with one `sync_fs` before it records any of them durably (the
-/// server before it journals the commits; a client keeps them in its `applying` record until
-/// then).
+/// `install_file` for a temporary file written by `write_unsynced` (`meta`: what it returned),
+/// synced neither before nor after its rename: an fsync per small file costs more than writing
+/// it. The caller makes a batch of these durable with one `sync_fs` before it records any of
+/// them durably (the server before it journals the commits; a client keeps them in its
+/// `applying` record until then).
 pub fn install_unsynced(
     root: &Path,
-    file: File,
+    meta: &Stat,
     tmp: &Path,
     rel: &RelPath,
     entry: &Entry,
     expect: Option<&Seen>,
 ) -> io::Result<Install> {
-    place(root, file, tmp, rel, entry, expect, false)
+    place(root, meta, tmp, rel, entry, expect, false)
 }
 
-/// Renames the temporary file into place (see `install_file`); `sync_dir`: fsync the
-/// directory after the rename.
+/// Renames the temporary file (`meta`: what it is) into place (see `install_file`);
+/// `sync_dir`: fsync the directory after the rename.
 fn place(
     root: &Path,
-    file: File,
+    meta: &Stat,
     tmp: &Path,
     rel: &RelPath,
     entry: &Entry,
     expect: Option<&Seen>,
     sync_dir: bool,
 ) -> io::Result<Install> {
-    let meta = file.metadata()?;
     let seen = Seen {
         entry: Entry {
             kind: Kind::File,
-            size: meta.len(),
-            mtime_ns: mtime_ns(&meta),
-            mode: meta.mode() & 0o7777,
+            size: meta.len,
+            mtime_ns: meta.mtime_ns,
+            mode: meta.perm(),
             hash: entry.hash,
         },
-        ino: meta.ino(),
+        ino: meta.ino,
     };
-    drop(file);
     let (tmp_dir, tmp_name) = beneath::state_parent(tmp)?;
     let (dir, name, created) = parent_made(root, rel)?;
     let aside = tmp.with_extension("replaced");
@@ -547,6 +544,8 @@ fn move_noreplace(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scan::mtime_ns;
+    use std::os::unix::fs::MetadataExt;
 
     fn tmp(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("ferry-fsops-{name}-{}", std::process::id()));
@@ -581,6 +580,67 @@ mod tests {
         let meta = fs::metadata(root.join("new/dir/f.txt")).unwrap();
         assert_eq!(mtime_ns(&meta), entry.mtime_ns);
         assert_eq!(meta.mode() & 0o7777, 0o640);
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn walks_reuse_directories_only_while_a_guard_lives() {
+        let root = tmp("reuse");
+        fs::create_dir_all(root.join("a/b")).unwrap();
+        let rel: RelPath = "a/b/f".parse().unwrap();
+        let walk = || beneath::parent(&root, &rel, None).unwrap().0;
+        assert!(!walk().is(&walk()), "reused with no guard");
+        let kept = {
+            let _reuse = beneath::Reuse::start();
+            let first = walk();
+            assert!(first.is(&walk()), "not reused under a guard");
+            {
+                let _inner = beneath::Reuse::start();
+                assert!(
+                    first.is(&walk()),
+                    "an inner guard dropped what the outer kept"
+                );
+            }
+            assert!(
+                first.is(&walk()),
+                "an inner guard's end dropped what the outer kept"
+            );
+            first
+        };
+        assert!(!kept.is(&walk()), "reused after the guard");
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_directory_ferry_removes_or_renames_is_not_reused() {
+        let root = tmp("reuse-moved");
+        let _reuse = beneath::Reuse::start();
+        let put = |rel: &str| {
+            let t = tmp_path(&root);
+            let e = file_entry(rel.as_bytes());
+            let meta = write_unsynced(&t, rel.as_bytes(), &e).unwrap();
+            let rel: RelPath = rel.parse().unwrap();
+            let done = install_unsynced(&root, &meta, &t, &rel, &e, None);
+            assert!(matches!(done, Ok(Install::Done { .. })), "{rel}: {done:?}");
+        };
+        // Removed, then made again by the next install: the new one is written.
+        put("a/f");
+        assert_eq!(
+            remove(&root, &"a/f".parse().unwrap()).unwrap(),
+            Removed::Gone
+        );
+        assert_eq!(remove(&root, &"a".parse().unwrap()).unwrap(), Removed::Gone);
+        put("a/g");
+        assert_eq!(fs::read(root.join("a/g")).unwrap(), b"a/g");
+        // Renamed away: a file for its old path goes to a new directory there, not with it.
+        put("b/x");
+        rename_noreplace(&root, &"b".parse().unwrap(), &"c".parse().unwrap()).unwrap();
+        put("b/y");
+        assert_eq!(fs::read(root.join("b/y")).unwrap(), b"b/y");
+        assert!(
+            !root.join("c/y").exists(),
+            "written into the renamed directory"
+        );
         fs::remove_dir_all(&root).unwrap();
     }
 

@@ -170,12 +170,16 @@ impl Tree {
     /// Whether `path` is ignored here. `is_dir` says what it is if the caller knows (an entry
     /// from elsewhere); otherwise the disk, then the cache, tell.
     pub fn ignores(&self, path: &RelPath, is_dir: Option<bool>) -> bool {
-        let rel = p(path);
-        if let Some(is_dir) = is_dir {
-            return self.rules.is_ignored(rel, is_dir);
+        match is_dir {
+            Some(is_dir) => self.rules.is_ignored(p(path), is_dir),
+            None => self.ignored_here(p(path)),
         }
-        // What it is on disk matters only where a rule matches one kind (`dir/`): the disk
-        // is looked at only then, not for every path of a first sync.
+    }
+
+    /// Whether the rules hide `rel`, as whatever it is on disk. That matters only where a
+    /// rule matches one kind (`dir/`): the disk is looked at only then, not for every path of
+    /// a first sync.
+    fn ignored_here(&self, rel: &Path) -> bool {
         let as_file = self.rules.is_ignored(rel, false);
         if as_file == self.rules.is_ignored(rel, true) {
             return as_file;
@@ -443,7 +447,7 @@ impl Tree {
                 Vec::new()
             });
         }
-        if self.rules.is_ignored(rel, self.is_dir_here(rel)) {
+        if self.ignored_here(rel) {
             return Vec::new();
         }
         let Some(path) = self.rel_path(rel) else {

@@ -326,6 +326,7 @@ fn build_pack(
     pack: &Path,
 ) -> anyhow::Result<Vec<bool>> {
     use std::io::Read;
+    let _reuse = crate::beneath::Reuse::start();
     let mut bytes = Vec::new();
     let present = wanted
         .iter()
@@ -824,6 +825,8 @@ impl Server {
     }
 
     async fn handle(&mut self, ev: Event) {
+        // An event (a pack's commits, a batch of hints) walks to the same few directories.
+        let _reuse = crate::beneath::Reuse::start();
         match ev {
             Event::Connected {
                 id,
@@ -1629,19 +1632,13 @@ impl Server {
                 let _ = std::fs::remove_file(&staged_path);
                 return Ok(None);
             }
-            let install = if in_pack {
-                fsops::install_unsynced
+            let expect = expect.as_ref();
+            Ok(Some(if in_pack {
+                let meta = crate::beneath::Stat::from(&meta);
+                fsops::install_unsynced(&root, &meta, &staged_path, &rel, &entry, expect)?
             } else {
-                fsops::install_file
-            };
-            Ok(Some(install(
-                &root,
-                file,
-                &staged_path,
-                &rel,
-                &entry,
-                expect.as_ref(),
-            )?))
+                fsops::install_file(&root, file, &staged_path, &rel, &entry, expect)?
+            }))
         };
         // Hashing and fsync are slow: off the executor's threads, unless this is a small file
         // of a pack (synced already), where the trip to a thread would cost more.
