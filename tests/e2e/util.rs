@@ -269,7 +269,8 @@ pub fn move_in_random(cl: &Cluster, root: &Path, name: &str, len: u64) -> Vec<u8
 /// The first file beneath `dir` (recursively) of at least `len` bytes.
 pub fn file_at_least(dir: &Path, len: u64) -> Option<PathBuf> {
     for e in fs::read_dir(dir).ok()?.flatten() {
-        let meta = e.metadata().ok()?;
+        // Gone since the listing (a temporary file put in place): not the one looked for.
+        let Ok(meta) = e.metadata() else { continue };
         if meta.is_dir() {
             if let Some(p) = file_at_least(&e.path(), len) {
                 return Some(p);
