@@ -1125,6 +1125,8 @@ impl Client {
     /// Sends what changed here: renames first, then every dirty path (parents before
     /// children, deletes children first).
     async fn sync_local(&mut self, s: &mut Session) -> anyhow::Result<()> {
+        // Packs read many files in the same few directories.
+        let _reuse = beneath::Reuse::start();
         for (from, to) in std::mem::take(&mut self.renames) {
             let Some(base_from) = self.base.get(&from).cloned() else {
                 continue;
@@ -1170,8 +1172,11 @@ impl Client {
                 agent::apply_order(dirty.into_iter().collect(), |p| tree.get(p).is_none());
             // Small files to send go in packs, and deletes of files in a row of commits sent
             // without waiting for each result, both in their place in the order.
+            // A pack is uploaded while the server commits the one before (`sending`), whose
+            // outcomes are taken before anything else is sent.
             let mut pack: Vec<PackItem> = Vec::new();
             let mut pack_bytes = 0;
+            let mut sending: Option<Uploaded> = None;
             let mut deletes: Vec<(RelPath, Entry)> = Vec::new();
             for path in ordered {
                 let item = self.packable(&path);
@@ -1181,8 +1186,14 @@ impl Client {
                         .as_ref()
                         .is_some_and(|i| pack_bytes + i.entry.size > PACK_MAX_BYTES);
                 if item.is_none() || full {
-                    self.send_pack(s, std::mem::take(&mut pack)).await?;
+                    let before = sending.take();
+                    sending = self.send_pack(s, std::mem::take(&mut pack), before).await?;
                     pack_bytes = 0;
+                }
+                if item.is_none() {
+                    if let Some(before) = sending.take() {
+                        self.finish_pack(s, before).await?;
+                    }
                 }
                 if delete.is_none() || deletes.len() == PACK_MAX_ITEMS {
                     self.send_deletes(s, std::mem::take(&mut deletes)).await?;
@@ -1197,7 +1208,9 @@ impl Client {
                     self.resolve(s, &path, remote, None, 0).await?;
                 }
             }
-            self.send_pack(s, pack).await?;
+            if let Some(last) = self.send_pack(s, pack, sending).await? {
+                self.finish_pack(s, last).await?;
+            }
             self.send_deletes(s, deletes).await?;
         }
         Ok(())
@@ -1781,16 +1794,41 @@ impl Client {
         Ok(())
     }
 
-    /// Sends the files of `items` in one pack: one upload, one round trip. A file that changed
-    /// since it was scanned is left for its next change; one the server refused is decided
-    /// again, as `resolve` would after a single commit. A lone file goes the usual way.
-    async fn send_pack(&mut self, s: &mut Session, items: Vec<PackItem>) -> anyhow::Result<()> {
+    /// Uploads `items` in one pack (`upload_pack`) while the server commits the pack `before`,
+    /// whose outcomes are taken after; returns the pack now in flight. Nothing else is sent
+    /// before those outcomes are taken: a lone file (sent alone) waits for them.
+    async fn send_pack(
+        &mut self,
+        s: &mut Session,
+        items: Vec<PackItem>,
+        mut before: Option<Uploaded>,
+    ) -> anyhow::Result<Option<Uploaded>> {
+        if items.len() < 2 {
+            if let Some(b) = before.take() {
+                self.finish_pack(s, b).await?;
+            }
+        }
+        let uploaded = self.upload_pack(s, items).await?;
+        if let Some(b) = before {
+            self.finish_pack(s, b).await?;
+        }
+        Ok(uploaded)
+    }
+
+    /// Sends the files of `items` in one pack: one upload, and its commit (`finish_pack` takes
+    /// the outcomes). A file that changed since it was scanned is left for its next change. A
+    /// lone file goes the usual way.
+    async fn upload_pack(
+        &mut self,
+        s: &mut Session,
+        items: Vec<PackItem>,
+    ) -> anyhow::Result<Option<Uploaded>> {
         if items.len() < 2 {
             for item in items {
                 let remote = self.base.get(&item.path).cloned();
                 self.resolve(s, &item.path, remote, None, 0).await?;
             }
-            return Ok(());
+            return Ok(None);
         }
         let mut bytes = Vec::new();
         let mut sent = Vec::with_capacity(items.len());
@@ -1817,7 +1855,7 @@ impl Client {
             }
         }
         if sent.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         // Any fresh name will do (the server removes a pack once split): no need to hash the
         // whole pack again, its files were each hashed just now.
@@ -1836,8 +1874,15 @@ impl Client {
             bytes.len()
         );
         self.stats.sent_bytes += bytes.len() as u64;
-        let outcomes = s.commit_pack(name, sent.clone()).await?;
-        for (item, outcome) in sent.into_iter().zip(outcomes) {
+        let id = s.ask_commit_pack(name, sent.clone()).await?;
+        Ok(Some(Uploaded { id, sent }))
+    }
+
+    /// Waits for the outcomes of the pack `upload_pack` sent, and takes them: a file the server
+    /// refused is decided again, as `resolve` would after a single commit.
+    async fn finish_pack(&mut self, s: &mut Session, pack: Uploaded) -> anyhow::Result<()> {
+        let outcomes = s.pack_result(pack.id, pack.sent.len()).await?;
+        for (item, outcome) in pack.sent.into_iter().zip(outcomes) {
             let what = format!("{} bytes", item.entry.size);
             let path = item.path;
             if let Some(current) = self
@@ -2097,6 +2142,14 @@ fn hash_prefix(mut file: std::fs::File, len: u64) -> Option<blake3::Hasher> {
 /// How many changes `Session::more_changes` gathers for one call of `on_message`.
 const MERGED_CHANGES: usize = 16 * 1024;
 
+/// A pack uploaded and its commit sent, its outcomes not yet taken.
+struct Uploaded {
+    /// The commit's id.
+    id: u64,
+    /// The files it holds.
+    sent: Vec<PackItem>,
+}
+
 /// A window of changes whose small files were asked for in one pack.
 struct Window {
     /// How many changes it spans.
@@ -2249,19 +2302,9 @@ impl Session {
     }
 
     /// Waits for the answer to the fetch `id`: the pack's staged name and which items it
-    /// holds. It may have come while another answer was awaited (and been kept for later).
+    /// holds.
     async fn fetched(&mut self, id: u64) -> anyhow::Result<(String, Vec<bool>)> {
-        let kept = self
-            .deferred
-            .iter()
-            .position(|m| matches!(m, ServerMsg::Fetched { id: got, .. } if *got == id));
-        if let Some(ServerMsg::Fetched {
-            staged, present, ..
-        }) = kept.and_then(|i| self.deferred.remove(i))
-        {
-            return Ok((staged, present));
-        }
-        self.answer("fetching files", |m| match m {
+        self.kept_or_answer("fetching files", |m| match m {
             ServerMsg::Fetched {
                 id: got,
                 staged,
@@ -2272,20 +2315,45 @@ impl Session {
         .await
     }
 
-    /// Sends a pack's commit and waits for its outcomes, one per item, keeping other messages
-    /// for later.
-    async fn commit_pack(
+    /// `answer`, for a request sent a while ago: its answer may have come while another was
+    /// awaited, and been kept for later.
+    async fn kept_or_answer<T>(
+        &mut self,
+        doing: &str,
+        mut pick: impl FnMut(ServerMsg) -> ControlFlow<T, ServerMsg>,
+    ) -> anyhow::Result<T> {
+        let mut others = VecDeque::with_capacity(self.deferred.len());
+        while let Some(m) = self.deferred.pop_front() {
+            match pick(m) {
+                ControlFlow::Break(answer) => {
+                    others.append(&mut self.deferred);
+                    self.deferred = others;
+                    return Ok(answer);
+                }
+                ControlFlow::Continue(other) => others.push_back(other),
+            }
+        }
+        self.deferred = others;
+        self.answer(doing, pick).await
+    }
+
+    /// Sends a pack's commit; `pack_result` waits for its outcomes.
+    async fn ask_commit_pack(
         &mut self,
         staged: String,
         items: Vec<PackItem>,
-    ) -> anyhow::Result<Vec<Outcome>> {
+    ) -> anyhow::Result<u64> {
         self.next_id += 1;
         let id = self.next_id;
-        let n = items.len();
         self.send(ClientMsg::CommitPack { id, staged, items })
             .await?;
+        Ok(id)
+    }
+
+    /// Waits for the outcomes of the pack commit `id` of `n` files, one per file.
+    async fn pack_result(&mut self, id: u64, n: usize) -> anyhow::Result<Vec<Outcome>> {
         let outcomes = self
-            .answer("committing a pack", |m| match m {
+            .kept_or_answer("committing a pack", |m| match m {
                 ServerMsg::PackResult { id: got, outcomes } if got == id => {
                     ControlFlow::Break(outcomes)
                 }

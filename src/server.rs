@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use smol::Async;
 
 use crate::agent::{self, hex, AUTH_TIMEOUT, IDLE_TIMEOUT};
+use crate::beneath::Stat;
 use crate::core::entry::{check_target, Entry, Kind};
 use crate::core::index::{Index, Record, Retention, MARK_EVERY_SECS};
 use crate::core::path::RelPath;
@@ -155,6 +156,8 @@ enum Event {
     Msg {
         id: u64,
         msg: ClientMsg,
+        /// For a `CommitPack`: its files, split out while earlier events were handled.
+        split: Option<Split>,
     },
     Gone {
         id: u64,
@@ -196,6 +199,10 @@ struct Shared {
     /// What the handshake is bound to: the certificate's fingerprint (zeros in plaintext).
     channel: Channel,
     gate: Arc<Gate>,
+    /// Hashes the embedded FTP server took of uploads as they arrived (see `Server`).
+    receipts: Receipts,
+    /// Packs split so far: each one's files get fresh names.
+    packs_split: std::sync::atomic::AtomicU64,
 }
 
 struct Server {
@@ -222,9 +229,10 @@ struct Server {
     /// Commits accepted, and changes published, since the start.
     accepted: u64,
     published: u64,
-    /// Staged files of the pack being committed (see `split_pack`): durable already, so put
-    /// in place without syncs of their own; the pack's renames are synced once at its end.
-    pack_parts: HashSet<PathBuf>,
+    /// Files of the pack being committed, by the name its commits give them (see
+    /// `split_pack`): checked and durable already, so put in place without a hash or a sync of
+    /// their own; the pack's renames are synced once at its end.
+    pack_parts: HashMap<String, (PathBuf, Stat)>,
     /// Hashes the embedded FTP server took of uploads as they arrived.
     receipts: Receipts,
 }
@@ -279,11 +287,56 @@ fn open_staged(path: &Path) -> std::io::Result<std::fs::File> {
         .open(path)
 }
 
-/// Splits the pack at `pack` into staged files, one per entry, with the entry's size, mode
-/// and mtime (`<pack>-<i>`, beside it), makes them durable with one `sync_fs`, and removes
-/// the pack. The pack must hold exactly the entries' bytes, at most `PACK_MAX_BYTES`.
-fn split_pack(pack: &Path, entries: &[Entry]) -> anyhow::Result<Vec<PathBuf>> {
+/// A pack's files, being split out of it: what `split_pack` returns.
+type Split = smol::Task<anyhow::Result<Vec<Option<(PathBuf, Stat)>>>>;
+
+/// Starts splitting the pack a client (whose staging directory is `staging`) uploaded as
+/// `staged`, for the `items` of its `CommitPack`, on another thread: it is done by the time
+/// the server gets to that commit, if earlier ones kept it busy.
+fn start_split(shared: &Shared, staging: &str, staged: &str, items: &[PackItem]) -> Split {
+    let checked = if items.len() > PACK_MAX_ITEMS {
+        Err(anyhow::anyhow!(
+            "{} files in one pack (at most {PACK_MAX_ITEMS})",
+            items.len()
+        ))
+    } else {
+        staged_path(&shared.root, staging, staged)
+    };
+    let entries: Vec<Entry> = items.iter().map(|i| i.entry.clone()).collect();
+    let tmp = fsops::tmp_dir(&shared.root);
+    let n = shared
+        .packs_split
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let receipts = shared.receipts.clone();
+    smol::unblock(move || {
+        let pack = checked?;
+        receipts.forget(&pack);
+        split_pack(&pack, &tmp, &format!("k{n}"), &entries)
+    })
+}
+
+/// Waits for a split whose commit will not be made, and removes its files.
+async fn discard(split: Split) {
+    if let Ok(parts) = split.await {
+        for (path, _) in parts.into_iter().flatten() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Splits the pack at `pack` into one file per entry, in the state directory's `tmp` (out of
+/// the client's reach) as `<prefix>-<i>`, each with its entry's size, mode and mtime. The pack
+/// is removed; it must hold exactly the entries' bytes, at most `PACK_MAX_BYTES`. A file whose
+/// bytes do not match its entry's hash is not written (`None`); the others are made durable
+/// with one `sync_fs` and returned with what they are.
+fn split_pack(
+    pack: &Path,
+    tmp: &Path,
+    prefix: &str,
+    entries: &[Entry],
+) -> anyhow::Result<Vec<Option<(PathBuf, Stat)>>> {
     use std::io::Read;
+    let _reuse = crate::beneath::Reuse::start();
     let file =
         open_staged(pack).with_context(|| format!("staged pack {} is missing", pack.display()))?;
     let len = file.metadata()?.len();
@@ -306,14 +359,21 @@ fn split_pack(pack: &Path, entries: &[Entry]) -> anyhow::Result<Vec<PathBuf>> {
     for (i, e) in entries.iter().enumerate() {
         let (part, tail) = rest.split_at(e.size as usize);
         rest = tail;
-        let mut name = pack.as_os_str().to_owned();
-        name.push(format!("-{i}"));
-        let path = PathBuf::from(name);
-        fsops::write_unsynced(&path, part, e)?;
-        parts.push(path);
+        if *blake3::hash(part).as_bytes() != e.hash {
+            parts.push(None);
+            continue;
+        }
+        let path = tmp.join(format!("{prefix}-{i}"));
+        let meta = fsops::write_unsynced(&path, part, e).inspect_err(|_| {
+            let _ = std::fs::remove_file(&path);
+        })?;
+        parts.push(Some((path, meta)));
     }
-    if let Some(dir) = pack.parent() {
-        fsops::sync_fs(dir)?;
+    if let Err(e) = fsops::sync_fs(tmp) {
+        for (path, _) in parts.iter().flatten() {
+            let _ = std::fs::remove_file(path);
+        }
+        return Err(e.into());
     }
     Ok(parts)
 }
@@ -449,7 +509,7 @@ async fn serve(cfg: ServerConfig, stop: Receiver<nix::sys::signal::Signal>) -> a
         counted_at: None,
         accepted: 0,
         published: 0,
-        pack_parts: HashSet::new(),
+        pack_parts: HashMap::new(),
         receipts: Receipts::default(),
     };
     log::info!("scanning {}", root.display());
@@ -525,6 +585,8 @@ async fn serve(cfg: ServerConfig, stop: Receiver<nix::sys::signal::Signal>) -> a
             .0,
         tls: identity.map(|id| id.config),
         gate: Gate::new(cfg.max_connections),
+        receipts: server.receipts.clone(),
+        packs_split: Default::default(),
     });
     smol::spawn(accept_loop(listener, shared, events_tx.clone())).detach();
     {
@@ -748,7 +810,7 @@ async fn connection(
         .send(Event::Connected {
             id,
             name: name.clone(),
-            staging,
+            staging: staging.clone(),
             tx,
             socket: socket.clone(),
         })
@@ -762,7 +824,13 @@ async fn connection(
         .await
         {
             Ok(msg) => {
-                if events.send(Event::Msg { id, msg }).await.is_err() {
+                let split = match &msg {
+                    ClientMsg::CommitPack { staged, items, .. } => {
+                        Some(start_split(&shared, &staging, staged, items))
+                    }
+                    _ => None,
+                };
+                if events.send(Event::Msg { id, msg, split }).await.is_err() {
                     break;
                 }
             }
@@ -856,7 +924,7 @@ impl Server {
                 // Its staging area stays: a broken upload resumes there when it is back.
                 self.clients.remove(&id);
             }
-            Event::Msg { id, msg } => self.on_message(id, msg).await,
+            Event::Msg { id, msg, split } => self.on_message(id, msg, split).await,
             Event::Hints(hints) => match agent::scan_hints(&mut self.tree, hints) {
                 Ok(changes) => {
                     let out = self.ingest(changes);
@@ -873,7 +941,7 @@ impl Server {
         }
     }
 
-    async fn on_message(&mut self, id: u64, msg: ClientMsg) {
+    async fn on_message(&mut self, id: u64, msg: ClientMsg, split: Option<Split>) {
         match msg {
             ClientMsg::Subscribe { .. } if self.clients.get(&id).is_some_and(|c| c.subscribed) => {
                 // One listing per connection: a peer asking again and again (without reading)
@@ -983,10 +1051,12 @@ impl Server {
                 staged,
                 items,
             } => {
-                let Some((name, staging)) = self.committer(id) else {
+                let split = split.expect("a pack's split is started with its message");
+                let Some((name, _)) = self.committer(id) else {
+                    discard(split).await;
                     return;
                 };
-                let (outcomes, changes) = self.commit_pack(&name, &staging, &staged, items).await;
+                let (outcomes, changes) = self.commit_pack(&name, &staged, items, split).await;
                 if let Some(c) = self.clients.get(&id) {
                     let _ = c.tx.try_send(ServerMsg::PackResult { id: cid, outcomes });
                 }
@@ -1325,55 +1395,54 @@ impl Server {
         }
     }
 
-    /// Commits the items of a pack the client uploaded as `staged`. Each item's bytes become a
-    /// staged upload of their own (`<staged>-<i>`), committed exactly as a single `Put` is; what
-    /// is left of them (a conflict, a refusal) is removed: the client sends such a file again
-    /// on its own.
+    /// Commits the items of a pack the client uploaded as `staged`, split into one file each
+    /// (`split`, see `start_split`). Each is committed as a single `Put` is; what is left of
+    /// them (a conflict, a refusal) is removed: the client sends such a file again on its own.
     async fn commit_pack(
         &mut self,
         name: &str,
-        staging: &str,
         staged: &str,
         items: Vec<PackItem>,
+        split: Split,
     ) -> (Vec<Outcome>, Vec<Change>) {
         let n = items.len();
-        let fail_all = |reason: String| {
-            log::warn!("{name}: pack {staged} refused: {reason}");
-            (vec![Outcome::Failed { reason }; n], Vec::new())
-        };
-        if n > PACK_MAX_ITEMS {
-            return fail_all(format!("{n} files in one pack (at most {PACK_MAX_ITEMS})"));
-        }
-        let pack = match staged_path(&self.root, staging, staged) {
-            Ok(p) => p,
-            Err(e) => return fail_all(format!("{e:#}")),
-        };
-        self.receipts.forget(&pack);
-        let entries: Vec<Entry> = items.iter().map(|i| i.entry.clone()).collect();
-        let split = smol::unblock(move || split_pack(&pack, &entries)).await;
-        let parts = match split {
+        let parts = match split.await {
             Ok(parts) => parts,
-            Err(e) => return fail_all(format!("{e:#}")),
+            Err(e) => {
+                let reason = format!("{e:#}");
+                log::warn!("{name}: pack {staged} refused: {reason}");
+                return (vec![Outcome::Failed { reason }; n], Vec::new());
+            }
         };
         let mut outcomes = Vec::with_capacity(n);
         let mut changes = Vec::new();
-        self.pack_parts.extend(parts.iter().cloned());
-        for (item, part) in items.into_iter().zip(&parts) {
-            let part_name = part.file_name().unwrap_or_default().to_string_lossy();
-            let op = Op::Put {
-                staged: Some(part_name.into_owned()),
-                entry: item.entry,
+        for (i, (item, part)) in items.into_iter().zip(parts).enumerate() {
+            let (outcome, more) = match part {
+                None => {
+                    let reason = format!("{}: uploaded bytes do not match their hash", item.path);
+                    (Outcome::Failed { reason }, Vec::new())
+                }
+                Some(part) => {
+                    // A name no upload can have (see `staged_path`): only this pack's part.
+                    let part_name = format!("pack.{i}");
+                    self.pack_parts.insert(part_name.clone(), part);
+                    let op = Op::Put {
+                        staged: Some(part_name),
+                        entry: item.entry,
+                    };
+                    // No staging directory: the part is found by its name.
+                    self.commit(name, "", &item.path, op, item.base).await
+                }
             };
-            let (outcome, more) = self.commit(name, staging, &item.path, op, item.base).await;
             if let Outcome::Failed { reason } = &outcome {
                 log::warn!("{name}: commit of {} failed: {reason}", item.path);
             }
             outcomes.push(outcome);
             changes.extend(more);
         }
-        for part in parts {
-            self.pack_parts.remove(&part);
-            let _ = std::fs::remove_file(part);
+        // What was not put in place (refused, or there already).
+        for (_, (path, _)) in self.pack_parts.drain() {
+            let _ = std::fs::remove_file(path);
         }
         // The parts were renamed into place unsynced: durable now, before the commits are
         // journaled (after this event) and announced.
@@ -1609,13 +1678,23 @@ impl Server {
         entry: Entry,
         changes: &mut Vec<Change>,
     ) -> anyhow::Result<Outcome> {
+        if let Some((part, meta)) = self.pack_parts.get(staged) {
+            // Checked by `split_pack` and out of the client's reach since; synced already,
+            // and a trip to a thread would cost more than the rename.
+            let expect = self.tree.get(path).cloned();
+            let installed =
+                fsops::install_unsynced(&self.root, meta, part, path, &entry, expect.as_ref())?;
+            if matches!(installed, fsops::Install::Done { .. }) {
+                self.pack_parts.remove(staged);
+            }
+            return Ok(self.installed(path, installed, changes));
+        }
         let staged_path = staged_path(&self.root, staging, staged)?;
         let root = self.root.clone();
         let rel = path.clone();
         let staged = staged.to_string();
         // What the upload replaces must still be what the index was just refreshed from.
         let expect = self.tree.get(path).cloned();
-        let in_pack = self.pack_parts.contains(&staged_path);
         let receipts = self.receipts.clone();
         let install = move || -> anyhow::Result<Option<fsops::Install>> {
             let file = open_staged(&staged_path)
@@ -1632,21 +1711,17 @@ impl Server {
                 let _ = std::fs::remove_file(&staged_path);
                 return Ok(None);
             }
-            let expect = expect.as_ref();
-            Ok(Some(if in_pack {
-                let meta = crate::beneath::Stat::from(&meta);
-                fsops::install_unsynced(&root, &meta, &staged_path, &rel, &entry, expect)?
-            } else {
-                fsops::install_file(&root, file, &staged_path, &rel, &entry, expect)?
-            }))
+            Ok(Some(fsops::install_file(
+                &root,
+                file,
+                &staged_path,
+                &rel,
+                &entry,
+                expect.as_ref(),
+            )?))
         };
-        // Hashing and fsync are slow: off the executor's threads, unless this is a small file
-        // of a pack (synced already), where the trip to a thread would cost more.
-        let installed = if in_pack {
-            install()?
-        } else {
-            smol::unblock(install).await?
-        };
+        // Hashing and fsync are slow: off the executor's threads.
+        let installed = smol::unblock(install).await?;
         match installed {
             None => Ok(Outcome::Failed {
                 reason: format!("{path}: uploaded bytes do not match their size and hash"),

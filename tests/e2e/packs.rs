@@ -210,6 +210,9 @@ fn a_pack_is_checked_file_by_file_and_a_bad_one_writes_nothing() {
     assert!(!srv.join("y2").exists());
     let staged = files_under(&srv.join(".ferry/staging"));
     assert!(staged.is_empty(), "left in staging: {staged:?}");
+    // The packs' files were split out into the state directory's tmp: none is left there.
+    let split = files_under(&srv.join(".ferry/tmp"));
+    assert!(split.is_empty(), "left in tmp: {split:?}");
 
     // A fetch of a file the server does not have: answered, nothing in the pack.
     let fetch = ClientMsg::Fetch {
