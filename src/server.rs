@@ -199,10 +199,8 @@ struct Shared {
     /// What the handshake is bound to: the certificate's fingerprint (zeros in plaintext).
     channel: Channel,
     gate: Arc<Gate>,
-    /// Hashes the embedded FTP server took of uploads as they arrived (see `Server`).
-    receipts: Receipts,
-    /// Packs split so far: each one's files get fresh names.
-    packs_split: std::sync::atomic::AtomicU64,
+    /// Splits packs as their commits arrive.
+    splitter: Arc<Splitter>,
 }
 
 struct Server {
@@ -235,6 +233,7 @@ struct Server {
     pack_parts: HashMap<String, (PathBuf, Stat)>,
     /// Hashes the embedded FTP server took of uploads as they arrived.
     receipts: Receipts,
+    splitter: Arc<Splitter>,
 }
 
 fn seq_file(root: &Path) -> PathBuf {
@@ -290,29 +289,77 @@ fn open_staged(path: &Path) -> std::io::Result<std::fs::File> {
 /// A pack's files, being split out of it: what `split_pack` returns.
 type Split = smol::Task<anyhow::Result<Vec<Option<(PathBuf, Stat)>>>>;
 
-/// Starts splitting the pack a client (whose staging directory is `staging`) uploaded as
-/// `staged`, for the `items` of its `CommitPack`, on another thread: it is done by the time
-/// the server gets to that commit, if earlier ones kept it busy.
-fn start_split(shared: &Shared, staging: &str, staged: &str, items: &[PackItem]) -> Split {
-    let checked = if items.len() > PACK_MAX_ITEMS {
-        Err(anyhow::anyhow!(
-            "{} files in one pack (at most {PACK_MAX_ITEMS})",
-            items.len()
-        ))
-    } else {
-        staged_path(&shared.root, staging, staged)
-    };
-    let entries: Vec<Entry> = items.iter().map(|i| i.entry.clone()).collect();
-    let tmp = fsops::tmp_dir(&shared.root);
-    let n = shared
-        .packs_split
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let receipts = shared.receipts.clone();
-    smol::unblock(move || {
-        let pack = checked?;
-        receipts.forget(&pack);
-        split_pack(&pack, &tmp, &format!("k{n}"), &entries)
-    })
+/// Splits packs into their files (see `split_pack`) on other threads.
+struct Splitter {
+    root: PathBuf,
+    /// The state directory's `tmp`, where the files go.
+    tmp: PathBuf,
+    receipts: Receipts,
+    /// Packs split so far: each one's files get fresh names.
+    made: std::sync::atomic::AtomicU64,
+    /// Splits under way.
+    running: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Splits started as their `CommitPack` arrives (ahead of the server's commits) at once, at
+/// most: each holds a pack's bytes (up to `PACK_MAX_BYTES`) in memory while it runs.
+const EARLY_SPLITS: usize = 2;
+
+impl Splitter {
+    /// `start`, from a connection, while fewer than `EARLY_SPLITS` run: the pack is split by
+    /// the time the server gets to its commit, if earlier ones kept it busy. `None`: the
+    /// server splits it when it gets there.
+    fn start_early(&self, staging: &str, staged: &str, items: &[PackItem]) -> Option<Split> {
+        use std::sync::atomic::Ordering;
+        self.running
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < EARLY_SPLITS).then_some(n + 1)
+            })
+            .ok()?;
+        let running = Running(self.running.clone());
+        Some(self.split(staging, staged, items, running))
+    }
+
+    /// Starts splitting, on another thread, the pack a client (whose staging directory is
+    /// `staging`) uploaded as `staged`, for the `items` of its `CommitPack`.
+    fn start(&self, staging: &str, staged: &str, items: &[PackItem]) -> Split {
+        self.running
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let running = Running(self.running.clone());
+        self.split(staging, staged, items, running)
+    }
+
+    fn split(&self, staging: &str, staged: &str, items: &[PackItem], running: Running) -> Split {
+        use std::sync::atomic::Ordering;
+        let checked = if items.len() > PACK_MAX_ITEMS {
+            Err(anyhow::anyhow!(
+                "{} files in one pack (at most {PACK_MAX_ITEMS})",
+                items.len()
+            ))
+        } else {
+            staged_path(&self.root, staging, staged)
+        };
+        let entries: Vec<Entry> = items.iter().map(|i| i.entry.clone()).collect();
+        let (tmp, receipts) = (self.tmp.clone(), self.receipts.clone());
+        let prefix = format!("k{}", self.made.fetch_add(1, Ordering::Relaxed));
+        smol::unblock(move || {
+            let _running = running;
+            checked.and_then(|pack| {
+                receipts.forget(&pack);
+                split_pack(&pack, &tmp, &prefix, &entries)
+            })
+        })
+    }
+}
+
+/// One split under way, counted in `Splitter::running` for as long as it lives (run, or
+/// dropped unrun).
+struct Running(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Waits for a split whose commit will not be made, and removes its files.
@@ -492,6 +539,7 @@ async fn serve(cfg: ServerConfig, stop: Receiver<nix::sys::signal::Signal>) -> a
     let (events_tx, events_rx) = async_channel::bounded(MAX_QUEUED_EVENTS);
     // Loaded separately, the cache and the index share their paths' text from here on.
     let local = index.share_keys(local);
+    let receipts = Receipts::default();
     let mut server = Server {
         root: root.clone(),
         index,
@@ -510,7 +558,14 @@ async fn serve(cfg: ServerConfig, stop: Receiver<nix::sys::signal::Signal>) -> a
         accepted: 0,
         published: 0,
         pack_parts: HashMap::new(),
-        receipts: Receipts::default(),
+        receipts: receipts.clone(),
+        splitter: Arc::new(Splitter {
+            tmp: fsops::tmp_dir(&root),
+            root: root.clone(),
+            receipts,
+            made: Default::default(),
+            running: Default::default(),
+        }),
     };
     log::info!("scanning {}", root.display());
     server.startup_scan()?;
@@ -585,8 +640,7 @@ async fn serve(cfg: ServerConfig, stop: Receiver<nix::sys::signal::Signal>) -> a
             .0,
         tls: identity.map(|id| id.config),
         gate: Gate::new(cfg.max_connections),
-        receipts: server.receipts.clone(),
-        packs_split: Default::default(),
+        splitter: server.splitter.clone(),
     });
     smol::spawn(accept_loop(listener, shared, events_tx.clone())).detach();
     {
@@ -826,7 +880,7 @@ async fn connection(
             Ok(msg) => {
                 let split = match &msg {
                     ClientMsg::CommitPack { staged, items, .. } => {
-                        Some(start_split(&shared, &staging, staged, items))
+                        shared.splitter.start_early(&staging, staged, items)
                     }
                     _ => None,
                 };
@@ -1051,11 +1105,13 @@ impl Server {
                 staged,
                 items,
             } => {
-                let split = split.expect("a pack's split is started with its message");
-                let Some((name, _)) = self.committer(id) else {
-                    discard(split).await;
+                let Some((name, staging)) = self.committer(id) else {
+                    if let Some(split) = split {
+                        discard(split).await;
+                    }
                     return;
                 };
+                let split = split.unwrap_or_else(|| self.splitter.start(&staging, &staged, &items));
                 let (outcomes, changes) = self.commit_pack(&name, &staged, items, split).await;
                 if let Some(c) = self.clients.get(&id) {
                     let _ = c.tx.try_send(ServerMsg::PackResult { id: cid, outcomes });
