@@ -169,14 +169,11 @@ impl Dir {
         Ok(file)
     }
 
-    /// Creates (or truncates) the regular file `name` for writing; a symlink there fails with
-    /// ELOOP rather than being followed.
+    /// Creates the regular file `name` for writing; anything there already (a symlink too)
+    /// fails with `AlreadyExists`.
     pub fn create_file(&self, name: &str) -> io::Result<File> {
-        let flags = OFlag::O_WRONLY
-            | OFlag::O_CREAT
-            | OFlag::O_TRUNC
-            | OFlag::O_NOFOLLOW
-            | OFlag::O_CLOEXEC;
+        let flags =
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
         Ok(File::from(openat(
             &self.0,
             name,

@@ -2067,7 +2067,7 @@ fn write_fetched(
     present: Vec<bool>,
 ) -> anyhow::Result<Fetched> {
     let _reuse = beneath::Reuse::start();
-    let mut written = Vec::new();
+    let mut written: Fetched = Vec::new();
     let mut rest = packed;
     for ((path, e), here) in items.into_iter().zip(present) {
         if !here {
@@ -2082,8 +2082,16 @@ fn write_fetched(
             continue;
         }
         let tmp = fsops::fetched_path(root, &path, &e.hash);
+        // The same path and bytes twice in a pack: one file serves both.
+        if let Some(&(.., meta)) = written.iter().find(|(.., t, _)| *t == tmp) {
+            written.push((path, e, tmp, meta));
+            continue;
+        }
         match fsops::write_unsynced(&tmp, part, &e) {
             Ok(meta) => written.push((path, e, tmp, meta)),
+            // The last pack's, not yet put in place (or left over): that one stays as it is,
+            // and this change downloads its file if it is gone by then.
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(err) => {
                 let _ = std::fs::remove_file(&tmp);
                 log::debug!("cannot write a fetched file to {}: {err}", tmp.display());
@@ -2421,5 +2429,41 @@ impl Session {
             other => ControlFlow::Continue(other),
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fetched_file_waiting_to_be_put_in_place_is_never_rewritten() {
+        let root = std::env::temp_dir().join(format!("ferry-fetched-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        fsops::prepare_state_dir(&root).unwrap();
+        let bytes = b"the same bytes".to_vec();
+        let entry = Entry {
+            kind: Kind::File,
+            size: bytes.len() as u64,
+            mtime_ns: 1_600_000_000_000_000_000,
+            mode: 0o644,
+            hash: *blake3::hash(&bytes).as_bytes(),
+        };
+        let path: RelPath = "d/f".parse().unwrap();
+        let item = (path.clone(), entry.clone());
+        // Twice in one pack: one file serves both.
+        let twice = [bytes.clone(), bytes.clone()].concat();
+        let first = write_fetched(&root, "p1", &twice, vec![item.clone(); 2], vec![true; 2]);
+        let first = first.unwrap();
+        assert_eq!(first.len(), 2);
+        assert_eq!((&first[0].2, first[0].3), (&first[1].2, first[1].3));
+        // The next pack brings it again while the first still waits to be put in place (it is
+        // written while that pack's files are installed): the waiting file is left as it is.
+        let second = write_fetched(&root, "p2", &bytes, vec![item], vec![true]).unwrap();
+        assert!(second.is_empty(), "{second:?}");
+        assert!(still_written(&first[0].2, &first[0].3));
+        assert_eq!(std::fs::read(&first[0].2).unwrap(), bytes);
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }

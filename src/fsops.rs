@@ -63,7 +63,8 @@ pub fn partial_path(root: &Path, hash: &crate::core::entry::Hash) -> PathBuf {
 }
 
 /// Creates the temporary file `tmp` holding `bytes` with `entry`'s mode and mtime, for
-/// `install_unsynced`, and returns what it now is. (On Android it is fsynced here: shared
+/// `install_unsynced`, and returns what it now is. A file there already is left alone
+/// (`AlreadyExists`): it may be being put in place. (On Android it is fsynced here: shared
 /// storage is a FUSE filesystem, where `syncfs` may not reach it.)
 pub fn write_unsynced(tmp: &Path, bytes: &[u8], entry: &Entry) -> io::Result<Stat> {
     use std::io::Write;
