@@ -1435,44 +1435,42 @@ impl Client {
             Some(e) => {
                 let tmp = fsops::partial_path(&root, &e.hash);
                 // A fetched small file is used if it is still the one written (else downloaded).
-                let fetched = match s.prefetched.remove(path) {
+                let ready = match s.prefetched.remove(path) {
                     Some((fetched, part, meta)) if fetched == e && still_written(&part, &meta) => {
-                        Some((part, meta))
+                        Ready::Fetched(part, meta)
                     }
                     other => {
                         if let Some((_, part, _)) = other {
                             let _ = std::fs::remove_file(part);
                         }
-                        None
+                        match self.download(s, path, &e, tmp).await {
+                            Ok(d) => Ready::Downloaded(d),
+                            Err(DownloadError::Changed(why)) => {
+                                // A newer change for this path is on its way.
+                                log::debug!("{why}");
+                                return Ok(());
+                            }
+                            Err(DownloadError::Local(err)) => {
+                                log::error!("cannot download {path}: {err:#}");
+                                return Ok(());
+                            }
+                            Err(DownloadError::Transport(err)) => return Err(err),
+                        }
                     }
                 };
-                let downloaded = match &fetched {
-                    Some(_) => None,
-                    None => match self.download(s, path, &e, tmp).await {
-                        Ok(d) => Some(d),
-                        Err(DownloadError::Changed(why)) => {
-                            // A newer change for this path is on its way.
-                            log::debug!("{why}");
-                            return Ok(());
-                        }
-                        Err(DownloadError::Local(err)) => {
-                            log::error!("cannot download {path}: {err:#}");
-                            return Ok(());
-                        }
-                        Err(DownloadError::Transport(err)) => return Err(err),
-                    },
-                };
-                let synced = fetched.is_some();
                 let rel = path.clone();
                 let entry = e.clone();
                 // What the download replaces must still be what the plan saw.
                 let expect = self.tree.get(path).cloned();
                 self.applying.insert(path.clone(), e.clone());
                 self.flush();
-                let transferred = downloaded.as_ref().map_or(e.size, |d| d.transferred);
-                let installed = match (fetched, downloaded) {
+                let (synced, transferred) = match &ready {
+                    Ready::Fetched(..) => (true, e.size),
+                    Ready::Downloaded(d) => (false, d.transferred),
+                };
+                let installed = match ready {
                     // Synced already, and a trip to a thread would cost more than the rename.
-                    (Some((part, meta)), _) => {
+                    Ready::Fetched(part, meta) => {
                         let installed = fsops::install_unsynced(
                             &root,
                             &meta,
@@ -1486,7 +1484,7 @@ impl Client {
                         }
                         installed
                     }
-                    (None, Some(d)) => {
+                    Ready::Downloaded(d) => {
                         smol::unblock(move || {
                             let installed = fsops::install_file(
                                 &root,
@@ -1503,7 +1501,6 @@ impl Client {
                         })
                         .await
                     }
-                    (None, None) => unreachable!("a file is fetched or downloaded"),
                 };
                 if synced && matches!(installed, Ok(fsops::Install::Done { .. })) {
                     // Not durable until the next `sync`: its `applying` record stays until then.
@@ -1568,7 +1565,7 @@ impl Client {
     }
 
     /// Asks the server for a pack of the small files that `changes` (from their start) are
-    /// likely to need, so they do not each cost a data connection (`take_fetched` takes it).
+    /// likely to need, so they do not each cost a data connection (`download_fetched` gets it).
     /// A hint only: what the changes then decide is unchanged, and bytes no change uses are
     /// dropped.
     async fn ask_fetch(&mut self, s: &mut Session, changes: &[Change]) -> anyhow::Result<Window> {
@@ -1598,16 +1595,14 @@ impl Client {
             covered += 1;
         }
         // One file gains nothing from a pack.
-        let id = if items.len() < 2 {
-            items.clear();
+        let asked = if items.len() < 2 {
             None
         } else {
-            Some(s.ask_fetch(items.clone()).await?)
+            Some((s.ask_fetch(items.clone()).await?, items))
         };
         Ok(Window {
             covered: covered.max(1),
-            items,
-            id,
+            asked,
         })
     }
 
@@ -1618,8 +1613,7 @@ impl Client {
         s: &mut Session,
         window: Window,
     ) -> anyhow::Result<Option<smol::Task<anyhow::Result<Fetched>>>> {
-        let Window { items, id, .. } = window;
-        let Some(id) = id else {
+        let Some((id, items)) = window.asked else {
             return Ok(None);
         };
         let (staged, present) = s.fetched(id).await?;
@@ -2150,6 +2144,13 @@ fn hash_prefix(mut file: std::fs::File, len: u64) -> Option<blake3::Hasher> {
 /// How many changes `Session::more_changes` gathers for one call of `on_message`.
 const MERGED_CHANGES: usize = 16 * 1024;
 
+/// A file's bytes, ready to be put in place.
+enum Ready {
+    /// Fetched in a pack: its temporary file (durable already) and what it is.
+    Fetched(PathBuf, Stat),
+    Downloaded(crate::data::Downloaded),
+}
+
 /// A pack uploaded and its commit sent, its outcomes not yet taken.
 struct Uploaded {
     /// The commit's id.
@@ -2162,10 +2163,8 @@ struct Uploaded {
 struct Window {
     /// How many changes it spans.
     covered: usize,
-    /// The files asked for.
-    items: Vec<(RelPath, Entry)>,
-    /// The fetch's id; `None`: too few files to be worth a pack, nothing asked.
-    id: Option<u64>,
+    /// The fetch's id and the files asked for; `None`: too few to be worth a pack.
+    asked: Option<(u64, Vec<(RelPath, Entry)>)>,
 }
 
 impl Session {
