@@ -2086,10 +2086,7 @@ fn write_fetched(
             // The last pack's, not yet put in place (or left over): that one stays as it is,
             // and this change downloads its file if it is gone by then.
             Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(err) => {
-                let _ = std::fs::remove_file(&tmp);
-                log::debug!("cannot write a fetched file to {}: {err}", tmp.display());
-            }
+            Err(err) => log::debug!("cannot write a fetched file to {}: {err}", tmp.display()),
         }
     }
     if let Err(err) = fsops::sync_fs(&fsops::tmp_dir(root)) {

@@ -64,19 +64,26 @@ pub fn partial_path(root: &Path, hash: &crate::core::entry::Hash) -> PathBuf {
 
 /// Creates the temporary file `tmp` holding `bytes` with `entry`'s mode and mtime, for
 /// `install_unsynced`, and returns what it now is. A file there already is left alone
-/// (`AlreadyExists`): it may be being put in place. (On Android it is fsynced here: shared
-/// storage is a FUSE filesystem, where `syncfs` may not reach it.)
+/// (`AlreadyExists`): it may be being put in place. One this call created and could not finish
+/// is removed. (On Android it is fsynced here: shared storage is a FUSE filesystem, where
+/// `syncfs` may not reach it.)
 pub fn write_unsynced(tmp: &Path, bytes: &[u8], entry: &Entry) -> io::Result<Stat> {
     use std::io::Write;
     let (dir, name) = beneath::state_parent(tmp)?;
     let mut file = dir.create_file(name)?;
-    file.write_all(bytes)?;
-    file.set_permissions(Permissions::from_mode(entry.mode))?;
-    file.set_times(FileTimes::new().set_modified(system_time(entry.mtime_ns)))?;
-    if cfg!(target_os = "android") {
-        file.sync_all()?;
+    let written = (|| {
+        file.write_all(bytes)?;
+        file.set_permissions(Permissions::from_mode(entry.mode))?;
+        file.set_times(FileTimes::new().set_modified(system_time(entry.mtime_ns)))?;
+        if cfg!(target_os = "android") {
+            file.sync_all()?;
+        }
+        Ok(Stat::from(&file.metadata()?))
+    })();
+    if written.is_err() {
+        let _ = dir.remove_file(name);
     }
-    Ok(Stat::from(&file.metadata()?))
+    written
 }
 
 /// Makes everything written to the filesystem holding `dir` durable: one `syncfs` for a

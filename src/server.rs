@@ -411,9 +411,7 @@ fn split_pack(
             continue;
         }
         let path = tmp.join(format!("{prefix}-{i}"));
-        let meta = fsops::write_unsynced(&path, part, e).inspect_err(|_| {
-            let _ = std::fs::remove_file(&path);
-        })?;
+        let meta = fsops::write_unsynced(&path, part, e)?;
         parts.push(Some((path, meta)));
     }
     if let Err(e) = fsops::sync_fs(tmp) {
