@@ -37,12 +37,14 @@ const PAIR_GRACE: Duration = Duration::from_millis(20);
 /// Room for a few hundred events per read.
 const BUF_LEN: usize = 64 * 1024;
 
-/// After a read that brought events, the thread pauses this long before reading again, so
-/// the events of a storm (a first sync, a large copy) gather in the kernel's queue and come
-/// in one read. A reader blocked in `read` is woken by every event, and on a virtual machine
-/// each wake-up costs the writer more than its rename: a tenth of a first sync's time went
-/// there. The first event after a quiet spell is read at once.
+/// In a storm (a first sync, a large copy: batches sent less than `STORM` apart), the thread
+/// pauses this long after each batch before reading again, so the storm's events gather in
+/// the kernel's queue and come in one read. A reader blocked in `read` is woken by every
+/// event, and on a virtual machine each wake-up costs the writer more than its rename: a tenth
+/// of a first sync's time went there. Outside a storm nothing waits, so the close that follows
+/// a file's creation is read as soon as it happens.
 const PACE: Duration = Duration::from_millis(1);
+const STORM: Duration = Duration::from_millis(5);
 
 /// What every directory watch asks for. No IN_MODIFY: a file is hinted when the writer closes
 /// it, so half-written files are not uploaded. IN_ONLYDIR makes a watch on something that
@@ -185,6 +187,7 @@ impl State {
         tx: &async_channel::Sender<Vec<Hint>>,
     ) {
         let mut buf = vec![0; BUF_LEN];
+        let mut last_sent: Option<Instant> = None;
         loop {
             // While a MOVED_FROM waits for its pair, read without blocking so it can time out.
             let read = if self.pending.is_empty() {
@@ -218,7 +221,11 @@ impl State {
                 if tx.send_blocking(std::mem::take(&mut self.out)).is_err() {
                     return;
                 }
-                thread::sleep(PACE);
+                let now = Instant::now();
+                if last_sent.is_some_and(|at| now.duration_since(at) < STORM) {
+                    thread::sleep(PACE);
+                }
+                last_sent = Some(now);
             }
         }
     }
@@ -443,12 +450,16 @@ impl State {
         }
         self.fallback.moved(old, new);
         self.rules.rename_under(old, new);
-        if moved.is_empty() {
-            // It was never watched (limit, permissions): try now, as for a directory moved in.
-            self.add_tree(new);
-        } else if self.rules.has_files() || self.rules.is_ignored(new, true) {
-            // Rules from above may see the directories in it differently at the new place.
+        if self.rules.has_files() || self.rules.is_ignored(new, true) {
+            // Rules from above may see the directories in it differently at the new place
+            // (this also watches what is not watched yet, as below).
             self.follow_rules(new);
+        } else {
+            // Watch whatever in it is not watched yet: the directory itself if it never was
+            // (limit, permissions), and a directory made in it just before the move, whose
+            // IN_CREATE was handled after it and looked for it at the old path, in vain.
+            // Watched directories keep their descriptors.
+            self.add_tree(new);
         }
     }
 
@@ -739,6 +750,46 @@ mod tests {
         let seen = h.step(|| fs::write(t.path("b/x/g"), b"z").unwrap());
         assert_hinted(&seen, &["b/x/g"]);
         assert_none_under(&seen, "a");
+    }
+
+    #[test]
+    fn a_dir_made_just_before_its_parent_moved_is_watched_where_it_went() {
+        let t = TempTree::new("ino-mkdir-then-mv");
+        fs::create_dir(t.path("a")).unwrap();
+        // Driven by hand rather than by the thread, so the events are surely handled late:
+        // by the time the IN_CREATE of a/b is, a/b is c/b.
+        let (tx, _rx) = async_channel::unbounded();
+        let cfg = WatchConfig {
+            root: t.root.clone(),
+            backend: Backend::Inotify,
+            poll_interval: Duration::from_millis(50),
+        };
+        let mut inotify = Inotify::init().unwrap();
+        let mut state = State::new(&cfg, &inotify, tx, None);
+        state.add_watch(Path::new("")).unwrap();
+        state.add_tree(Path::new(""));
+        let mut buf = vec![0; BUF_LEN];
+        let mut handle_queued = |state: &mut State| {
+            for ev in inotify.read_events(&mut buf).unwrap() {
+                state.handle(ev);
+            }
+            std::mem::take(&mut state.out)
+        };
+        fs::create_dir(t.path("a/b")).unwrap();
+        fs::rename(t.path("a"), t.path("c")).unwrap();
+        handle_queued(&mut state);
+        assert!(
+            state.by_path.contains_key(Path::new("c/b")),
+            "c/b is not watched: {:?}",
+            state.by_path.keys().collect::<Vec<_>>()
+        );
+        // And what is written in it is hinted.
+        fs::write(t.path("c/b/f"), b"x").unwrap();
+        let hints = handle_queued(&mut state);
+        assert!(
+            hints.contains(&Hint::Path(PathBuf::from("c/b/f"))),
+            "no hint for c/b/f: {hints:?}"
+        );
     }
 
     #[test]
