@@ -24,7 +24,7 @@ use crate::core::entry::{Entry, Kind};
 use crate::core::path::RelPath;
 use crate::core::plan::{plan, rename_locally, Decision};
 use crate::core::renames::{detect_renames, Changed, Seen};
-use crate::core::tracked::Tracked;
+use crate::core::tracked::{worth_repacking, Tracked};
 use crate::data::{DataConn, DownloadError, Resume};
 use crate::fsops;
 use crate::progress::Progress;
@@ -186,6 +186,8 @@ struct Client {
     _status: Serving,
     /// When the byte total in the board was last counted (it walks the cache).
     counted_at: Option<Instant>,
+    /// How many paths the cache held when it was last repacked (see `repack_if_grown`).
+    packed_len: usize,
     /// See `Saved::applying`.
     applying: Tracked<Entry>,
     /// Files installed unsynced (see `sync`), whose `applying` records wait for it.
@@ -357,6 +359,7 @@ impl Client {
             board,
             _status: status,
             counted_at: None,
+            packed_len: 0,
         };
         log::info!("scanning {}", client.cfg.root.display());
         let changes = client.tree.scan_all()?;
@@ -452,6 +455,15 @@ impl Client {
         }
         self.renames.extend(detect_renames(&changes));
         self.dirty.extend(changes.into_iter().map(|c| c.path));
+    }
+
+    /// Repacks the base and the cache (`tracked::repack`) after a first sync or a large copy
+    /// (`tracked::worth_repacking`).
+    fn repack_if_grown(&mut self) {
+        let now = self.tree.entries().len();
+        if worth_repacking(self.packed_len, now) && self.tree.repack_with(&mut self.base) {
+            self.packed_len = now;
+        }
     }
 
     /// Journals what changed since the last call (no fsync: see `sync`).
@@ -814,6 +826,7 @@ impl Client {
                 && self.renames.is_empty()
             {
                 self.board.update(|r| r.last_sync = Some(status::now()));
+                self.repack_if_grown();
             }
             if !self.journal.unsynced() {
                 save_at = None;

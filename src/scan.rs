@@ -331,6 +331,15 @@ impl Tree {
         &self.entries
     }
 
+    /// Moves the cache and `other`, keyed by the same paths, into fresh packed memory (see
+    /// `tracked::repack`).
+    pub fn repack_with<V>(&mut self, other: &mut Tracked<V>) -> bool
+    where
+        V: serde::Serialize + serde::de::DeserializeOwned,
+    {
+        crate::core::tracked::repack(other, &mut self.entries)
+    }
+
     /// Cache entries changed since the last call (for the journal).
     pub fn take_changes(&mut self) -> Vec<(RelPath, Option<Seen>)> {
         self.entries.take_changes()

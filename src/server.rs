@@ -22,6 +22,7 @@ use crate::core::entry::{check_target, Entry, Kind};
 use crate::core::index::{Index, Record, Retention, MARK_EVERY_SECS};
 use crate::core::path::RelPath;
 use crate::core::renames::{detect_renames, Changed, Seen};
+use crate::core::tracked::worth_repacking;
 use crate::fsops;
 use crate::ftpd::{self, FtpCredentials, Receipts};
 use crate::gate::{Gate, Ticket};
@@ -224,6 +225,8 @@ struct Server {
     _status: Serving,
     /// When the entry and byte totals in the board were last counted (they walk the index).
     counted_at: Option<Instant>,
+    /// How many paths the tree cache held when it was last repacked (see `repack_if_grown`).
+    packed_len: usize,
     /// Commits accepted, and changes published, since the start.
     accepted: u64,
     published: u64,
@@ -553,6 +556,7 @@ async fn serve(cfg: ServerConfig, stop: Receiver<nix::sys::signal::Signal>) -> a
         board,
         _status: status,
         counted_at: None,
+        packed_len: 0,
         accepted: 0,
         published: 0,
         pack_parts: HashMap::new(),
@@ -941,7 +945,20 @@ impl Server {
         self.journal
             .compact(&saved)
             .context("cannot write the server's state")?;
+        self.repack_if_grown();
         Ok(())
+    }
+
+    /// Repacks the index and the tree cache (`tracked::repack`) after the start's scan, a
+    /// first upload or a large copy (`tracked::worth_repacking`).
+    fn repack_if_grown(&mut self) {
+        let now = self.tree.entries().len();
+        let tree = &mut self.tree;
+        if worth_repacking(self.packed_len, now)
+            && self.index.repack_with(|records| tree.repack_with(records))
+        {
+            self.packed_len = now;
+        }
     }
 
     async fn handle(&mut self, ev: Event) {
@@ -987,6 +1004,7 @@ impl Server {
             Event::Sync => {
                 self.sync_pending = false;
                 self.sync();
+                self.repack_if_grown();
             }
             Event::Housekeeping => self.housekeeping(),
             Event::Stop => {}

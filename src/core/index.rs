@@ -113,6 +113,12 @@ impl Index {
         super::path::share_keys(map, &self.records)
     }
 
+    /// Hands the records to `repack` (see `tracked::repack`), which moves them with the tree
+    /// cache whose keys they share.
+    pub fn repack_with(&mut self, repack: impl FnOnce(&mut Tracked<Record>) -> bool) -> bool {
+        repack(&mut self.records)
+    }
+
     /// Number of live entries.
     pub fn live_count(&self) -> usize {
         self.records.values().filter(|r| r.entry.is_some()).count()

@@ -24,8 +24,7 @@ pub const MAX_PATH: usize = 3072;
 /// Shared, not copied: an agent holds each path in several maps (tree, index or base) and in
 /// every change that names it, so a clone only counts a reference (16 bytes a copy, the text
 /// once). Compared, ordered and hashed by its text, and on the wire a plain string.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
-#[serde(try_from = "String")]
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RelPath(Arc<str>);
 
 impl Serialize for RelPath {
@@ -52,12 +51,16 @@ impl fmt::Display for BadPath {
 impl std::error::Error for BadPath {}
 
 impl RelPath {
-    /// Validates `s` as a wire path.
-    pub fn new(s: impl Into<String>) -> Result<RelPath, BadPath> {
-        let s = s.into();
-        match check(&s) {
+    /// Validates `s` as a wire path. The text is copied once, straight into the shared
+    /// allocation (no temporary `String`: one allocation per path decoded or scanned).
+    pub fn new(s: impl AsRef<str>) -> Result<RelPath, BadPath> {
+        let s = s.as_ref();
+        match check(s) {
             Ok(()) => Ok(RelPath(s.into())),
-            Err(reason) => Err(BadPath { path: s, reason }),
+            Err(reason) => Err(BadPath {
+                path: s.to_string(),
+                reason,
+            }),
         }
     }
 
@@ -117,8 +120,9 @@ impl RelPath {
 /// `map` with each key that `with` also holds replaced by `with`'s copy, so the two share its
 /// text. Maps filled at run time share their keys by themselves (a path is cloned from one
 /// into the other); maps loaded from a snapshot each hold their own copies until passed here.
+/// `map` is any sequence of pairs in key order.
 pub fn share_keys<V, W>(
-    map: std::collections::BTreeMap<RelPath, V>,
+    map: impl IntoIterator<Item = (RelPath, V)>,
     with: &std::collections::BTreeMap<RelPath, W>,
 ) -> std::collections::BTreeMap<RelPath, V> {
     let mut theirs = with.keys().peekable();
@@ -173,11 +177,30 @@ impl FromStr for RelPath {
 
 impl TryFrom<String> for RelPath {
     type Error = BadPath;
-    /// The serde entry point: remembers the refusal so the frame decoder, whose format drops
-    /// custom error text, can still name the path in its error.
     fn try_from(s: String) -> Result<Self, BadPath> {
         RelPath::new(s)
-            .inspect_err(|bad| LAST_REFUSED.with(|l| *l.borrow_mut() = Some(bad.clone())))
+    }
+}
+
+/// A plain string on the wire, validated as it is read, from the frame's bytes when the format
+/// lends them (postcard does): no `String` in between.
+impl<'de> Deserialize<'de> for RelPath {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Text;
+        impl serde::de::Visitor<'_> for Text {
+            type Value = RelPath;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a relative path")
+            }
+            /// Remembers the refusal so the frame decoder, whose format drops custom error
+            /// text, can still name the path in its error.
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<RelPath, E> {
+                RelPath::new(s)
+                    .inspect_err(|bad| LAST_REFUSED.with(|l| *l.borrow_mut() = Some(bad.clone())))
+                    .map_err(E::custom)
+            }
+        }
+        d.deserialize_str(Text)
     }
 }
 
