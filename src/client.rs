@@ -462,6 +462,7 @@ impl Client {
     fn repack_if_grown(&mut self) {
         let now = self.tree.entries().len();
         if worth_repacking(self.packed_len, now) && self.tree.repack_with(&mut self.base) {
+            log::debug!("repacked the base and the cache ({now} paths)");
             self.packed_len = now;
         }
     }

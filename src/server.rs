@@ -957,6 +957,7 @@ impl Server {
         if worth_repacking(self.packed_len, now)
             && self.index.repack_with(|records| tree.repack_with(records))
         {
+            log::debug!("repacked the index and the cache ({now} paths)");
             self.packed_len = now;
         }
     }

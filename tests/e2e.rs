@@ -18,6 +18,7 @@ mod e2e {
     mod links;
     mod packs;
     mod random;
+    mod repack;
     mod restart;
     mod security;
     mod startup;
