@@ -24,11 +24,6 @@ fn main() -> ExitCode {
 /// busy agent does not fault its pages back in at every step. The thread sleeps (parked, no
 /// timer) until the count of freed bytes crosses a MiB, so an idle agent never wakes it.
 ///
-/// And one arena for every thread: with one per thread, the paths a connection task decodes
-/// and the maps the main task builds from them each pin half-empty pages of their own heap
-/// (3 MiB more for a client at 100,000 files, 6 for a server). ferry's threads allocate little
-/// at a time, so they hardly ever wait on the arena's lock.
-///
 /// Only the binary does this (the library forbids unsafe code), and only on glibc: musl's and
 /// bionic's allocators return memory by themselves.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -78,12 +73,7 @@ mod heap {
         /// glibc: returns the free memory at the top of the heap and every free page inside
         /// it to the system.
         fn malloc_trim(pad: usize) -> i32;
-        /// glibc: sets a malloc parameter.
-        fn mallopt(param: i32, value: i32) -> i32;
     }
-
-    /// `mallopt`'s parameter for the most arenas malloc makes (malloc.h).
-    const M_ARENA_MAX: i32 = -8;
 
     /// The system allocator, counting what is freed.
     struct Counting;
@@ -116,12 +106,9 @@ mod heap {
         }
     }
 
-    /// Sets one arena, then starts the trimming thread (before any other thread, so it must
-    /// block the signals `crate::signals` waits for itself: they go to whichever thread has
-    /// them unblocked).
+    /// Starts the trimming thread (before any other thread, so it must block the signals
+    /// `crate::signals` waits for itself: they go to whichever thread has them unblocked).
     pub fn start() {
-        // SAFETY: called before any other thread exists; it only sets a malloc parameter.
-        unsafe { mallopt(M_ARENA_MAX, 1) };
         let spawned = std::thread::Builder::new()
             .name("heap-trim".into())
             .spawn(|| {
