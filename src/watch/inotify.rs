@@ -634,13 +634,18 @@ mod tests {
     };
     use crate::watch::Backend;
 
-    fn start_limited(t: &TempTree, limit: Option<usize>) -> (InotifyWatcher, Hints) {
-        let (tx, rx) = async_channel::unbounded();
-        let cfg = WatchConfig {
+    /// An inotify watcher's settings for `t` (a short poll interval for its fallback).
+    fn config(t: &TempTree) -> WatchConfig {
+        WatchConfig {
             root: t.root.clone(),
             backend: Backend::Inotify,
             poll_interval: Duration::from_millis(50),
-        };
+        }
+    }
+
+    fn start_limited(t: &TempTree, limit: Option<usize>) -> (InotifyWatcher, Hints) {
+        let (tx, rx) = async_channel::unbounded();
+        let cfg = config(t);
         let w = spawn_limited(&cfg, tx, limit).unwrap();
         (w, Hints::new(rx, &t.root))
     }
@@ -759,11 +764,7 @@ mod tests {
         // Driven by hand rather than by the thread, so the events are surely handled late:
         // by the time the IN_CREATE of a/b is, a/b is c/b.
         let (tx, _rx) = async_channel::unbounded();
-        let cfg = WatchConfig {
-            root: t.root.clone(),
-            backend: Backend::Inotify,
-            poll_interval: Duration::from_millis(50),
-        };
+        let cfg = config(&t);
         let mut inotify = Inotify::init().unwrap();
         let mut state = State::new(&cfg, &inotify, tx, None);
         state.add_watch(Path::new("")).unwrap();
@@ -984,11 +985,7 @@ mod tests {
         let t = TempTree::new("ino-rebuild");
         fs::create_dir_all(t.path("a/b")).unwrap();
         let (tx, _rx) = async_channel::unbounded();
-        let cfg = WatchConfig {
-            root: t.root.clone(),
-            backend: Backend::Inotify,
-            poll_interval: Duration::from_millis(50),
-        };
+        let cfg = config(&t);
         let inotify = Inotify::init().unwrap();
         let mut state = State::new(&cfg, &inotify, tx, None);
         state.add_tree(Path::new(""));
