@@ -643,6 +643,16 @@ mod tests {
         }
     }
 
+    /// A watcher's state with every directory of `t` watched, driven by hand (no thread: the
+    /// test reads and handles the events itself).
+    fn by_hand(t: &TempTree) -> (Inotify, State) {
+        let (tx, _) = async_channel::unbounded();
+        let inotify = Inotify::init().unwrap();
+        let mut state = State::new(&config(t), &inotify, tx, None);
+        state.add_tree(Path::new(""));
+        (inotify, state)
+    }
+
     fn start_limited(t: &TempTree, limit: Option<usize>) -> (InotifyWatcher, Hints) {
         let (tx, rx) = async_channel::unbounded();
         let cfg = config(t);
@@ -763,12 +773,7 @@ mod tests {
         fs::create_dir(t.path("a")).unwrap();
         // Driven by hand rather than by the thread, so the events are surely handled late:
         // by the time the IN_CREATE of a/b is, a/b is c/b.
-        let (tx, _rx) = async_channel::unbounded();
-        let cfg = config(&t);
-        let mut inotify = Inotify::init().unwrap();
-        let mut state = State::new(&cfg, &inotify, tx, None);
-        state.add_watch(Path::new("")).unwrap();
-        state.add_tree(Path::new(""));
+        let (mut inotify, mut state) = by_hand(&t);
         let mut buf = vec![0; BUF_LEN];
         let mut handle_queued = |state: &mut State| {
             for ev in inotify.read_events(&mut buf).unwrap() {
@@ -984,11 +989,7 @@ mod tests {
     fn overflow_rebuild_finds_moved_dirs() {
         let t = TempTree::new("ino-rebuild");
         fs::create_dir_all(t.path("a/b")).unwrap();
-        let (tx, _rx) = async_channel::unbounded();
-        let cfg = config(&t);
-        let inotify = Inotify::init().unwrap();
-        let mut state = State::new(&cfg, &inotify, tx, None);
-        state.add_tree(Path::new(""));
+        let (_inotify, mut state) = by_hand(&t);
         fs::rename(t.path("a"), t.path("z")).unwrap();
         fs::create_dir(t.path("n")).unwrap();
         // What lost events leave behind: a map that knows nothing of the rename or the new dir.
