@@ -254,11 +254,16 @@ struct Session {
 }
 
 impl Session {
-    /// Forgets the files fetched ahead that no change used, and removes them.
-    fn drop_prefetched(&mut self) {
-        for (_, (_, part, _)) in self.prefetched.drain() {
-            let _ = std::fs::remove_file(part);
-        }
+    /// Forgets the files fetched ahead that no change used, and removes them; returns their
+    /// paths and entries (see `Client::drop_prefetched`).
+    fn drop_prefetched(&mut self) -> Vec<(RelPath, Entry)> {
+        self.prefetched
+            .drain()
+            .map(|(path, (e, part, _))| {
+                let _ = std::fs::remove_file(part);
+                (path, e)
+            })
+            .collect()
     }
 
     /// Per-file events are logged at info once live; during a catch-up (maybe a first sync of
@@ -803,7 +808,7 @@ impl Client {
         };
         let _ = socket.get_ref().shutdown(Shutdown::Both);
         self.post_peer(&addr.to_string(), false);
-        s.drop_prefetched();
+        self.drop_prefetched(&mut s);
         s.data.quit().await;
         result
     }
@@ -972,7 +977,7 @@ impl Client {
                 let mut asked = None;
                 for (i, c) in changes.iter().enumerate() {
                     if i == fetched_to {
-                        s.drop_prefetched();
+                        self.drop_prefetched(s);
                         let (covered, this) = match writing.take() {
                             Some(w) => w,
                             None => {
@@ -1003,7 +1008,7 @@ impl Client {
                         p.tick(s.listed_count, self.stats.received_bytes - s.bytes_before);
                     }
                 }
-                s.drop_prefetched();
+                self.drop_prefetched(s);
                 if s.caught_up {
                     self.sync_local(s).await?;
                 }
@@ -1476,8 +1481,11 @@ impl Client {
                 let entry = e.clone();
                 // What the download replaces must still be what the plan saw.
                 let expect = self.tree.get(path).cloned();
-                self.applying.insert(path.clone(), e.clone());
-                self.flush();
+                // Journaled before the rename (a fetched file's record was, with its pack's).
+                if self.applying.get(path) != Some(&e) {
+                    self.applying.insert(path.clone(), e.clone());
+                    self.flush();
+                }
                 let (synced, transferred) = match &ready {
                     Ready::Fetched(..) => (true, e.size),
                     Ready::Downloaded(d) => (false, d.transferred),
@@ -1653,8 +1661,17 @@ impl Client {
         })))
     }
 
-    /// Hands the files of a fetched pack to `take_remote`.
+    /// Hands the files of a fetched pack to `take_remote`, their `applying` records journaled
+    /// together (one write for the pack, not one per file before its rename). Until a file is
+    /// put in place, its record only says that its fetched copy in `.ferry/tmp` is to be
+    /// removed after a crash (see `start`).
     fn take_fetched(&mut self, s: &mut Session, fetched: Fetched) {
+        for (path, e, ..) in &fetched {
+            if self.applying.get(path) != Some(e) {
+                self.applying.insert(path.clone(), e.clone());
+            }
+        }
+        self.flush();
         for (path, e, tmp, meta) in fetched {
             // The same path twice in a window: the newer one counts (same content, same
             // file: nothing to remove).
@@ -1663,6 +1680,25 @@ impl Client {
                     let _ = std::fs::remove_file(old);
                 }
             }
+        }
+    }
+
+    /// Drops the files fetched ahead that no change used (`Session::drop_prefetched`), and
+    /// their `applying` records, unless an install of the same path and entry still waits
+    /// for its sync.
+    fn drop_prefetched(&mut self, s: &mut Session) {
+        let unused = s.drop_prefetched();
+        if unused.is_empty() {
+            return;
+        }
+        let waiting: HashSet<&RelPath> = self.unsynced_installs.iter().collect();
+        let stale: Vec<RelPath> = unused
+            .into_iter()
+            .filter(|(p, e)| !waiting.contains(p) && self.applying.get(p) == Some(e))
+            .map(|(p, _)| p)
+            .collect();
+        for p in &stale {
+            self.applying.remove(p);
         }
     }
 
@@ -2076,6 +2112,8 @@ fn write_fetched(
 ) -> anyhow::Result<Fetched> {
     let _reuse = beneath::Reuse::start();
     let mut written: Fetched = Vec::new();
+    // Where each file went, by temporary name (a pack holds up to a thousand files).
+    let mut at: HashMap<PathBuf, Stat> = HashMap::new();
     let mut rest = packed;
     for ((path, e), here) in items.into_iter().zip(present) {
         if !here {
@@ -2091,12 +2129,15 @@ fn write_fetched(
         }
         let tmp = fsops::fetched_path(root, &path, &e.hash);
         // The same path and bytes twice in a pack: one file serves both.
-        if let Some(&(.., meta)) = written.iter().find(|(.., t, _)| *t == tmp) {
+        if let Some(&meta) = at.get(&tmp) {
             written.push((path, e, tmp, meta));
             continue;
         }
         match fsops::write_unsynced(&tmp, part, &e) {
-            Ok(meta) => written.push((path, e, tmp, meta)),
+            Ok(meta) => {
+                at.insert(tmp.clone(), meta);
+                written.push((path, e, tmp, meta));
+            }
             // The last pack's, not yet put in place (or left over): that one stays as it is,
             // and this change downloads its file if it is gone by then.
             Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
