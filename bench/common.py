@@ -62,7 +62,8 @@ class Trash:
     scan past every recently freed inode of its block group (the kernel's `recently_deleted`):
     10,000 files deleted just before a trial made the next tool's file creation several times
     slower here, charging whichever tool came next. So nothing is deleted while tools are
-    timed; `empty` removes it all when no trial follows."""
+    timed; `empty` removes it all when no trial follows, or `RECENTLY_DELETED_S` before the
+    next one."""
 
     def __init__(self):
         self.dir, self.n = None, 0
@@ -82,6 +83,10 @@ class Trash:
 
 
 TRASH = Trash()
+
+# How long ext4 passes over a freed inode when it allocates one: 60 s after its delete, 300 s
+# more while its inode table block is not yet written back (an `os.sync()` writes it).
+RECENTLY_DELETED_S = 65
 
 
 def summary(values):
