@@ -1692,13 +1692,10 @@ impl Client {
             return;
         }
         let waiting: HashSet<&RelPath> = self.unsynced_installs.iter().collect();
-        let stale: Vec<RelPath> = unused
-            .into_iter()
-            .filter(|(p, e)| !waiting.contains(p) && self.applying.get(p) == Some(e))
-            .map(|(p, _)| p)
-            .collect();
-        for p in &stale {
-            self.applying.remove(p);
+        for (p, e) in unused {
+            if !waiting.contains(&p) && self.applying.get(&p) == Some(&e) {
+                self.applying.remove(&p);
+            }
         }
     }
 
