@@ -19,6 +19,7 @@ pub mod fsops;
 pub mod ftpd;
 #[cfg(feature = "server")]
 pub mod gate;
+pub mod hash;
 pub mod ignore;
 pub mod logger;
 pub mod progress;

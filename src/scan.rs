@@ -124,8 +124,11 @@ fn hash_at(dir: &Dir, name: &str) -> io::Result<Option<Seen>> {
     for _ in 0..3 {
         let file = dir.open_file(name)?;
         let before = file.metadata()?;
-        let mut hasher = blake3::Hasher::new();
-        hasher.update_reader(&file)?;
+        let hash = match crate::hash::contents(&file, before.len()) {
+            // Shrunk while read: look again.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => continue,
+            hashed => hashed?,
+        };
         let after = file.metadata()?;
         if before.len() == after.len() && mtime_ns(&before) == mtime_ns(&after) {
             return Ok(Some(Seen {
@@ -134,7 +137,7 @@ fn hash_at(dir: &Dir, name: &str) -> io::Result<Option<Seen>> {
                     size: after.len(),
                     mtime_ns: mtime_ns(&after),
                     mode: after.mode() & 0o7777,
-                    hash: *hasher.finalize().as_bytes(),
+                    hash,
                 },
                 ino: after.ino(),
             }));
