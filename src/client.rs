@@ -1969,35 +1969,46 @@ impl Client {
                             return Ok(None);
                         }
                     };
-                    let (size, hash) = match s.resume_upload(&name, e, &file).await? {
-                        Staged::Complete => (e.size, e.hash),
-                        Staged::From(resume) => {
-                            if resume.offset > 0 {
-                                log::info!(
-                                    "resuming the upload of {path} at byte {} of {}",
-                                    resume.offset,
-                                    e.size
-                                );
-                            }
-                            s.data.report_progress(self.board.transfer(
-                                path.as_str(),
-                                "upload",
-                                e.size,
-                            ));
-                            let uploaded = s.data.upload(file, &name, *resume).await;
-                            self.board.transfer_done();
-                            let (size, hash, sent) = uploaded?;
-                            log::debug!("uploaded {path}: {sent} bytes transferred");
-                            self.stats.sent_bytes += sent;
-                            (size, hash)
-                        }
+                    // What the scanner hashed must be what is read: the same size and mtime
+                    // (the scanner's own test of a file unchanged), and no write while it is
+                    // read (the change time). The server checks the hash of what arrives.
+                    let same = |m: &std::fs::Metadata| {
+                        m.len() == e.size && crate::scan::mtime_ns(m) == e.mtime_ns
                     };
-                    if size != e.size || hash != e.hash {
-                        // Written to while we read it: its close brings a hint, and then the
-                        // finished file is sent. Nothing to commit now.
-                        log::debug!("{path} changed while uploading; it will be sent again");
+                    let before = file.metadata()?;
+                    if !same(&before) {
+                        log::debug!("{path} changed before upload; it will be sent again");
                         self.dirty.insert(path.clone());
                         return Ok(None);
+                    }
+                    let reread = file.try_clone()?;
+                    if let Staged::From(resume) = s.resume_upload(&name, e, &file).await? {
+                        if resume.offset > 0 {
+                            log::info!(
+                                "resuming the upload of {path} at byte {} of {}",
+                                resume.offset,
+                                e.size
+                            );
+                        }
+                        s.data.report_progress(self.board.transfer(
+                            path.as_str(),
+                            "upload",
+                            e.size,
+                        ));
+                        let uploaded = s.data.upload(file, &name, *resume).await;
+                        self.board.transfer_done();
+                        let (size, sent) = uploaded?;
+                        log::debug!("uploaded {path}: {sent} bytes transferred");
+                        self.stats.sent_bytes += sent;
+                        let after = reread.metadata()?;
+                        if size != e.size || !same(&after) || ctime_ns(&after) != ctime_ns(&before)
+                        {
+                            // Written to while we read it: its close brings a hint, and then
+                            // the finished file is sent. Nothing to commit now.
+                            log::debug!("{path} changed while uploading; it will be sent again");
+                            self.dirty.insert(path.clone());
+                            return Ok(None);
+                        }
                     }
                     (
                         Op::Put {
@@ -2179,6 +2190,12 @@ fn replica_id(root: &std::path::Path) -> std::io::Result<[u8; 16]> {
     let id = random::<16>();
     store::write_atomic(&path, format!("{}\n", agent::hex(&id)).as_bytes())?;
     Ok(id)
+}
+
+/// Change time in nanoseconds since the epoch: any write to a file moves it.
+fn ctime_ns(meta: &std::fs::Metadata) -> i64 {
+    use std::os::unix::fs::MetadataExt;
+    meta.ctime() * 1_000_000_000 + meta.ctime_nsec()
 }
 
 /// BLAKE3 state over the first `len` bytes of `file`; `None` if it is shorter.

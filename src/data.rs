@@ -15,13 +15,16 @@ use std::task::{ready, Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use smol::io::AsyncReadExt;
+use smol::io::{AsyncReadExt, AsyncWriteExt};
 use suppaftp::smol::{AsyncRustlsConnector, AsyncRustlsFtpStream};
 use suppaftp::types::FileType;
 use suppaftp::FtpError;
 
-use crate::core::entry::{short_hash, Entry, Hash};
+use crate::core::entry::{short_hash, Entry};
 use crate::core::path::RelPath;
+
+/// How much a transfer reads and writes at a time.
+const COPY_BUF: usize = 256 * 1024;
 
 /// One logged-in FTP connection.
 pub struct DataConn {
@@ -67,17 +70,27 @@ impl Pacer {
     }
 }
 
-/// Hashes what passes through it, paced by an optional `Pacer`.
-struct HashingReader<R> {
+/// Counts what passes through it in `progress`, paced by an optional `Pacer`.
+struct PacedReader<R> {
     inner: R,
-    hasher: blake3::Hasher,
     pacer: Option<Pacer>,
     wait: Option<smol::Timer>,
     /// Bytes of the file read so far (from the start of the file, not of this attempt).
     progress: Arc<AtomicU64>,
 }
 
-impl<R: smol::io::AsyncRead + Unpin> smol::io::AsyncRead for HashingReader<R> {
+impl<R> PacedReader<R> {
+    fn new(inner: R, max_rate: Option<u64>, progress: Arc<AtomicU64>) -> Self {
+        PacedReader {
+            inner,
+            pacer: Pacer::new(max_rate),
+            wait: None,
+            progress,
+        }
+    }
+}
+
+impl<R: smol::io::AsyncRead + Unpin> smol::io::AsyncRead for PacedReader<R> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut TaskContext<'_>,
@@ -89,7 +102,6 @@ impl<R: smol::io::AsyncRead + Unpin> smol::io::AsyncRead for HashingReader<R> {
             me.wait = None;
         }
         let n = ready!(Pin::new(&mut me.inner).poll_read(cx, buf))?;
-        me.hasher.update(&buf[..n]);
         me.progress.fetch_add(n as u64, Ordering::Relaxed);
         if let Some(due) = me.pacer.as_mut().and_then(|p| p.after(n)) {
             me.wait = Some(smol::Timer::at(due));
@@ -219,7 +231,7 @@ impl DataConn {
             }
         };
         let mut hasher = resume.hasher;
-        let mut buf = vec![0u8; 256 * 1024];
+        let mut buf = vec![0u8; COPY_BUF];
         let mut total = resume.offset;
         self.progress.store(total, Ordering::Relaxed);
         let mut local_error = None;
@@ -296,24 +308,17 @@ impl DataConn {
     }
 
     /// Uploads an open local file to the staging area as `name`, from `resume.offset` on (the
-    /// staged part before it was checked to match); returns the size and hash of the whole
-    /// file as sent, so the caller can tell whether it changed while it was read, and the
-    /// bytes that went over the network.
+    /// staged part before it was checked to match); returns the size of the whole file as sent
+    /// and the bytes that went over the network. Not hashed here: the server hashes what
+    /// arrives and refuses a commit whose hash it does not match, and the caller tells a file
+    /// written to while it was read by its metadata, as the scanner does.
     pub async fn upload(
         &mut self,
         mut src: File,
         name: &str,
         resume: Resume,
-    ) -> anyhow::Result<(u64, Hash, u64)> {
+    ) -> anyhow::Result<(u64, u64)> {
         src.seek(SeekFrom::Start(resume.offset))?;
-        let reader = smol::Unblock::with_capacity(256 * 1024, src);
-        let mut reader = HashingReader {
-            inner: smol::io::BufReader::with_capacity(256 * 1024, reader),
-            hasher: resume.hasher,
-            pacer: Pacer::new(self.max_rate),
-            wait: None,
-            progress: self.progress.clone(),
-        };
         self.progress.store(resume.offset, Ordering::Relaxed);
         let target = format!("{}/{name}", self.staging);
         if resume.offset > 0 {
@@ -322,31 +327,52 @@ impl DataConn {
                 .await
                 .with_context(|| format!("FTP REST {} for {target}", resume.offset))?;
         }
-        let sent = self
-            .ftp
-            .put_file(&target, &mut reader)
-            .await
-            .with_context(|| format!("FTP STOR {target}"))?;
-        let hash = *reader.hasher.finalize().as_bytes();
-        Ok((resume.offset + sent, hash, sent))
+        let reader = smol::Unblock::with_capacity(COPY_BUF, src);
+        let sent = self.store(&target, reader).await?;
+        Ok((resume.offset + sent, sent))
     }
 
     /// Uploads `bytes` (a pack of small files) to the staging area as `name`.
     pub async fn upload_bytes(&mut self, bytes: &[u8], name: &str) -> anyhow::Result<()> {
-        let mut reader = HashingReader {
-            inner: smol::io::Cursor::new(bytes),
-            hasher: blake3::Hasher::new(),
-            pacer: Pacer::new(self.max_rate),
-            wait: None,
-            progress: self.progress.clone(),
-        };
         self.progress.store(0, Ordering::Relaxed);
         let target = format!("{}/{name}", self.staging);
-        self.ftp
-            .put_file(&target, &mut reader)
+        self.store(&target, smol::io::Cursor::new(bytes)).await?;
+        Ok(())
+    }
+
+    /// Stores what `reader` holds as `target` on the server, paced and counted; returns the
+    /// bytes sent. Written `COPY_BUF` at a time: suppaftp's `put_file` copies through 8 KiB,
+    /// which costs a TLS record, a system call and a wake-up of the server every 8 KiB.
+    async fn store(
+        &mut self,
+        target: &str,
+        reader: impl smol::io::AsyncRead + Unpin,
+    ) -> anyhow::Result<u64> {
+        let mut stream = self
+            .ftp
+            .put_with_stream(target)
             .await
             .with_context(|| format!("FTP STOR {target}"))?;
-        Ok(())
+        let mut reader = PacedReader::new(reader, self.max_rate, self.progress.clone());
+        let mut buf = vec![0u8; COPY_BUF];
+        let mut sent = 0u64;
+        let copied: std::io::Result<()> = async {
+            loop {
+                let n = reader.read(&mut buf).await?;
+                if n == 0 {
+                    return Ok(());
+                }
+                stream.write_all(&buf[..n]).await?;
+                sent += n as u64;
+            }
+        }
+        .await;
+        copied.with_context(|| format!("FTP STOR {target}"))?;
+        stream
+            .finish()
+            .await
+            .with_context(|| format!("FTP STOR {target}"))?;
+        Ok(sent)
     }
 
     /// Downloads the staged file `name` (a pack the server made) into memory, at most `max`
@@ -358,13 +384,7 @@ impl DataConn {
             .retr_as_stream(&target)
             .await
             .with_context(|| format!("FTP RETR {target}"))?;
-        let mut reader = HashingReader {
-            inner: stream,
-            hasher: blake3::Hasher::new(),
-            pacer: Pacer::new(self.max_rate),
-            wait: None,
-            progress: self.progress.clone(),
-        };
+        let mut reader = PacedReader::new(stream, self.max_rate, self.progress.clone());
         self.progress.store(0, Ordering::Relaxed);
         let mut bytes = Vec::new();
         (&mut reader)

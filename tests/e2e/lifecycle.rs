@@ -85,6 +85,41 @@ fn sigterm_mid_upload_stops_the_server_cleanly() {
     );
 }
 
+/// The client does not hash an upload as it reads it (the server does): it must still tell,
+/// by the file's metadata, that the file was rewritten while it was sent, and send the new
+/// version rather than commit the old entry for bytes that no longer match it.
+#[test]
+fn a_file_rewritten_mid_upload_arrives_as_last_written() {
+    let mut cl = Cluster::start_paced("rewrite-mid-upload", "a", "32M");
+    let mut bytes = move_in_random(&cl, &cl.root("a"), "big", BIG);
+    let staging = cl.server_root().join(".ferry/staging");
+    wait_for("the upload is under way", &mut cl, |_| {
+        file_at_least(&staging, 8 << 20)
+    });
+    // In place, same size: only the metadata tells the client the bytes it sent changed.
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(cl.root("a").join("big"))
+            .unwrap();
+        f.seek(SeekFrom::Start(1 << 20)).unwrap();
+        f.write_all(&[0x5a; 4096]).unwrap();
+    }
+    bytes[1 << 20..(1 << 20) + 4096].fill(0x5a);
+    cl.wait_converged("the rewritten file arrives", |cl| {
+        has(&cl.server_root(), "big", &bytes)
+    });
+    let log = cl.log("a");
+    assert!(log.contains("big changed while uploading"), "{log}");
+    assert!(!log.contains("the server refused"), "{log}");
+    assert!(
+        strays(&cl.server_root(), &["big"]).is_empty(),
+        "{}",
+        cl.logs()
+    );
+}
+
 /// Runs `ferry client --once` on `root` against the cluster's server (bounded in time);
 /// returns its exit status, stdout and stderr.
 fn run_once(
