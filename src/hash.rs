@@ -29,10 +29,8 @@ const BUF: usize = 256 * 1024;
 /// The hash of the first `len` bytes of `file` (read with `pread`: its offset is left alone).
 /// A file shorter than `len` is an `UnexpectedEof` error (it shrank: the caller looks again).
 pub fn contents(file: &File, len: u64) -> io::Result<Hash> {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(THREADS_MAX);
-    if len < PARALLEL_MIN || threads < 2 {
+    let threads = if len < PARALLEL_MIN { 1 } else { threads() };
+    if threads < 2 {
         let mut hasher = blake3::Hasher::new();
         read_into(file, 0, len, &mut hasher)?;
         return Ok(*hasher.finalize().as_bytes());
@@ -47,6 +45,17 @@ pub fn contents(file: &File, len: u64) -> io::Result<Hash> {
         unreachable!("a file of PARALLEL_MIN bytes or more splits");
     };
     Ok(*merge_subtrees_root(&value(&left, &cvs), &value(&right, &cvs), Mode::Hash).as_bytes())
+}
+
+/// How many threads hash a large file: asked once (std reads the cgroup's CPU quota from
+/// `/sys` to answer, several system calls).
+fn threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(THREADS_MAX)
+    })
 }
 
 /// The shape of BLAKE3's tree over a file, down to the pieces hashed whole.
