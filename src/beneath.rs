@@ -169,16 +169,16 @@ impl Dir {
         Ok(file)
     }
 
-    /// Creates the regular file `name` for writing; anything there already (a symlink too)
-    /// fails with `AlreadyExists`.
-    pub fn create_file(&self, name: &str) -> io::Result<File> {
+    /// Creates the regular file `name` for writing, with `mode` less the umask; anything there
+    /// already (a symlink too) fails with `AlreadyExists`.
+    pub fn create_file(&self, name: &str, mode: u32) -> io::Result<File> {
         let flags =
             OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
         Ok(File::from(openat(
             &self.0,
             name,
             flags,
-            Mode::from_bits_truncate(0o666),
+            Mode::from_bits_truncate(mode),
         )?))
     }
 
@@ -287,8 +287,15 @@ impl Dir {
     /// anything there.
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     pub fn rename_noreplace(&self, name: &str, to: &Dir, to_name: &str) -> io::Result<()> {
-        use nix::fcntl::{renameat2, RenameFlags};
         reuse::forget();
+        self.rename_file_noreplace(name, to, to_name)
+    }
+
+    /// `rename_noreplace` for a file (which no kept directory can be beneath). Filesystems
+    /// without the flag (some FUSE ones) refuse it with `EINVAL`.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    pub fn rename_file_noreplace(&self, name: &str, to: &Dir, to_name: &str) -> io::Result<()> {
+        use nix::fcntl::{renameat2, RenameFlags};
         Ok(renameat2(
             &self.0,
             name,

@@ -78,6 +78,45 @@ fn many_small_files_travel_in_packs_both_ways() {
     assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
 }
 
+/// A pack's files are created with their entry's mode, less the umask; a mode the umask
+/// strips (group or other write) is set afterwards. Every mode arrives both ways.
+#[test]
+fn modes_travel_in_packs() {
+    use std::os::unix::fs::PermissionsExt;
+    let cl = Cluster::start("pack-modes", &[("a", Watch::Auto), ("b", Watch::Auto)]);
+    let modes = [
+        0o600, 0o640, 0o644, 0o664, 0o666, 0o700, 0o755, 0o775, 0o444, 0o400,
+    ];
+    let outside = cl.dir.0.join("outside");
+    for (i, mode) in modes.iter().enumerate() {
+        // Enough files that they travel in a pack, whatever the threshold.
+        for j in 0..20 {
+            let rel = format!("modes/m{mode:o}/f{j}");
+            write(&outside, &rel, noise(100 + i + j, (i * 20 + j) as u64));
+            let p = outside.join(&rel);
+            fs::set_permissions(p, fs::Permissions::from_mode(*mode)).unwrap();
+        }
+    }
+    fs::rename(outside.join("modes"), cl.root("a").join("modes")).unwrap();
+    let all_modes = |r: &Path| {
+        modes.iter().all(|mode| {
+            (0..20).all(|j| {
+                fs::metadata(r.join(format!("modes/m{mode:o}/f{j}")))
+                    .is_ok_and(|m| m.permissions().mode() & 0o7777 == *mode)
+            })
+        })
+    };
+    cl.wait_converged("every file has its mode everywhere", |cl| {
+        cl.roots().iter().all(|r| all_modes(r))
+    });
+    assert!(
+        cl.log("a").contains("uploaded a pack of"),
+        "{}",
+        cl.log("a")
+    );
+    assert!(cl.log("b").contains("fetched a pack of"), "{}", cl.log("b"));
+}
+
 /// An authenticated raw connection and what the server granted it.
 fn session(cl: &Cluster) -> (Conn, Grant) {
     let mut s = connect(cl);
