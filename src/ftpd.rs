@@ -396,6 +396,39 @@ fn place(user: &SessionUser, path: &Path) -> Option<Place> {
 /// Buffer size for the data connections' file reads and writes.
 const COPY_BUF: usize = 256 << 10;
 
+/// An upload is hashed and written this much at a time.
+const CHUNK: usize = 4 * COPY_BUF;
+
+/// Where an upload goes: its staged file, the hash so far, the writeback asked for.
+struct Sink {
+    file: std::fs::File,
+    hasher: Option<blake3::Hasher>,
+    writeback: fsops::Writeback,
+    /// Bytes in the file.
+    written: u64,
+}
+
+impl Sink {
+    /// Hashes and appends `chunk` (blocking); hands back the buffer for the next one.
+    fn write(mut self, chunk: Vec<u8>) -> std::io::Result<(Sink, Vec<u8>)> {
+        use std::io::Write;
+        if let Some(h) = self.hasher.as_mut() {
+            h.update(&chunk);
+        }
+        self.file.write_all(&chunk)?;
+        self.written += chunk.len() as u64;
+        if let Some(range) = self.writeback.due(self.written) {
+            fsops::start_writeback(&self.file, range);
+        }
+        Ok((self, chunk))
+    }
+}
+
+/// What a blocking write returned; a panic in it is an error here.
+fn joined<T>(r: Result<std::io::Result<T>, tokio::task::JoinError>) -> std::io::Result<T> {
+    r.map_err(std::io::Error::other)?
+}
+
 fn denied() -> Error {
     Error::from(ErrorKind::PermissionDenied)
 }
@@ -491,10 +524,10 @@ impl StorageBackend<SessionUser> for Confined {
         // to tokio's blocking pool for each): large buffers make a large upload several
         // times faster. `place` checked the name; the staging directory is the server's own.
         use std::os::unix::fs::OpenOptionsExt;
-        use tokio::io::{AsyncBufReadExt, AsyncSeekExt, AsyncWriteExt};
+        use tokio::io::AsyncReadExt;
         let path = dir.join(name);
         let writing = self.receipts.begin(path.clone());
-        let file = std::fs::File::options()
+        let mut file = std::fs::File::options()
             .write(true)
             .create(true)
             .truncate(false)
@@ -502,39 +535,57 @@ impl StorageBackend<SessionUser> for Confined {
             .open(&path)
             .map_err(local)?;
         file.set_len(start_pos).map_err(local)?;
-        let hint = Arc::new(file.try_clone().map_err(local)?);
-        let mut file = tokio::fs::File::from_std(file);
-        file.seek(std::io::SeekFrom::Start(start_pos))
-            .await
-            .map_err(local)?;
-        let mut reader = tokio::io::BufReader::with_capacity(COPY_BUF, input);
-        let mut writer = tokio::io::BufWriter::with_capacity(4 * COPY_BUF, file);
-        // A whole upload is hashed as it arrives (see `Receipts`); a resumed one is not.
-        let mut hasher = (start_pos == 0).then(blake3::Hasher::new);
-        let mut writeback = fsops::Writeback::new(start_pos);
+        std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(start_pos)).map_err(local)?;
+        let mut sink = Some(Sink {
+            file,
+            // A whole upload is hashed as it arrives (see `Receipts`); a resumed one is not.
+            hasher: (start_pos == 0).then(blake3::Hasher::new),
+            writeback: fsops::Writeback::new(start_pos),
+            written: start_pos,
+        });
+        // While one chunk is hashed and written on a blocking thread, the next is read (and
+        // decrypted) here: the data connection's thread does only that.
+        let mut writing_chunk: Option<tokio::task::JoinHandle<std::io::Result<(Sink, Vec<u8>)>>> =
+            None;
+        let mut input = input;
+        let mut chunk = vec![0u8; CHUNK];
+        let mut spare = vec![0u8; CHUNK];
+        let mut filled = 0;
         let mut copied = 0u64;
         loop {
-            let chunk = reader.fill_buf().await.map_err(local)?;
-            if chunk.is_empty() {
+            let n = input.read(&mut chunk[filled..]).await.map_err(local)?;
+            filled += n;
+            copied += n as u64;
+            if filled < CHUNK && n > 0 {
+                continue;
+            }
+            if filled > 0 {
+                let s = match writing_chunk.take() {
+                    Some(w) => {
+                        let (s, buf) = joined(w.await).map_err(local)?;
+                        spare = buf;
+                        s
+                    }
+                    None => sink
+                        .take()
+                        .expect("the sink is here when no write is under way"),
+                };
+                spare.resize(CHUNK, 0);
+                let mut full = std::mem::replace(&mut chunk, std::mem::take(&mut spare));
+                full.truncate(filled);
+                filled = 0;
+                writing_chunk = Some(tokio::task::spawn_blocking(move || s.write(full)));
+            }
+            if n == 0 {
                 break;
             }
-            let n = chunk.len();
-            if let Some(h) = hasher.as_mut() {
-                h.update(chunk);
-            }
-            writer.write_all(chunk).await.map_err(local)?;
-            reader.consume(n);
-            copied += n as u64;
-            if let Some(range) = writeback.due(start_pos + copied) {
-                writer.flush().await.map_err(local)?;
-                let hint = hint.clone();
-                let _ =
-                    tokio::task::spawn_blocking(move || fsops::start_writeback(&hint, range)).await;
-            }
         }
-        writer.flush().await.map_err(local)?;
-        if let Some(h) = hasher {
-            let meta = hint.metadata().map_err(local)?;
+        let sink = match writing_chunk {
+            Some(w) => joined(w.await).map_err(local)?.0,
+            None => sink.expect("the sink is here when no write is under way"),
+        };
+        if let Some(h) = sink.hasher {
+            let meta = sink.file.metadata().map_err(local)?;
             writing.finish(&meta, h.finalize());
         }
         Ok(copied)
