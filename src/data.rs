@@ -5,7 +5,7 @@
 
 use std::fs::File;
 use std::future::Future;
-use std::io::{Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -25,6 +25,9 @@ use crate::core::path::RelPath;
 
 /// How much a transfer reads and writes at a time.
 const COPY_BUF: usize = 256 * 1024;
+
+/// A download is hashed and written this much at a time.
+const CHUNK: usize = 4 * COPY_BUF;
 
 /// One logged-in FTP connection.
 pub struct DataConn {
@@ -221,7 +224,7 @@ impl DataConn {
                 f.seek(SeekFrom::Start(resume.offset))?;
                 Ok(f)
             });
-        let mut file = match opened {
+        let file = match opened {
             Ok(f) => f,
             Err(e) => {
                 let _ = stream.finish().await;
@@ -230,35 +233,68 @@ impl DataConn {
                 )));
             }
         };
-        let mut hasher = resume.hasher;
-        let mut buf = vec![0u8; COPY_BUF];
+        // Hashed and written a chunk at a time on a blocking thread while the next is read.
+        let mut sink = Some(crate::fsops::Sink::new(
+            file,
+            Some(resume.hasher),
+            resume.offset,
+        ));
+        let mut writing: Option<smol::Task<crate::fsops::Written>> = None;
+        let (mut chunk, mut spare) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
+        let mut filled = 0;
         let mut total = resume.offset;
         self.progress.store(total, Ordering::Relaxed);
         let mut local_error = None;
         let mut pacer = Pacer::new(self.max_rate);
-        let mut writeback = crate::fsops::Writeback::new(resume.offset);
         let read: std::io::Result<()> = async {
             loop {
-                let n = stream.read(&mut buf).await?;
-                if n == 0 {
-                    return Ok(());
-                }
+                let n = stream.read(&mut chunk[filled..]).await?;
+                filled += n;
                 total += n as u64;
                 self.progress.store(total, Ordering::Relaxed);
-                hasher.update(&buf[..n]);
-                if local_error.is_none() {
-                    if let Err(e) = file.write_all(&buf[..n]) {
-                        local_error = Some(e);
-                    } else if let Some(range) = writeback.due(total) {
-                        crate::fsops::start_writeback(&file, range);
-                    }
-                }
                 if let Some(due) = pacer.as_mut().and_then(|p| p.after(n)) {
                     smol::Timer::at(due).await;
+                }
+                if filled < CHUNK && n > 0 {
+                    continue;
+                }
+                // After a local error the rest is read and dropped: the transfer ends cleanly.
+                let ready = match writing.take() {
+                    Some(w) => w.await.map(|(s, buf)| {
+                        spare = buf;
+                        s
+                    }),
+                    None => sink.take().ok_or_else(|| std::io::ErrorKind::Other.into()),
+                };
+                match ready {
+                    Ok(s) if filled > 0 => {
+                        spare.resize(CHUNK, 0);
+                        let mut full = std::mem::replace(&mut chunk, std::mem::take(&mut spare));
+                        full.truncate(filled);
+                        writing = Some(smol::unblock(move || s.write(full)));
+                    }
+                    Ok(s) => sink = Some(s),
+                    Err(e) => {
+                        local_error.get_or_insert(e);
+                    }
+                }
+                filled = 0;
+                if n == 0 {
+                    return Ok(());
                 }
             }
         }
         .await;
+        // What was handed over is written before anything else: a broken-off download keeps
+        // all that arrived, for the next attempt to resume after.
+        if let Some(w) = writing.take() {
+            match w.await {
+                Ok((s, _)) => sink = Some(s),
+                Err(e) => {
+                    local_error.get_or_insert(e);
+                }
+            }
+        }
         if let Err(e) = read {
             // Keep what arrived: the next attempt resumes after checking it.
             return Err(DownloadError::Transport(
@@ -291,6 +327,17 @@ impl DataConn {
                 anyhow::Error::new(e).context(format!("cannot write {}", tmp.display())),
             )));
         }
+        let Some(crate::fsops::Sink {
+            file,
+            hasher: Some(hasher),
+            ..
+        }) = sink
+        else {
+            return Err(fail(DownloadError::Local(anyhow::anyhow!(
+                "cannot write {}",
+                tmp.display()
+            ))));
+        };
         let hash = *hasher.finalize().as_bytes();
         if total != entry.size || hash != entry.hash {
             return Err(fail(DownloadError::Changed(format!(

@@ -141,6 +141,49 @@ pub fn start_writeback(file: &File, (from, to): (u64, u64)) {
     }
 }
 
+/// What a `Sink::write` returns: the sink and the buffer, for the next chunk.
+pub type Written = io::Result<(Sink, Vec<u8>)>;
+
+/// A file arriving over the network: hashed as it is written, and written back as it grows
+/// (see `Writeback`). Written a chunk at a time on a blocking thread, so the connection's thread
+/// only reads (and decrypts) the next chunk meanwhile.
+#[derive(Debug)]
+pub struct Sink {
+    /// The file, open for writing at its end.
+    pub file: File,
+    /// The hash of everything in it, if it is being hashed.
+    pub hasher: Option<blake3::Hasher>,
+    writeback: Writeback,
+    /// Bytes in the file.
+    written: u64,
+}
+
+impl Sink {
+    /// For `file`, which holds `written` bytes (hashed into `hasher`) and is positioned after.
+    pub fn new(file: File, hasher: Option<blake3::Hasher>, written: u64) -> Sink {
+        Sink {
+            file,
+            hasher,
+            writeback: Writeback::new(written),
+            written,
+        }
+    }
+
+    /// Hashes and appends `chunk` (blocking); hands back the buffer for the next one.
+    pub fn write(mut self, chunk: Vec<u8>) -> Written {
+        use std::io::Write;
+        if let Some(h) = self.hasher.as_mut() {
+            h.update(&chunk);
+        }
+        self.file.write_all(&chunk)?;
+        self.written += chunk.len() as u64;
+        if let Some(range) = self.writeback.due(self.written) {
+            start_writeback(&self.file, range);
+        }
+        Ok((self, chunk))
+    }
+}
+
 /// Where a file fetched in a pack waits in `<root>/.ferry/tmp` before it is put in place at
 /// `rel`: named by path and content, so a start after a power cut can tell whether its rename
 /// was lost (the file is still here) or happened (see the client's `applying` record).

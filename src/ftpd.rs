@@ -399,31 +399,6 @@ const COPY_BUF: usize = 256 << 10;
 /// An upload is hashed and written this much at a time.
 const CHUNK: usize = 4 * COPY_BUF;
 
-/// Where an upload goes: its staged file, the hash so far, the writeback asked for.
-struct Sink {
-    file: std::fs::File,
-    hasher: Option<blake3::Hasher>,
-    writeback: fsops::Writeback,
-    /// Bytes in the file.
-    written: u64,
-}
-
-impl Sink {
-    /// Hashes and appends `chunk` (blocking); hands back the buffer for the next one.
-    fn write(mut self, chunk: Vec<u8>) -> std::io::Result<(Sink, Vec<u8>)> {
-        use std::io::Write;
-        if let Some(h) = self.hasher.as_mut() {
-            h.update(&chunk);
-        }
-        self.file.write_all(&chunk)?;
-        self.written += chunk.len() as u64;
-        if let Some(range) = self.writeback.due(self.written) {
-            fsops::start_writeback(&self.file, range);
-        }
-        Ok((self, chunk))
-    }
-}
-
 /// What a blocking write returned; a panic in it is an error here.
 fn joined<T>(r: Result<std::io::Result<T>, tokio::task::JoinError>) -> std::io::Result<T> {
     r.map_err(std::io::Error::other)?
@@ -536,17 +511,14 @@ impl StorageBackend<SessionUser> for Confined {
             .map_err(local)?;
         file.set_len(start_pos).map_err(local)?;
         std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(start_pos)).map_err(local)?;
-        let mut sink = Some(Sink {
-            file,
-            // A whole upload is hashed as it arrives (see `Receipts`); a resumed one is not.
-            hasher: (start_pos == 0).then(blake3::Hasher::new),
-            writeback: fsops::Writeback::new(start_pos),
-            written: start_pos,
-        });
+        // A whole upload is hashed as it arrives (see `Receipts`); a resumed one is not.
+        let hasher = (start_pos == 0).then(blake3::Hasher::new);
+        let mut sink = Some(fsops::Sink::new(file, hasher, start_pos));
         // While one chunk is hashed and written on a blocking thread, the next is read (and
         // decrypted) here: the data connection's thread does only that.
-        let mut writing_chunk: Option<tokio::task::JoinHandle<std::io::Result<(Sink, Vec<u8>)>>> =
-            None;
+        let mut writing_chunk: Option<
+            tokio::task::JoinHandle<std::io::Result<(fsops::Sink, Vec<u8>)>>,
+        > = None;
         let mut input = input;
         let mut chunk = vec![0u8; CHUNK];
         let mut spare = vec![0u8; CHUNK];
