@@ -516,9 +516,7 @@ impl StorageBackend<SessionUser> for Confined {
         let mut sink = Some(fsops::Sink::new(file, hasher, start_pos));
         // While one chunk is hashed and written on a blocking thread, the next is read (and
         // decrypted) here: the data connection's thread does only that.
-        let mut writing_chunk: Option<
-            tokio::task::JoinHandle<std::io::Result<(fsops::Sink, Vec<u8>)>>,
-        > = None;
+        let mut writing_chunk: Option<tokio::task::JoinHandle<fsops::Written>> = None;
         let mut input = input;
         let mut chunk = vec![0u8; CHUNK];
         let mut spare = vec![0u8; CHUNK];
