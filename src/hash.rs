@@ -127,11 +127,12 @@ fn value(tree: &Tree, cvs: &[ChainingValue]) -> ChainingValue {
 
 /// Feeds `len` bytes of `file` from `offset` to `hasher`.
 fn read_into(file: &File, offset: u64, len: u64, hasher: &mut blake3::Hasher) -> io::Result<()> {
-    let mut buf = vec![0u8; BUF.min(len as usize)];
+    // (On a 32-bit target a length need not fit a `usize`: capped, never truncated.)
+    let mut buf = vec![0u8; usize::try_from(len).map_or(BUF, |l| l.min(BUF))];
     let mut at = offset;
     let end = offset + len;
     while at < end {
-        let want = buf.len().min((end - at) as usize);
+        let want = usize::try_from(end - at).map_or(buf.len(), |r| r.min(buf.len()));
         let n = file.read_at(&mut buf[..want], at)?;
         if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
