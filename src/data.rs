@@ -240,7 +240,7 @@ impl DataConn {
             resume.offset,
         ));
         let mut writing: Option<smol::Task<crate::fsops::Written>> = None;
-        let (mut chunk, mut spare) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
+        let (mut chunk, mut spare) = (vec![0u8; CHUNK], Vec::new());
         let mut filled = 0;
         let mut total = resume.offset;
         self.progress.store(total, Ordering::Relaxed);
@@ -258,6 +258,19 @@ impl DataConn {
                 if filled < CHUNK && n > 0 {
                     continue;
                 }
+                if n == 0 && writing.is_none() && local_error.is_none() {
+                    // All of it fit in one chunk (a small file): written here, without the trip
+                    // to a thread and back that a change's latency would pay for.
+                    chunk.truncate(filled);
+                    let s = sink
+                        .take()
+                        .expect("the sink is here when no write is under way");
+                    match s.write(chunk) {
+                        Ok((s, _)) => sink = Some(s),
+                        Err(e) => local_error = Some(e),
+                    }
+                    return Ok(());
+                }
                 // After a local error the rest is read and dropped: the transfer ends cleanly.
                 let ready = match writing.take() {
                     Some(w) => w.await.map(|(s, buf)| {
@@ -268,6 +281,10 @@ impl DataConn {
                 };
                 match ready {
                     Ok(s) if filled > 0 => {
+                        // (A second buffer only for a file of more than one chunk.)
+                        if spare.is_empty() {
+                            spare = vec![0u8; CHUNK];
+                        }
                         spare.resize(CHUNK, 0);
                         let mut full = std::mem::replace(&mut chunk, std::mem::take(&mut spare));
                         full.truncate(filled);

@@ -519,7 +519,7 @@ impl StorageBackend<SessionUser> for Confined {
         let mut writing_chunk: Option<tokio::task::JoinHandle<fsops::Written>> = None;
         let mut input = input;
         let mut chunk = vec![0u8; CHUNK];
-        let mut spare = vec![0u8; CHUNK];
+        let mut spare = Vec::new();
         let mut filled = 0;
         let mut copied = 0u64;
         loop {
@@ -528,6 +528,16 @@ impl StorageBackend<SessionUser> for Confined {
             copied += n as u64;
             if filled < CHUNK && n > 0 {
                 continue;
+            }
+            if n == 0 && writing_chunk.is_none() {
+                // All of it fit in one chunk (a small file): written here, without the trip to
+                // a thread and back that a change's latency would pay for.
+                chunk.truncate(filled);
+                let s = sink
+                    .take()
+                    .expect("the sink is here when no write is under way");
+                sink = Some(s.write(chunk).map_err(local)?.0);
+                break;
             }
             if filled > 0 {
                 let s = match writing_chunk.take() {
@@ -540,6 +550,10 @@ impl StorageBackend<SessionUser> for Confined {
                         .take()
                         .expect("the sink is here when no write is under way"),
                 };
+                // (A second buffer only for a file of more than one chunk.)
+                if spare.is_empty() {
+                    spare = vec![0u8; CHUNK];
+                }
                 spare.resize(CHUNK, 0);
                 let mut full = std::mem::replace(&mut chunk, std::mem::take(&mut spare));
                 full.truncate(filled);
