@@ -317,10 +317,13 @@ impl Client {
         if !std::fs::metadata(&cfg.root)?.is_dir() {
             bail!("{} is not a directory", cfg.root.display());
         }
-        fsops::prepare_state_dir(&cfg.root).context("cannot prepare the state directory")?;
-        // First: a second agent on this tree must stop before it touches the state.
+        std::fs::create_dir_all(fsops::state_dir(&cfg.root))
+            .context("cannot create the state directory")?;
+        // First: a second agent on this tree must stop before it touches the state (and the
+        // first one's temporary files).
         let board = Board::new("client", &cfg.name, &cfg.root);
         let status = status::serve(&cfg.root, board.clone())?;
+        fsops::prepare_state_dir(&cfg.root).context("cannot prepare the state directory")?;
         let (saved, journal) =
             store::Journal::open_or_reset::<Saved>(&fsops::state_dir(&cfg.root), "client")
                 .context("cannot open the client's state")?;
@@ -391,6 +394,7 @@ impl Client {
             }
             client.applying.remove(&p);
         }
+        fsops::clear_fetched(&client.cfg.root);
         client.note_local(changes);
         client.flush();
         Ok(client)
@@ -2533,6 +2537,69 @@ mod tests {
         assert!(second.is_empty(), "{second:?}");
         assert!(still_written(&first[0].2, &first[0].3));
         assert_eq!(std::fs::read(&first[0].2).unwrap(), bytes);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_start_after_a_lost_rename_drops_the_base_and_takes_no_delete() {
+        use std::os::unix::fs::PermissionsExt;
+        // A power cut lost the rename of a fetched file, not its journaled base: the file
+        // still waits in `.ferry/tmp` and is absent from the tree.
+        let root = std::env::temp_dir().join(format!("ferry-lost-rename-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let state = fsops::state_dir(&root);
+        std::fs::create_dir_all(fsops::tmp_dir(&root)).unwrap();
+        let bytes = b"fetched".to_vec();
+        let entry = Entry {
+            kind: Kind::File,
+            size: bytes.len() as u64,
+            mtime_ns: 1_600_000_000_000_000_000,
+            mode: 0o644,
+            hash: *blake3::hash(&bytes).as_bytes(),
+        };
+        let (lost, done): (RelPath, RelPath) = ("lost".parse().unwrap(), "done".parse().unwrap());
+        let waiting = fsops::fetched_path(&root, &lost, &entry.hash);
+        std::fs::write(&waiting, &bytes).unwrap();
+        std::fs::write(root.join("done"), &bytes).unwrap();
+        let both: BTreeMap<RelPath, Entry> =
+            [(lost.clone(), entry.clone()), (done.clone(), entry.clone())].into();
+        let (_, mut journal) = store::Journal::open_or_reset::<Saved>(&state, "client").unwrap();
+        journal
+            .compact(&SavedRef {
+                epoch: 1,
+                last_seq: 2,
+                base: &both,
+                local: &BTreeMap::new(),
+                applying: &both,
+            })
+            .unwrap();
+        drop(journal);
+        let secret = root.join("secret");
+        std::fs::write(&secret, "a-secret-of-enough-bytes").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let client = Client::start(ClientConfig {
+            server: "127.0.0.1:1".into(),
+            root: root.clone(),
+            secret: Secret::load(&secret).unwrap(),
+            name: "t".into(),
+            watch: WatchConfig {
+                root: root.clone(),
+                backend: crate::watch::Backend::Poll,
+                poll_interval: Duration::from_secs(60),
+            },
+            max_rate: None,
+            once: false,
+            insecure_plaintext: true,
+            server_fingerprint: None,
+        })
+        .unwrap();
+        // The lost one is reconciled as at a first contact (its absence is no delete); the
+        // one in place keeps its base; nothing waits in `.ferry/tmp`.
+        assert_eq!(client.base.get(&lost), None);
+        assert_eq!(client.base.get(&done), Some(&entry));
+        assert!(client.applying.is_empty());
+        assert!(!waiting.exists());
+        drop(client);
         std::fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -36,24 +36,42 @@ pub fn tmp_dir(root: &Path) -> PathBuf {
 const PARTIAL_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// Creates the state directory and clears its temporary area of a crash's leftovers, keeping
-/// recent partial downloads (`partial_path`) so they can resume.
+/// recent partial downloads (`partial_path`) so they can resume, and fetched files
+/// (`fetched_path`): a client's start looks for those first, then clears them
+/// (`clear_fetched`).
 pub fn prepare_state_dir(root: &Path) -> io::Result<()> {
     let tmp = tmp_dir(root);
     fs::create_dir_all(&tmp)?;
     for e in fs::read_dir(&tmp)?.flatten() {
         let name = e.file_name();
-        let resumable = name.to_str().is_some_and(|n| n.starts_with('r'))
-            && e.file_type().is_ok_and(|t| t.is_file())
-            && e.metadata()
+        let is_file = e.file_type().is_ok_and(|t| t.is_file());
+        let keep = match name.to_str().and_then(|n| n.chars().next()) {
+            Some('r') => e
+                .metadata()
                 .and_then(|m| m.modified())
                 .ok()
                 .and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age < PARTIAL_MAX_AGE);
-        if !resumable {
+                .is_some_and(|age| age < PARTIAL_MAX_AGE),
+            Some('f') => true,
+            _ => false,
+        };
+        if !(keep && is_file) {
             let _ = fs::remove_file(e.path()).or_else(|_| fs::remove_dir_all(e.path()));
         }
     }
     Ok(())
+}
+
+/// Removes the fetched files (`fetched_path`) that `prepare_state_dir` kept.
+pub fn clear_fetched(root: &Path) {
+    let Ok(dir) = fs::read_dir(tmp_dir(root)) else {
+        return;
+    };
+    for e in dir.flatten() {
+        if e.file_name().to_str().is_some_and(|n| n.starts_with('f')) {
+            let _ = fs::remove_file(e.path());
+        }
+    }
 }
 
 /// Where the download of the file whose hash is `hash` is assembled: the same name every time,

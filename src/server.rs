@@ -501,10 +501,14 @@ async fn serve(cfg: ServerConfig, stop: Receiver<nix::sys::signal::Signal>) -> a
     if !meta.is_dir() {
         bail!("server root {} is not a directory", root.display());
     }
-    fsops::prepare_state_dir(&root).context("cannot prepare the state directory")?;
-    // First: a second agent on this tree must stop before it touches the state.
+    std::fs::create_dir_all(fsops::state_dir(&root))
+        .context("cannot create the state directory")?;
+    // First: a second agent on this tree must stop before it touches the state (and the
+    // first one's temporary files).
     let board = Board::new("server", "server", &root);
     let status = status::serve(&root, board.clone())?;
+    fsops::prepare_state_dir(&root).context("cannot prepare the state directory")?;
+    fsops::clear_fetched(&root);
     prune_staging(&root);
     std::fs::create_dir_all(staging_dir(&root))?;
     let identity = if cfg.insecure_plaintext {

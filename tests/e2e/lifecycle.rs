@@ -322,6 +322,9 @@ fn status_without_an_agent_and_a_second_agent_are_refused() {
         || cl.log("a").contains("caught up"),
         || cl.logs(),
     );
+    // A temporary file of a's, which a start clears: the second agent must not.
+    let a_tmp = cl.root("a").join(".ferry/tmp/0123456789abcdef.part");
+    std::fs::write(&a_tmp, b"a's").unwrap();
     let out = std::process::Command::new(ferry())
         .args(["client", "--server", cl.control(), "--root"])
         .arg(cl.root("a"))
@@ -338,6 +341,10 @@ fn status_without_an_agent_and_a_second_agent_are_refused() {
     assert!(
         cl.client_exited("a").is_none(),
         "the first agent must keep running"
+    );
+    assert!(
+        a_tmp.exists(),
+        "the second agent cleared a's temporary files"
     );
 }
 
