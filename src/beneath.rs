@@ -152,9 +152,10 @@ impl Dir {
         Ok(nix::sys::stat::fstat(&self.0)?.into())
     }
 
-    /// Opens `name` for reading if it is a regular file. `O_NOFOLLOW` refuses a symlink (ELOOP);
+    /// Opens `name` for reading if it is a regular file, with its metadata (callers compare it
+    /// with what they expect: one `fstat`, not two). `O_NOFOLLOW` refuses a symlink (ELOOP);
     /// `O_NONBLOCK` keeps a FIFO swapped in from blocking the open.
-    pub fn open_file(&self, name: &str) -> io::Result<File> {
+    pub fn open_file(&self, name: &str) -> io::Result<(File, Metadata)> {
         let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
         let file = File::from(openat(&self.0, name, flags, Mode::empty()).map_err(|e| {
             if e == Errno::ELOOP {
@@ -163,10 +164,11 @@ impl Dir {
                 e.into()
             }
         })?);
-        if !file.metadata()?.is_file() {
+        let meta = file.metadata()?;
+        if !meta.is_file() {
             return Err(io::Error::other("not a regular file"));
         }
-        Ok(file)
+        Ok((file, meta))
     }
 
     /// Creates the regular file `name` for writing, with `mode` less the umask; anything there
@@ -429,9 +431,9 @@ pub fn state_parent(path: &Path) -> io::Result<(Dir, &str)> {
     Ok((Dir::at_path(dir)?, name))
 }
 
-/// Opens the regular file `rel` beneath `root` for reading, following no symlink on the way or
-/// at the end: what feeds an upload is always a file in the tree.
-pub fn open_file(root: &Path, rel: &RelPath) -> io::Result<File> {
+/// Opens the regular file `rel` beneath `root` for reading, with its metadata, following no
+/// symlink on the way or at the end: what feeds an upload is always a file in the tree.
+pub fn open_file(root: &Path, rel: &RelPath) -> io::Result<(File, Metadata)> {
     let (dir, name) = parent(root, rel, None)?;
     dir.open_file(name)
 }

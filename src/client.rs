@@ -1878,20 +1878,9 @@ impl Client {
         let mut bytes = Vec::new();
         let mut sent = Vec::with_capacity(items.len());
         for item in items {
-            let start = bytes.len();
-            // Beneath the root, following no symlink, as a single upload reads.
-            let read = crate::beneath::open_file(&self.cfg.root, &item.path).and_then(|f| {
-                std::io::Read::read_to_end(
-                    &mut std::io::Read::take(f, item.entry.size + 1),
-                    &mut bytes,
-                )
-            });
-            let same = read.is_ok_and(|n| n as u64 == item.entry.size)
-                && *blake3::hash(&bytes[start..]).as_bytes() == item.entry.hash;
-            if same {
+            if fsops::append_file(&self.cfg.root, &item.path, &item.entry, &mut bytes) {
                 sent.push(item);
             } else {
-                bytes.truncate(start);
                 log::debug!(
                     "{} changed before it was sent; it will be sent again",
                     item.path
@@ -1965,8 +1954,8 @@ impl Client {
                     let name = format!("h{}", agent::hex(&e.hash[..16]));
                     // Opened beneath the root, following no symlink: what is sent is the
                     // file in the tree, never what a link points to.
-                    let file = match crate::beneath::open_file(&self.cfg.root, path) {
-                        Ok(f) => f,
+                    let (file, before) = match crate::beneath::open_file(&self.cfg.root, path) {
+                        Ok(opened) => opened,
                         Err(err) => {
                             log::debug!("{path} vanished before upload: {err}");
                             self.dirty.insert(path.clone());
@@ -1979,7 +1968,6 @@ impl Client {
                     let same = |m: &std::fs::Metadata| {
                         m.len() == e.size && crate::scan::mtime_ns(m) == e.mtime_ns
                     };
-                    let before = file.metadata()?;
                     if !same(&before) {
                         log::debug!("{path} changed before upload; it will be sent again");
                         self.dirty.insert(path.clone());

@@ -122,8 +122,7 @@ pub fn hash_file(root: &Path, rel: &RelPath) -> io::Result<Option<Seen>> {
 /// Hashes the file `name` in `dir` (see `hash_file`).
 fn hash_at(dir: &Dir, name: &str) -> io::Result<Option<Seen>> {
     for _ in 0..3 {
-        let file = dir.open_file(name)?;
-        let before = file.metadata()?;
+        let (file, before) = dir.open_file(name)?;
         let hash = match crate::hash::contents(&file, before.len()) {
             // Shrunk while read: look again.
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => continue,
