@@ -243,8 +243,11 @@ impl Dir {
         nix::unistd::symlinkat(target, &self.0, name)
     }
 
-    /// Creates the directory `name` (mode 0o777 less the umask, as `mkdir` does).
+    /// Creates the directory `name` (mode 0o777 less the umask, as `mkdir` does). A directory
+    /// kept at that path (see [`Reuse`]) was removed by someone else meanwhile: forgotten, so
+    /// what goes beneath the path goes into the new one.
     pub fn mkdir(&self, name: &str) -> nix::Result<()> {
+        reuse::forget();
         nix::sys::stat::mkdirat(&self.0, name, Mode::from_bits_truncate(0o777))
     }
 
@@ -473,8 +476,8 @@ mod reuse {
     /// What that changes: a kept directory is the one that stood at its path when it was
     /// opened. Renamed or removed meanwhile by someone else, it is still the one acted in,
     /// wherever it went: the race every walk-then-act has, over a longer window. So the
-    /// window is kept short: ferry's own removals and renames of directories forget
-    /// everything, a directory is kept at most [`FRESH`], and a guard spans one batch. Its
+    /// window is kept short: ferry's own removals, renames and creations of directories
+    /// forget everything, a directory is kept at most [`FRESH`], and a guard spans one batch. Its
     /// thread only: a walk on another thread opens its own.
     #[derive(Debug)]
     pub struct Reuse {

@@ -789,6 +789,14 @@ mod tests {
             !root.join("c/y").exists(),
             "written into the renamed directory"
         );
+        // Removed by someone else (a user's `rm -r`), then made again by ferry (the server
+        // refused the delete): what goes in it goes in the new one.
+        put("d/e/f");
+        fs::remove_dir_all(root.join("d")).unwrap();
+        make_dir(&root, &"d".parse().unwrap(), 0o755).unwrap();
+        make_dir(&root, &"d/e".parse().unwrap(), 0o755).unwrap();
+        put("d/e/g");
+        assert_eq!(fs::read(root.join("d/e/g")).unwrap(), b"d/e/g");
         fs::remove_dir_all(&root).unwrap();
     }
 
