@@ -2497,6 +2497,17 @@ impl Session {
 mod tests {
     use super::*;
 
+    /// The entry of a file holding `bytes`.
+    fn file_entry(bytes: &[u8]) -> Entry {
+        Entry {
+            kind: Kind::File,
+            size: bytes.len() as u64,
+            mtime_ns: 1_600_000_000_000_000_000,
+            mode: 0o644,
+            hash: *blake3::hash(bytes).as_bytes(),
+        }
+    }
+
     #[test]
     fn a_fetched_file_waiting_to_be_put_in_place_is_never_rewritten() {
         let root = std::env::temp_dir().join(format!("ferry-fetched-{}", std::process::id()));
@@ -2504,13 +2515,7 @@ mod tests {
         std::fs::create_dir_all(&root).unwrap();
         fsops::prepare_state_dir(&root).unwrap();
         let bytes = b"the same bytes".to_vec();
-        let entry = Entry {
-            kind: Kind::File,
-            size: bytes.len() as u64,
-            mtime_ns: 1_600_000_000_000_000_000,
-            mode: 0o644,
-            hash: *blake3::hash(&bytes).as_bytes(),
-        };
+        let entry = file_entry(&bytes);
         let path: RelPath = "d/f".parse().unwrap();
         let item = (path.clone(), entry.clone());
         // Twice in one pack: one file serves both.
@@ -2538,13 +2543,7 @@ mod tests {
         let state = fsops::state_dir(&root);
         std::fs::create_dir_all(fsops::tmp_dir(&root)).unwrap();
         let bytes = b"fetched".to_vec();
-        let entry = Entry {
-            kind: Kind::File,
-            size: bytes.len() as u64,
-            mtime_ns: 1_600_000_000_000_000_000,
-            mode: 0o644,
-            hash: *blake3::hash(&bytes).as_bytes(),
-        };
+        let entry = file_entry(&bytes);
         let (lost, done): (RelPath, RelPath) = ("lost".parse().unwrap(), "done".parse().unwrap());
         let waiting = fsops::fetched_path(&root, &lost, &entry.hash);
         std::fs::write(&waiting, &bytes).unwrap();

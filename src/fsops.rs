@@ -674,28 +674,26 @@ mod tests {
     #[test]
     fn a_file_is_appended_only_as_its_entry_says() {
         let root = tmp("append");
-        let file = |bytes: &[u8]| Entry {
-            kind: Kind::File,
-            size: bytes.len() as u64,
-            mtime_ns: 0,
-            mode: 0o644,
-            hash: *blake3::hash(bytes).as_bytes(),
-        };
         fs::create_dir(root.join("d")).unwrap();
         fs::write(root.join("d/a"), b"alpha").unwrap();
         fs::write(root.join("d/e"), b"").unwrap();
         std::os::unix::fs::symlink("a", root.join("d/link")).unwrap();
         let p = |s: &str| -> RelPath { s.parse().unwrap() };
         let mut bytes = b"head".to_vec();
-        assert!(append_file(&root, &p("d/a"), &file(b"alpha"), &mut bytes));
-        assert!(append_file(&root, &p("d/e"), &file(b""), &mut bytes));
+        assert!(append_file(
+            &root,
+            &p("d/a"),
+            &file_entry(b"alpha"),
+            &mut bytes
+        ));
+        assert!(append_file(&root, &p("d/e"), &file_entry(b""), &mut bytes));
         assert_eq!(bytes, b"headalpha");
         // Another size, other bytes of the same size, gone, a symlink: nothing appended.
         for (rel, entry) in [
-            ("d/a", file(b"alph")),
-            ("d/a", file(b"alpho")),
-            ("d/gone", file(b"alpha")),
-            ("d/link", file(b"alpha")),
+            ("d/a", file_entry(b"alph")),
+            ("d/a", file_entry(b"alpho")),
+            ("d/gone", file_entry(b"alpha")),
+            ("d/link", file_entry(b"alpha")),
         ] {
             assert!(!append_file(&root, &p(rel), &entry, &mut bytes), "{rel}");
             assert_eq!(bytes, b"headalpha", "{rel}");
