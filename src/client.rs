@@ -2496,17 +2496,7 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The entry of a file holding `bytes`.
-    fn file_entry(bytes: &[u8]) -> Entry {
-        Entry {
-            kind: Kind::File,
-            size: bytes.len() as u64,
-            mtime_ns: 1_600_000_000_000_000_000,
-            mode: 0o644,
-            hash: *blake3::hash(bytes).as_bytes(),
-        }
-    }
+    use crate::fsops::tests::file_entry;
 
     #[test]
     fn a_fetched_file_waiting_to_be_put_in_place_is_never_rewritten() {

@@ -658,7 +658,7 @@ fn move_noreplace(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::scan::mtime_ns;
     use std::os::unix::fs::MetadataExt;
@@ -905,7 +905,8 @@ mod tests {
         out
     }
 
-    fn file_entry(bytes: &[u8]) -> Entry {
+    /// The entry of a file holding `bytes` (for other modules' tests too).
+    pub(crate) fn file_entry(bytes: &[u8]) -> Entry {
         Entry {
             kind: Kind::File,
             size: bytes.len() as u64,
