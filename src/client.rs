@@ -1600,8 +1600,8 @@ impl Client {
         let mut covered = 0;
         for c in changes {
             if let Some(e) = c.entry.as_ref().filter(|e| {
+                // Empty files too: alone, each would cost a data connection for no bytes.
                 e.kind == Kind::File
-                    && e.size > 0
                     && e.size <= PACK_FILE_MAX
                     && c.moved_from.is_none()
                     && !self

@@ -283,3 +283,23 @@ fn a_pack_is_checked_file_by_file_and_a_bad_one_writes_nothing() {
     assert!(closed, "the connection stayed open");
     assert!(cl.log("server").contains("a Fetch of 1025 files; closing"));
 }
+
+/// Empty files have no bytes to send, but each alone would still cost a data connection: a
+/// first sync fetches them in packs like any small file.
+#[test]
+fn empty_files_are_fetched_in_packs() {
+    let mut cl = Cluster::start_with("pack-empty", &[], |root| {
+        for i in 0..40 {
+            write(root, &format!("empty/e{i}"), b"");
+        }
+    });
+    cl.add_client("b", Watch::Auto, Vec::new());
+    cl.wait_converged("the empty files are on b", |cl| {
+        (0..40).all(|i| has(&cl.root("b"), &format!("empty/e{i}"), b""))
+    });
+    assert!(
+        cl.log("b").contains("fetched a pack of 40 files (0 bytes)"),
+        "{}",
+        cl.log("b")
+    );
+}
