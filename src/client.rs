@@ -972,7 +972,11 @@ impl Client {
         let _reuse = beneath::Reuse::start();
         match msg {
             ServerMsg::Changes(mut changes) => {
-                s.more_changes(&mut changes);
+                let taken = 1 + s.more_changes(&mut changes);
+                if !s.caught_up {
+                    // Room for the next frames of the catch-up, while these are applied.
+                    s.send(ClientMsg::Took { frames: taken }).await?;
+                }
                 // Small files come in packs, each covering a window of changes, pipelined:
                 // while a window's files are put in place, the next one's pack is written to
                 // the state directory on another thread, and the server reads the one after.
@@ -2229,24 +2233,29 @@ impl Session {
     /// Appends to `changes` the `Changes` frames that follow it, as far as they are here
     /// already (at most `MERGED_CHANGES` changes): a first sync's listing comes in many
     /// frames, and its packs are pipelined only within one call (see `on_message`). Other
-    /// messages keep their order.
-    fn more_changes(&mut self, changes: &mut Vec<Change>) {
+    /// messages keep their order. Returns how many frames it took.
+    fn more_changes(&mut self, changes: &mut Vec<Change>) -> u32 {
+        let mut taken = 0;
         while changes.len() < MERGED_CHANGES {
             let next = match self.deferred.pop_front() {
                 Some(m) => m,
                 None => match self.inbox.try_recv() {
                     Ok(m) => m,
-                    Err(_) => return,
+                    Err(_) => break,
                 },
             };
             match next {
-                ServerMsg::Changes(more) => changes.extend(more),
+                ServerMsg::Changes(more) => {
+                    changes.extend(more);
+                    taken += 1;
+                }
                 other => {
                     self.deferred.push_front(other);
-                    return;
+                    break;
                 }
             }
         }
+        taken
     }
 
     /// Asks the server about a file and waits for the answer: (size, hash of the prefix).

@@ -29,8 +29,8 @@ use crate::gate::{Gate, Ticket};
 use crate::proto::auth::{random, Channel, Secret};
 use crate::proto::codec::{read_frame, write_frame, MAX_FRAME, MAX_HANDSHAKE_FRAME};
 use crate::proto::msg::{
-    Change, ClientMsg, Grant, Op, Outcome, PackItem, ProbeTarget, ServerMsg, PACK_FILE_MAX,
-    PACK_MAX_BYTES, PACK_MAX_ITEMS, PROTOCOL_VERSION,
+    Change, ClientMsg, Grant, Op, Outcome, PackItem, ProbeTarget, ServerMsg, CATCH_UP_WINDOW,
+    CHANGES_PER_FRAME, PACK_FILE_MAX, PACK_MAX_BYTES, PACK_MAX_ITEMS, PROTOCOL_VERSION,
 };
 use crate::scan::{RootLost, Tree};
 use crate::status::{self, Board, Peer, Serving};
@@ -87,11 +87,9 @@ pub enum FtpMode {
 const SEQ_RESERVATION: u64 = 1 << 20;
 
 /// A client whose outgoing queue grows past this many frames is too slow and is dropped (it
-/// reconnects and catches up from its last seq).
+/// reconnects and catches up from its last seq). A catch-up's own frames do not count: they
+/// wait in its `CatchUp` until the client has room.
 const MAX_QUEUED_FRAMES: usize = 10_000;
-
-/// Changes per `Changes` frame.
-const BATCH: usize = 512;
 
 /// Events waiting for the main loop. Bounded, so that a peer sending frames faster than the
 /// server handles them is slowed down (its reading task waits for room, then TCP's window
@@ -181,10 +179,57 @@ struct ClientHandle {
     tx: Sender<ServerMsg>,
     socket: Arc<Async<TcpStream>>,
     subscribed: bool,
+    /// The catch-up its `Subscribe` asked for, while some of it is still to be sent.
+    catch_up: Option<CatchUp>,
     /// Unix seconds.
     since: u64,
     /// Its address, for `ferry status`.
     addr: String,
+}
+
+/// A catch-up on its way to a client: its frames are made and sent as the client takes the
+/// ones before (`ClientMsg::Took`), at most `CATCH_UP_WINDOW` ahead; a listing of a million
+/// paths queued at once held hundreds of MiB on both sides.
+struct CatchUp {
+    /// The changes not sent yet.
+    rest: std::vec::IntoIter<Change>,
+    /// How many more frames the client has room for.
+    room: usize,
+    /// The `CaughtUp` that ends it.
+    seq: u64,
+    full: bool,
+    /// Frames published meanwhile, sent after the `CaughtUp`.
+    held: Vec<Vec<Change>>,
+}
+
+impl ClientHandle {
+    /// Sends what the client has room for of its catch-up, and once all of it is sent, the
+    /// `CaughtUp` and the frames held back meanwhile.
+    fn send_catch_up(&mut self) {
+        let Some(up) = &mut self.catch_up else {
+            return;
+        };
+        while up.room > 0 && up.rest.len() > 0 {
+            let frame: Vec<Change> = up.rest.by_ref().take(CHANGES_PER_FRAME).collect();
+            up.room -= 1;
+            let _ = self.tx.try_send(ServerMsg::Changes(frame));
+        }
+        if up.rest.len() == 0 {
+            let up = self.catch_up.take().expect("checked above");
+            let _ = self.tx.try_send(ServerMsg::CaughtUp {
+                seq: up.seq,
+                full: up.full,
+            });
+            for frame in up.held {
+                let _ = self.tx.try_send(ServerMsg::Changes(frame));
+            }
+        }
+    }
+
+    /// Frames waiting for it: queued to its writer, or held back behind its catch-up.
+    fn waiting(&self) -> usize {
+        self.tx.len() + self.catch_up.as_ref().map_or(0, |up| up.held.len())
+    }
 }
 
 /// What connection tasks share.
@@ -985,6 +1030,7 @@ impl Server {
                         tx,
                         socket,
                         subscribed: false,
+                        catch_up: None,
                     },
                 );
             }
@@ -1047,14 +1093,24 @@ impl Server {
                     changes: changes.len() as u64,
                     bytes,
                 });
-                for chunk in changes.chunks(BATCH) {
-                    let _ = c.tx.try_send(ServerMsg::Changes(chunk.to_vec()));
-                }
-                let _ = c.tx.try_send(ServerMsg::CaughtUp {
+                c.catch_up = Some(CatchUp {
+                    rest: changes.into_iter(),
+                    room: CATCH_UP_WINDOW,
                     seq: self.index.seq,
                     full,
+                    held: Vec::new(),
                 });
                 c.subscribed = true;
+                c.send_catch_up();
+            }
+            ClientMsg::Took { frames } => {
+                if let Some(c) = self.clients.get_mut(&id) {
+                    if let Some(up) = &mut c.catch_up {
+                        // Never more than the window, whatever a peer claims to have taken.
+                        up.room = (up.room + frames as usize).min(CATCH_UP_WINDOW);
+                    }
+                    c.send_catch_up();
+                }
             }
             ClientMsg::Commit {
                 id: cid,
@@ -1233,11 +1289,11 @@ impl Server {
 
     fn drop_if_not_reading(&mut self, id: u64) -> bool {
         match self.clients.get(&id) {
-            Some(c) if c.tx.len() > MAX_QUEUED_FRAMES => {
+            Some(c) if c.waiting() > MAX_QUEUED_FRAMES => {
                 log::warn!(
                     "{}: does not read its answers ({} waiting); closing",
                     c.name,
-                    c.tx.len()
+                    c.waiting()
                 );
                 self.drop_client(id);
                 true
@@ -1343,14 +1399,17 @@ impl Server {
             log::log!(detail, "committed {} ({what}) as seq {}", c.path, c.seq);
         }
         let mut slow = Vec::new();
-        for chunk in changes.chunks(BATCH) {
-            for (id, c) in &self.clients {
-                if c.subscribed {
-                    if c.tx.len() > MAX_QUEUED_FRAMES {
-                        slow.push(*id);
-                    } else {
-                        let _ = c.tx.try_send(ServerMsg::Changes(chunk.to_vec()));
-                    }
+        for chunk in changes.chunks(CHANGES_PER_FRAME) {
+            for (id, c) in &mut self.clients {
+                if !c.subscribed {
+                    continue;
+                }
+                if c.waiting() > MAX_QUEUED_FRAMES {
+                    slow.push(*id);
+                } else if let Some(up) = &mut c.catch_up {
+                    up.held.push(chunk.to_vec());
+                } else {
+                    let _ = c.tx.try_send(ServerMsg::Changes(chunk.to_vec()));
                 }
             }
         }

@@ -1,7 +1,10 @@
 //! The control-channel messages. Each is one postcard-encoded frame (see `codec`).
 //!
 //! Order on a connection: `Hello` → `Challenge` → `Auth` → `Welcome` (or `Refused`), then the
-//! client's `Subscribe` and, from then on, `Commit`s one way and `Changes` the other.
+//! client's `Subscribe` and, from then on, `Commit`s one way and `Changes` the other. The
+//! changes a `Subscribe` asks for (a listing of the whole tree on a first sync) come
+//! `Listing`, `Changes`…, `CaughtUp`, at most `CATCH_UP_WINDOW` frames ahead of the `Took`s
+//! that say the client has taken them, so that neither side queues all of them at once.
 
 use serde::{Deserialize, Serialize};
 
@@ -9,7 +12,15 @@ use crate::core::entry::{Entry, Hash};
 use crate::core::path::RelPath;
 
 /// Bumped whenever a message changes shape; peers with different versions refuse each other.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
+
+/// At most this many changes in one `Changes` frame.
+pub const CHANGES_PER_FRAME: usize = 512;
+
+/// How many `Changes` frames of a catch-up the server sends ahead of the client's `Took`s:
+/// 32,768 changes, room for two of the client's merged batches (so its pipeline never waits
+/// for the next), and a few MiB of memory however big the tree.
+pub const CATCH_UP_WINDOW: usize = 64;
 
 /// Random bytes each side contributes to the handshake, so a proof is never replayed.
 pub type Nonce = [u8; 32];
@@ -85,6 +96,12 @@ pub enum ClientMsg {
         id: u64,
         /// The files and the entries the client expects of them.
         items: Vec<(RelPath, Entry)>,
+    },
+    /// The client has taken `frames` more `Changes` frames of its catch-up (those before
+    /// `CaughtUp`) from its queue: room for as many more.
+    Took {
+        /// How many frames.
+        frames: u32,
     },
     /// Keepalive.
     Ping,
@@ -170,7 +187,8 @@ pub enum ServerMsg {
         /// Why, for the client's log.
         reason: String,
     },
-    /// Changes in seq order (a catch-up batch or a live broadcast).
+    /// Changes in seq order (a catch-up batch or a live broadcast), at most
+    /// `CHANGES_PER_FRAME`.
     Changes(Vec<Change>),
     /// Catch-up is complete up to `seq`; `full` means the catch-up was a full listing (new
     /// epoch or new client): paths the client knew but that were not listed are unknown to the
@@ -289,6 +307,7 @@ impl ClientMsg {
             ClientMsg::Probe { .. } => "Probe",
             ClientMsg::CommitPack { .. } => "CommitPack",
             ClientMsg::Fetch { .. } => "Fetch",
+            ClientMsg::Took { .. } => "Took",
             ClientMsg::Ping => "Ping",
         }
     }

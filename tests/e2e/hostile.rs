@@ -3,7 +3,9 @@
 
 use ferry::proto::auth::{random, Secret};
 use ferry::proto::codec::encode;
-use ferry::proto::msg::{ClientMsg, Op, ProbeTarget, ServerMsg, PROTOCOL_VERSION};
+use ferry::proto::msg::{
+    ClientMsg, Op, ProbeTarget, ServerMsg, CATCH_UP_WINDOW, CHANGES_PER_FRAME, PROTOCOL_VERSION,
+};
 use ferry::tls::Fingerprint;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -365,5 +367,98 @@ fn a_peer_that_never_reads_its_answers_is_closed() {
     write(&b, "after-flood.txt", "still");
     cl.wait_converged("honest clients converge after the flood", |_| {
         has(&a, "after-flood.txt", b"still")
+    });
+}
+
+/// Reads frames up to the answer to probe `id`, skipping keepalives: how many `Changes`
+/// frames came before it, with how many changes, and whether a `CaughtUp` came.
+fn frames_before_probed(s: &mut impl Read, id: u64) -> (usize, usize, bool) {
+    let (mut frames, mut changes, mut caught_up) = (0, 0, false);
+    loop {
+        match recv(s).unwrap() {
+            ServerMsg::Changes(c) => {
+                assert!(!caught_up, "changes of the catch-up after its CaughtUp");
+                frames += 1;
+                changes += c.len();
+            }
+            ServerMsg::CaughtUp { full, .. } => {
+                assert!(full, "a first subscribe gets a full listing");
+                caught_up = true;
+            }
+            ServerMsg::Probed { id: got, .. } if got == id => return (frames, changes, caught_up),
+            ServerMsg::Ping => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_catch_up_is_sent_only_as_fast_as_the_client_takes_it() {
+    // More changes than the server sends ahead of a client's `Took`s.
+    const DIRS: usize = 80;
+    const PER_DIR: usize = 500;
+    let paths = DIRS * (PER_DIR + 1);
+    assert!(paths > (CATCH_UP_WINDOW + 1) * CHANGES_PER_FRAME);
+    let mut cl = Cluster::start_with("window", &[], |root| {
+        for d in 0..DIRS {
+            std::fs::create_dir(root.join(format!("d{d}"))).unwrap();
+            for f in 0..PER_DIR {
+                std::fs::File::create(root.join(format!("d{d}/f{f}"))).unwrap();
+            }
+        }
+    });
+
+    // A peer that subscribes and takes nothing: a probe's answer comes after every frame the
+    // server sent before it, so the frames before it are all the server sends unasked.
+    let mut s = authenticated(&cl);
+    let probe = |id| {
+        encode(&ClientMsg::Probe {
+            id,
+            target: ProbeTarget::Staged("none".into()),
+            len: 0,
+        })
+        .unwrap()
+    };
+    s.write_all(&encode(&ClientMsg::Subscribe { epoch: 0, since: 0 }).unwrap())
+        .unwrap();
+    let listed = match recv(&mut s).unwrap() {
+        ServerMsg::Listing { changes, .. } => changes as usize,
+        other => panic!("expected the Listing, got {other:?}"),
+    };
+    assert!(listed >= paths, "{listed} changes listed for {paths} paths");
+    s.write_all(&probe(1)).unwrap();
+    let (frames, mut got, done) = frames_before_probed(&mut s, 1);
+    assert_eq!(
+        (frames, done),
+        (CATCH_UP_WINDOW, false),
+        "sent ahead of the client's Takes"
+    );
+
+    // Each frame taken makes room for one more.
+    s.write_all(&encode(&ClientMsg::Took { frames: 1 }).unwrap())
+        .unwrap();
+    s.write_all(&probe(2)).unwrap();
+    let (frames, changes, done) = frames_before_probed(&mut s, 2);
+    assert_eq!((frames, done), (1, false), "sent for one frame taken");
+    got += changes;
+
+    // Room for all the rest: the catch-up ends with its CaughtUp.
+    s.write_all(&encode(&ClientMsg::Took { frames: 1_000 }).unwrap())
+        .unwrap();
+    s.write_all(&probe(3)).unwrap();
+    let (_, changes, done) = frames_before_probed(&mut s, 3);
+    assert!(done, "no CaughtUp after the whole listing was taken");
+    assert_eq!(
+        got + changes,
+        listed,
+        "changes sent against the Listing's count"
+    );
+
+    // A real client takes its frames as it applies them, and syncs the whole tree.
+    cl.add_client("a", Watch::Auto, Vec::new());
+    cl.wait_converged("the client has the whole tree", |cl| {
+        cl.root("a")
+            .join(format!("d{}/f{}", DIRS - 1, PER_DIR - 1))
+            .exists()
     });
 }
