@@ -347,6 +347,11 @@ impl Tree {
         self.entries.take_changes()
     }
 
+    /// Forgets what changed, for a cache about to be saved whole (`Tracked::forget_changes`).
+    pub fn forget_changes(&mut self) {
+        self.entries.forget_changes()
+    }
+
     /// The cached entry of `path`.
     pub fn get(&self, path: &RelPath) -> Option<&Seen> {
         self.entries.get(path)

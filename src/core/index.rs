@@ -129,6 +129,11 @@ impl Index {
         self.records.take_changes()
     }
 
+    /// Forgets what changed, for an index about to be saved whole (`Tracked::forget_changes`).
+    pub fn forget_changes(&mut self) {
+        self.records.forget_changes()
+    }
+
     /// Puts a journaled record back (replaying the journal).
     pub fn restore(&mut self, path: RelPath, record: Option<Record>) {
         self.records.restore(path, record);

@@ -134,6 +134,14 @@ impl<V: Clone> Tracked<V> {
         self.churn += usize::from(changed);
     }
 
+    /// Forgets which keys were written, for a state about to be saved whole (a snapshot):
+    /// listing them for a journal record would only be thrown away. The map is left as it is
+    /// (a repack or the next `take_changes` rebuilds it).
+    pub fn forget_changes(&mut self) {
+        self.dirty = Vec::new();
+        self.dedup_at = REBUILD_MIN;
+    }
+
     /// Every key written since the last call, with its current value (`None`: removed).
     pub fn take_changes(&mut self) -> Vec<(RelPath, Option<V>)> {
         let mut dirty = std::mem::take(&mut self.dirty);
