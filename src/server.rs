@@ -188,8 +188,8 @@ struct ClientHandle {
 }
 
 /// A catch-up on its way to a client: its frames are made and sent as the client takes the
-/// ones before (`ClientMsg::Took`), at most `CATCH_UP_WINDOW` ahead; a listing of a million
-/// paths queued at once held hundreds of MiB on both sides.
+/// ones before (`ClientMsg::Took`), at most `CATCH_UP_WINDOW` ahead. Queued at once, a
+/// listing was read whole into the client's memory (187 MiB for a million paths).
 struct CatchUp {
     /// The changes not sent yet.
     rest: std::vec::IntoIter<Change>,

@@ -296,7 +296,7 @@ impl Journal {
     pub fn compact<S: Serialize>(&mut self, state: &S) -> io::Result<()> {
         let generation = self.generation + 1;
         // Encoded straight into the file: encoded whole first, the snapshot of a million
-        // paths was a buffer of 100+ MiB (twice that while it grew) on top of the state.
+        // paths was a buffer of 100+ MiB on top of the state.
         self.snapshot_len = write_atomic_with(&self.snapshot_path, |w| {
             w.write_all(MAGIC)?;
             postcard::to_io(&Snapshot { generation, state }, w).map_err(io::Error::other)?;

@@ -431,7 +431,7 @@ fn a_catch_up_is_sent_only_as_fast_as_the_client_takes_it() {
     assert_eq!(
         (frames, done),
         (CATCH_UP_WINDOW, false),
-        "sent ahead of the client's Takes"
+        "frames sent before the client took any"
     );
 
     // Each frame taken makes room for one more.
