@@ -194,6 +194,10 @@ struct Client {
     unsynced_installs: Vec<RelPath>,
     /// Paths the server refused, to try again at `retry_at` (see `send_local`).
     failed: BTreeSet<RelPath>,
+    /// Server changes this replica could not apply (a full disk, something in the way, a
+    /// directory removed here as it was made), to try again at `retry_at`. The server sends a
+    /// change once: without this the path would differ here until a full listing.
+    unapplied: BTreeMap<RelPath, Option<Entry>>,
     retry_at: Option<Instant>,
     retry_pause: Duration,
     /// Links this storage refused to hold (Android's shared storage): each is reported once.
@@ -353,6 +357,7 @@ impl Client {
             applying: Tracked::default(),
             unsynced_installs: Vec::new(),
             failed: BTreeSet::new(),
+            unapplied: BTreeMap::new(),
             retry_at: None,
             retry_pause: RETRY_MIN,
             unlinkable: HashSet::new(),
@@ -843,7 +848,7 @@ impl Client {
             } else if save_at.is_none() {
                 save_at = Some(Instant::now() + SYNC_DELAY);
             }
-            if self.failed.is_empty() {
+            if self.failed.is_empty() && self.unapplied.is_empty() {
                 self.retry_at = None;
                 self.retry_pause = RETRY_MIN;
             } else if self.retry_at.is_none() {
@@ -894,6 +899,7 @@ impl Client {
                     self.retry_at = None;
                     self.dirty.append(&mut self.failed);
                     if s.caught_up {
+                        self.retry_unapplied(s).await?;
                         self.sync_local(s).await?;
                     }
                 }
@@ -925,6 +931,7 @@ impl Client {
                 self.note_local(changes);
             }
             self.dirty.append(&mut self.failed);
+            self.retry_unapplied(s).await?;
             self.sync_local(s).await?;
             // A probe's answer comes after every change the server sent before it.
             s.probe(ProbeTarget::Staged(BARRIER.into()), 0).await?;
@@ -932,6 +939,7 @@ impl Client {
                 && self.dirty.is_empty()
                 && self.renames.is_empty()
                 && self.failed.is_empty()
+                && self.unapplied.is_empty()
             {
                 self.flush();
                 self.sync();
@@ -959,6 +967,13 @@ impl Client {
             let paths: Vec<String> = self.failed.iter().map(|p| p.to_string()).collect();
             bail!(Fatal(format!(
                 "the server kept refusing {} (see the log for why)",
+                paths.join(", ")
+            )));
+        }
+        if !self.unapplied.is_empty() {
+            let paths: Vec<String> = self.unapplied.keys().map(|p| p.to_string()).collect();
+            bail!(Fatal(format!(
+                "could not apply the server's {} here (see the log for why)",
                 paths.join(", ")
             )));
         }
@@ -1026,6 +1041,8 @@ impl Client {
                 if let Some(listed) = s.listed.take().filter(|_| full) {
                     // Known here, never listed by the server: unknown there, not deleted.
                     self.base.retain(|p, _| listed.contains(p));
+                    // A listed path was decided again; one not listed is gone there.
+                    self.unapplied.retain(|p, _| listed.contains(p));
                 }
                 self.last_seq = self.last_seq.max(seq);
                 s.caught_up = true;
@@ -1167,6 +1184,9 @@ impl Client {
             let op = Op::Rename { to: to.clone() };
             if let Outcome::Done { seq } = s.commit(&from, op, Some(base_from)).await? {
                 s.committed.insert(to.clone(), seq);
+                // What we could not apply there moved too: the server's changes for the
+                // rename say what each path is now.
+                self.unapplied.retain(|p, _| !p.starts_with(&from));
                 // Assume the server moved what we had agreed on beneath it; the changes it
                 // sends for this rename confirm each path (see `on_change`).
                 let mut moved = BTreeSet::new();
@@ -1254,6 +1274,8 @@ impl Client {
         moved_from: Option<&RelPath>,
         depth: u8,
     ) -> anyhow::Result<()> {
+        // What the server has now replaces a change of it we could not apply.
+        self.unapplied.remove(path);
         if self.tree.ignores(path, remote.as_ref().map(Entry::is_dir)) {
             return Ok(());
         }
@@ -1334,7 +1356,10 @@ impl Client {
                         self.base.insert(path.clone(), r);
                         log::log!(s.applied(), "applied metadata of {path}");
                     }
-                    Err(e) => log::error!("cannot set metadata of {path}: {e}"),
+                    Err(e) => {
+                        log::error!("cannot set metadata of {path}: {e}");
+                        self.unapplied.insert(path.clone(), Some(r));
+                    }
                 }
             }
             Decision::TakeRemote => self.take_remote(s, path, remote).await?,
@@ -1366,14 +1391,20 @@ impl Client {
                         log::warn!("conflict on {path}: the server's version keeps the name; this replica's is kept as {copy}");
                         self.take_remote(s, path, remote).await?;
                     }
-                    Err(e) => log::error!("conflict on {path}: cannot keep the local version: {e}"),
+                    Err(e) => {
+                        log::error!("conflict on {path}: cannot keep the local version: {e}");
+                        self.unapplied.insert(path.clone(), remote);
+                    }
                 }
             }
         }
         Ok(())
     }
 
+    /// Records what we and the server agree `path` is: a change of it we could not apply is
+    /// settled with it (a newer commit of ours, or that change put in place).
     fn set_base(&mut self, path: &RelPath, entry: Option<Entry>) {
+        self.unapplied.remove(path);
         match entry {
             Some(e) => {
                 self.base.insert(path.clone(), e);
@@ -1443,7 +1474,10 @@ impl Client {
                     self.dirty.insert(path.clone());
                     log::info!("kept {path}: it holds new entries");
                 }
-                Err(e) => log::error!("cannot delete {path}: {e}"),
+                Err(e) => {
+                    log::error!("cannot delete {path}: {e}");
+                    self.unapplied.insert(path.clone(), None);
+                }
             },
             Some(e) if e.kind == Kind::Dir => match self
                 .unlink_for_dir(path)
@@ -1456,7 +1490,10 @@ impl Client {
                     self.stats.received += 1;
                     log::log!(s.applied(), "applied mkdir {path}");
                 }
-                Err(err) => log::error!("cannot create directory {path}: {err}"),
+                Err(err) => {
+                    log::error!("cannot create directory {path}: {err}");
+                    self.unapplied.insert(path.clone(), Some(e));
+                }
             },
             Some(e) if e.kind == Kind::Symlink => self.take_link(s, path, e),
             Some(e) => {
@@ -1479,6 +1516,7 @@ impl Client {
                             }
                             Err(DownloadError::Local(err)) => {
                                 log::error!("cannot download {path}: {err:#}");
+                                self.unapplied.insert(path.clone(), Some(e));
                                 return Ok(());
                             }
                             Err(DownloadError::Transport(err)) => return Err(err),
@@ -1561,8 +1599,27 @@ impl Client {
                         log::debug!("{path} changed here while downloading; deciding again");
                         self.dirty.insert(path.clone());
                     }
-                    Err(err) => log::error!("cannot put {path} in place: {err}"),
+                    Err(err) => {
+                        log::error!("cannot put {path} in place: {err}");
+                        self.unapplied.insert(path.clone(), Some(e));
+                    }
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Tries again the server changes this replica could not apply (see `unapplied`).
+    async fn retry_unapplied(&mut self, s: &mut Session) -> anyhow::Result<()> {
+        let mut pending = std::mem::take(&mut self.unapplied);
+        while let Some((path, remote)) = pending.pop_first() {
+            log::debug!("trying again to apply the server's {path}");
+            if let Err(e) = self.resolve(s, &path, remote.clone(), None, 0).await {
+                // The connection broke: what was not applied waits for the next session.
+                for (p, r) in std::iter::once((path, remote)).chain(pending) {
+                    self.unapplied.entry(p).or_insert(r);
+                }
+                return Err(e);
             }
         }
         Ok(())
@@ -1756,7 +1813,10 @@ impl Client {
                     );
                 }
             }
-            Err(err) => log::error!("cannot create the link {path}: {err}"),
+            Err(err) => {
+                log::error!("cannot create the link {path}: {err}");
+                self.unapplied.insert(path.clone(), Some(e));
+            }
         }
     }
 

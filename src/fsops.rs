@@ -529,8 +529,13 @@ pub fn make_dir(root: &Path, rel: &RelPath, mode: u32) -> io::Result<Installed> 
             dir.remove_file(name)?;
             dir.mkdir(name)?;
         }
-        // A symlink the caller knows of is removed first (`remove`); any other is kept.
-        Ok(_) => return Err(io::Error::other(format!("{rel}: a symlink is in the way"))),
+        // A symlink the caller knows of is removed first (`remove`); any other is kept, and so
+        // is a special file (a FIFO, a socket) nothing syncs.
+        Ok(_) => {
+            return Err(io::Error::other(format!(
+                "{rel}: a symlink or special file is in the way"
+            )))
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => dir.mkdir(name)?,
         Err(e) => return Err(e),
     }
@@ -1010,7 +1015,10 @@ pub(crate) mod tests {
         assert_eq!(meta.mode() & 0o7777, 0o600);
         assert_eq!(mtime_ns(&meta), file_entry(b"x").mtime_ns);
         let e = make_dir(&root, &rel("to-dir"), 0o700).unwrap_err();
-        assert_eq!(e.to_string(), "to-dir: a symlink is in the way");
+        assert_eq!(
+            e.to_string(),
+            "to-dir: a symlink or special file is in the way"
+        );
         // Removing a symlink removes the link, not what it points to.
         assert_eq!(remove(&root, &rel("to-dir")).unwrap(), Removed::Gone);
         assert_eq!(remove(&root, &rel("to-file")).unwrap(), Removed::Gone);

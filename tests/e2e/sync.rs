@@ -239,3 +239,32 @@ fn directory_renames_move_instead_of_transferring() {
         cl.logs()
     );
 }
+
+/// A server change a client cannot apply (here something is in the way) is tried again until
+/// it can be: the server sends each change once, so without a retry the client would differ
+/// until a full listing.
+#[test]
+fn a_change_that_cannot_be_applied_here_is_tried_again() {
+    // A FIFO is not synced, so the server never hears of it, and no directory can be made at
+    // its name.
+    let cl = Cluster::start_custom("unapplied", &[("a", Watch::Auto)], None, |dir| {
+        fs::create_dir(dir.join("a")).unwrap();
+        nix::unistd::mkfifo(&dir.join("a/box"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    });
+    let (a, s) = (cl.root("a"), cl.server_root());
+    write(&s, "box/inside.txt", "made on the server");
+    wait_until(
+        "the client says it can make neither the directory nor its file",
+        || {
+            let log = cl.log("a");
+            log.contains("cannot create directory box")
+                && log.contains("cannot put box/inside.txt in place")
+        },
+        || cl.logs(),
+    );
+    fs::remove_file(a.join("box")).unwrap();
+    cl.wait_converged(
+        "the directory and its file arrive once the way is clear",
+        |_| has(&a, "box/inside.txt", b"made on the server"),
+    );
+}
