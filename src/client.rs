@@ -196,8 +196,15 @@ struct Client {
     failed: BTreeSet<RelPath>,
     /// Server changes this replica could not apply (a full disk, something in the way, a
     /// directory removed here as it was made), to try again at `retry_at`. The server sends a
-    /// change once: without this the path would differ here until a full listing.
-    unapplied: BTreeMap<RelPath, Option<Entry>>,
+    /// change once: without this the path would differ here until a full listing. Each has the
+    /// `since` of a `Subscribe` that brings it back, and the journal records no `last_seq`
+    /// past it (`durable_seq`), so a restart asks for it again.
+    unapplied: BTreeMap<RelPath, (Option<Entry>, u64)>,
+    /// No more than the least `since` in `unapplied` (lowered as they are added, exact again
+    /// after `retry_unapplied`; `u64::MAX` once none is left).
+    unapplied_since: u64,
+    /// The server change `resolve` is deciding, and the `since` that would bring it back.
+    deciding: Option<(RelPath, u64)>,
     retry_at: Option<Instant>,
     retry_pause: Duration,
     /// Links this storage refused to hold (Android's shared storage): each is reported once.
@@ -358,6 +365,8 @@ impl Client {
             unsynced_installs: Vec::new(),
             failed: BTreeSet::new(),
             unapplied: BTreeMap::new(),
+            unapplied_since: u64::MAX,
+            deciding: None,
             retry_at: None,
             retry_pause: RETRY_MIN,
             unlinkable: HashSet::new(),
@@ -487,24 +496,42 @@ impl Client {
         let base = self.base.take_changes();
         let local = self.tree.take_changes();
         let applying = self.applying.take_changes();
+        let last_seq = self.durable_seq();
         if base.is_empty()
             && local.is_empty()
             && applying.is_empty()
-            && self.journaled == (self.epoch, self.last_seq)
+            && self.journaled == (self.epoch, last_seq)
         {
             return;
         }
         let batch = Batch {
             epoch: self.epoch,
-            last_seq: self.last_seq,
+            last_seq,
             base,
             local,
             applying,
         };
         match self.journal.append(&batch) {
-            Ok(()) => self.journaled = (self.epoch, self.last_seq),
+            Ok(()) => self.journaled = (self.epoch, last_seq),
             Err(e) => log::error!("cannot write the client's journal: {e}"),
         }
+    }
+
+    /// The `last_seq` the state on disk may say: not past a change still unapplied here.
+    fn durable_seq(&self) -> u64 {
+        self.last_seq.min(self.unapplied_since)
+    }
+
+    /// Notes a server change for `path` that could not be applied here (see `unapplied`).
+    fn not_applied(&mut self, path: &RelPath, remote: Option<Entry>) {
+        // A change that came as one is asked for again from just before it; any other server
+        // state (a commit's conflict) by a catch-up from the start.
+        let since = match &self.deciding {
+            Some((p, since)) if p == path => *since,
+            _ => 0,
+        };
+        self.unapplied_since = self.unapplied_since.min(since);
+        self.unapplied.insert(path.clone(), (remote, since));
     }
 
     /// Copies the counters `ferry status` shows to its board.
@@ -526,7 +553,7 @@ impl Client {
         let (files, seq, pending) = (
             self.tree.entries().len() as u64,
             self.last_seq,
-            (self.dirty.len() + self.renames.len()) as u64,
+            (self.dirty.len() + self.renames.len() + self.unapplied.len()) as u64,
         );
         self.board.update(|r| {
             r.files = files;
@@ -576,7 +603,7 @@ impl Client {
         if self.journal.wants_compaction() {
             let saved = SavedRef {
                 epoch: self.epoch,
-                last_seq: self.last_seq,
+                last_seq: self.durable_seq(),
                 base: &self.base,
                 local: self.tree.entries(),
                 applying: &self.applying,
@@ -750,8 +777,11 @@ impl Client {
             }
             self.epoch = grant.epoch;
             self.last_seq = 0;
-            // A base agreed with another index proves nothing now.
+            // A base agreed with another index proves nothing now, nor does a change of it
+            // not applied here (the full reconciliation decides every path anew).
             self.base.clear();
+            self.unapplied.clear();
+            self.unapplied_since = u64::MAX;
         }
 
         let Link {
@@ -847,6 +877,9 @@ impl Client {
                 save_at = None;
             } else if save_at.is_none() {
                 save_at = Some(Instant::now() + SYNC_DELAY);
+            }
+            if self.unapplied.is_empty() {
+                self.unapplied_since = u64::MAX;
             }
             if self.failed.is_empty() && self.unapplied.is_empty() {
                 self.retry_at = None;
@@ -1133,8 +1166,12 @@ impl Client {
                 self.base.remove(&c.path);
             }
         } else {
-            self.resolve(s, &c.path, c.entry, c.moved_from.as_ref(), 0)
-                .await?;
+            self.deciding = Some((c.path.clone(), c.seq.saturating_sub(1)));
+            let decided = self
+                .resolve(s, &c.path, c.entry, c.moved_from.as_ref(), 0)
+                .await;
+            self.deciding = None;
+            decided?;
         }
         self.last_seq = self.last_seq.max(c.seq);
         Ok(())
@@ -1358,7 +1395,7 @@ impl Client {
                     }
                     Err(e) => {
                         log::error!("cannot set metadata of {path}: {e}");
-                        self.unapplied.insert(path.clone(), Some(r));
+                        self.not_applied(path, Some(r));
                     }
                 }
             }
@@ -1393,7 +1430,7 @@ impl Client {
                     }
                     Err(e) => {
                         log::error!("conflict on {path}: cannot keep the local version: {e}");
-                        self.unapplied.insert(path.clone(), remote);
+                        self.not_applied(path, remote);
                     }
                 }
             }
@@ -1476,7 +1513,7 @@ impl Client {
                 }
                 Err(e) => {
                     log::error!("cannot delete {path}: {e}");
-                    self.unapplied.insert(path.clone(), None);
+                    self.not_applied(path, None);
                 }
             },
             Some(e) if e.kind == Kind::Dir => match self
@@ -1492,7 +1529,7 @@ impl Client {
                 }
                 Err(err) => {
                     log::error!("cannot create directory {path}: {err}");
-                    self.unapplied.insert(path.clone(), Some(e));
+                    self.not_applied(path, Some(e));
                 }
             },
             Some(e) if e.kind == Kind::Symlink => self.take_link(s, path, e),
@@ -1516,7 +1553,7 @@ impl Client {
                             }
                             Err(DownloadError::Local(err)) => {
                                 log::error!("cannot download {path}: {err:#}");
-                                self.unapplied.insert(path.clone(), Some(e));
+                                self.not_applied(path, Some(e));
                                 return Ok(());
                             }
                             Err(DownloadError::Transport(err)) => return Err(err),
@@ -1601,7 +1638,7 @@ impl Client {
                     }
                     Err(err) => {
                         log::error!("cannot put {path} in place: {err}");
-                        self.unapplied.insert(path.clone(), Some(e));
+                        self.not_applied(path, Some(e));
                     }
                 }
             }
@@ -1611,17 +1648,29 @@ impl Client {
 
     /// Tries again the server changes this replica could not apply (see `unapplied`).
     async fn retry_unapplied(&mut self, s: &mut Session) -> anyhow::Result<()> {
-        let mut pending = std::mem::take(&mut self.unapplied);
-        while let Some((path, remote)) = pending.pop_first() {
+        // Each stays in `unapplied` until it is decided, so the journal's `last_seq` stays
+        // below it meanwhile.
+        let paths: Vec<RelPath> = self.unapplied.keys().cloned().collect();
+        for path in paths {
+            let Some((remote, since)) = self.unapplied.get(&path).cloned() else {
+                continue;
+            };
             log::debug!("trying again to apply the server's {path}");
-            if let Err(e) = self.resolve(s, &path, remote.clone(), None, 0).await {
-                // The connection broke: what was not applied waits for the next session.
-                for (p, r) in std::iter::once((path, remote)).chain(pending) {
-                    self.unapplied.entry(p).or_insert(r);
-                }
+            self.deciding = Some((path.clone(), since));
+            let decided = self.resolve(s, &path, remote.clone(), None, 0).await;
+            self.deciding = None;
+            if let Err(e) = decided {
+                // The connection broke: tried again in the next session.
+                self.unapplied.entry(path).or_insert((remote, since));
                 return Err(e);
             }
         }
+        self.unapplied_since = self
+            .unapplied
+            .values()
+            .map(|u| u.1)
+            .min()
+            .unwrap_or(u64::MAX);
         Ok(())
     }
 
@@ -1815,7 +1864,7 @@ impl Client {
             }
             Err(err) => {
                 log::error!("cannot create the link {path}: {err}");
-                self.unapplied.insert(path.clone(), Some(e));
+                self.not_applied(path, Some(e));
             }
         }
     }

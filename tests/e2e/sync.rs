@@ -242,29 +242,58 @@ fn directory_renames_move_instead_of_transferring() {
 
 /// A server change a client cannot apply (here something is in the way) is tried again until
 /// it can be: the server sends each change once, so without a retry the client would differ
-/// until a full listing.
+/// until a full listing. A client killed meanwhile asks for it again when it restarts.
 #[test]
 fn a_change_that_cannot_be_applied_here_is_tried_again() {
     // A FIFO is not synced, so the server never hears of it, and no directory can be made at
     // its name.
-    let cl = Cluster::start_custom("unapplied", &[("a", Watch::Auto)], None, |dir| {
+    let fifo = |path: &std::path::Path| {
+        nix::unistd::mkfifo(path, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    };
+    let mut cl = Cluster::start_custom("unapplied", &[("a", Watch::Auto)], None, |dir| {
         fs::create_dir(dir.join("a")).unwrap();
-        nix::unistd::mkfifo(&dir.join("a/box"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        fifo(&dir.join("a/box"));
     });
     let (a, s) = (cl.root("a"), cl.server_root());
+    let cannot_make = |cl: &Cluster, dir: &str| {
+        let log = cl.log("a");
+        log.contains(&format!("cannot create directory {dir}"))
+            && log.contains(&format!("cannot put {dir}/inside.txt in place"))
+    };
+
+    // Tried again while the client runs.
     write(&s, "box/inside.txt", "made on the server");
     wait_until(
         "the client says it can make neither the directory nor its file",
-        || {
-            let log = cl.log("a");
-            log.contains("cannot create directory box")
-                && log.contains("cannot put box/inside.txt in place")
-        },
+        || cannot_make(&cl, "box"),
         || cl.logs(),
     );
     fs::remove_file(a.join("box")).unwrap();
     cl.wait_converged(
         "the directory and its file arrive once the way is clear",
         |_| has(&a, "box/inside.txt", b"made on the server"),
+    );
+
+    // Asked for again after a restart, though later changes were applied and journaled.
+    fifo(&a.join("crate"));
+    write(&s, "crate/inside.txt", "made on the server too");
+    wait_until(
+        "the client says it cannot make them either",
+        || cannot_make(&cl, "crate"),
+        || cl.logs(),
+    );
+    write(&s, "later.txt", "a later change");
+    let seq = status_seq(&s).expect("the server answers");
+    wait_until(
+        "the client has applied the later change",
+        || has(&a, "later.txt", b"a later change") && status_seq(&a).is_some_and(|n| n >= seq),
+        || cl.logs(),
+    );
+    cl.kill_client("a");
+    fs::remove_file(a.join("crate")).unwrap();
+    cl.start_client("a");
+    cl.wait_converged(
+        "the directory and its file arrive after the restart",
+        |_| has(&a, "crate/inside.txt", b"made on the server too"),
     );
 }
