@@ -835,9 +835,11 @@ impl Client {
             listed_count: 0,
             bytes_before: self.stats.received_bytes,
         };
+        // From before any change not applied here, as after a restart: it comes again (a
+        // link with its target, which a session keeps only while it lasts).
         s.send(ClientMsg::Subscribe {
             epoch: self.epoch,
-            since: self.last_seq,
+            since: self.durable_seq(),
         })
         .await?;
         let result = if self.cfg.once {
