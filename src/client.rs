@@ -490,31 +490,31 @@ impl Client {
         }
     }
 
-    /// Journals what changed since the last call (no fsync: see `sync`).
+    /// Journals what changed since the last call (no fsync: see `sync`), then posts the
+    /// status: a seq `ferry status` shows is one a kill would not lose.
     fn flush(&mut self) {
-        self.post_status();
         let base = self.base.take_changes();
         let local = self.tree.take_changes();
         let applying = self.applying.take_changes();
         let last_seq = self.durable_seq();
-        if base.is_empty()
-            && local.is_empty()
-            && applying.is_empty()
-            && self.journaled == (self.epoch, last_seq)
+        if !base.is_empty()
+            || !local.is_empty()
+            || !applying.is_empty()
+            || self.journaled != (self.epoch, last_seq)
         {
-            return;
+            let batch = Batch {
+                epoch: self.epoch,
+                last_seq,
+                base,
+                local,
+                applying,
+            };
+            match self.journal.append(&batch) {
+                Ok(()) => self.journaled = (self.epoch, last_seq),
+                Err(e) => log::error!("cannot write the client's journal: {e}"),
+            }
         }
-        let batch = Batch {
-            epoch: self.epoch,
-            last_seq,
-            base,
-            local,
-            applying,
-        };
-        match self.journal.append(&batch) {
-            Ok(()) => self.journaled = (self.epoch, last_seq),
-            Err(e) => log::error!("cannot write the client's journal: {e}"),
-        }
+        self.post_status();
     }
 
     /// The `last_seq` the state on disk may say: not past a change still unapplied here.
@@ -866,6 +866,9 @@ impl Client {
         let mut save_at: Option<Instant> = None;
         loop {
             let hints = self.hints.clone();
+            if self.unapplied.is_empty() {
+                self.unapplied_since = u64::MAX;
+            }
             self.flush();
             if s.caught_up
                 && s.deferred.is_empty()
@@ -879,9 +882,6 @@ impl Client {
                 save_at = None;
             } else if save_at.is_none() {
                 save_at = Some(Instant::now() + SYNC_DELAY);
-            }
-            if self.unapplied.is_empty() {
-                self.unapplied_since = u64::MAX;
             }
             if self.failed.is_empty() && self.unapplied.is_empty() {
                 self.retry_at = None;

@@ -94,6 +94,8 @@ fn offline_edits_meet_changes_elsewhere_by_the_plan() {
     cl.wait_converged("the first files are everywhere", |_| {
         has(&b, "dir/x.txt", b"x")
     });
+    // Edits below are made on top of what b recorded: a kill before it does is another test.
+    cl.wait_recorded("b");
 
     // b, stopped: create, modify, delete, rename, and an edit that will conflict.
     cl.kill_client("b");
@@ -155,6 +157,7 @@ fn a_rename_older_than_our_own_commit_takes_the_servers_metadata() {
     let (srv, a) = (cl.server_root(), cl.root("a"));
     write(&srv, "zz.txt", "same bytes");
     cl.wait_converged("zz.txt is on a", |_| has(&a, "zz.txt", b"same bytes"));
+    cl.wait_recorded("a");
 
     // While a is down: its copy gets a new mtime (same bytes), and many new files that it
     // sends before zz.txt when it comes back (paths of one depth go in order), so that the server's rename

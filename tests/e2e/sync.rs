@@ -205,12 +205,7 @@ fn directory_renames_move_instead_of_transferring() {
     });
     // b has not only moved the files but settled the rename (its applied seq is the
     // server's): a user moving things again before that is another test.
-    let seq = status_seq(&cl.server_root()).expect("the server answers");
-    wait_until(
-        "b has applied everything",
-        || status_seq(&b).is_some_and(|s| s >= seq),
-        || cl.logs(),
-    );
+    cl.wait_recorded("b");
     fs::rename(b.join("album"), b.join("photos")).unwrap();
     cl.wait_converged("the rename back reaches every tree", |_| {
         !a.join("album").exists() && files.iter().all(|(p, bytes)| has(&a, p, bytes))
@@ -288,13 +283,8 @@ fn a_change_that_cannot_be_applied_here_is_tried_again() {
         || has(&a, "later.txt", b"a later change"),
         || cl.logs(),
     );
-    // Read once the change arrived, so the server's seq is at least the change's.
-    let seq = status_seq(&s).expect("the server answers");
-    wait_until(
-        "the client has recorded the later change",
-        || status_seq(&a).is_some_and(|n| n >= seq),
-        || cl.logs(),
-    );
+    // Once the change arrived, so the server's seq read there is at least the change's.
+    cl.wait_recorded("a");
     cl.kill_client("a");
     fs::remove_file(a.join("crate")).unwrap();
     cl.start_client("a");

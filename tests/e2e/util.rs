@@ -627,6 +627,20 @@ impl Cluster {
         );
     }
 
+    /// Waits until `client` has journaled everything the server has committed so far (its
+    /// status seq reaches the server's), so that a kill after this loses none of its base.
+    /// Call it once what the client should have has arrived. A kill right after a file shows
+    /// up can land between its rename and its journal record: the start then has to guess
+    /// (see the client's `applying`), which is the crash tests' subject, not the others'.
+    pub fn wait_recorded(&self, client: &str) {
+        let seq = status_seq(&self.server_root()).expect("the server answers");
+        wait_until(
+            &format!("{client} has recorded the server's seq {seq}"),
+            || status_seq(&self.root(client)).is_some_and(|n| n >= seq),
+            || self.logs(),
+        );
+    }
+
     /// Lines in all logs that record a change sent, applied or committed.
     pub fn change_events(&self) -> usize {
         let mut n = 0;
