@@ -1,10 +1,8 @@
 //! What the server and client agents share: timeouts, keepalive timings, and turning a burst
 //! of watcher hints into one batch of scanned changes.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::io;
-use std::ops::Bound;
 use std::time::{Duration, Instant};
 
 use smol::future::FutureExt;
@@ -63,22 +61,6 @@ pub async fn within<T>(
         ))
     })
     .await
-}
-
-/// `path` and every key beneath it in a map ordered by path.
-pub fn keys_under<V>(map: &BTreeMap<RelPath, V>, path: &RelPath) -> Vec<RelPath> {
-    // Children sort between "path/" and "path0" ('0' follows '/').
-    let (lo, hi) = (format!("{path}/"), format!("{path}0"));
-    let mut keys: Vec<RelPath> = map
-        .get_key_value(path)
-        .map(|(k, _)| k.clone())
-        .into_iter()
-        .collect();
-    keys.extend(
-        map.range::<str, _>((Bound::Included(lo.as_str()), Bound::Excluded(hi.as_str())))
-            .map(|(k, _)| k.clone()),
-    );
-    keys
 }
 
 /// Spawns the task that writes `rx`'s messages to `stream`, sending `ping` whenever the

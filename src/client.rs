@@ -21,7 +21,7 @@ use smol::Async;
 use crate::agent::{self, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT};
 use crate::beneath::{self, Stat};
 use crate::core::entry::{Entry, Kind};
-use crate::core::path::RelPath;
+use crate::core::path::{keys_under, RelPath};
 use crate::core::plan::{plan, rename_locally, Decision};
 use crate::core::renames::{detect_renames, Changed, Seen};
 use crate::core::tracked::{worth_repacking, Tracked};
@@ -105,7 +105,7 @@ struct Saved {
 struct SavedRef<'a> {
     epoch: u64,
     last_seq: u64,
-    base: &'a BTreeMap<RelPath, Entry>,
+    base: crate::core::base::Whole<'a>,
     local: &'a BTreeMap<RelPath, Seen>,
     applying: &'a BTreeMap<RelPath, Entry>,
 }
@@ -167,8 +167,8 @@ struct Client {
     cfg: ClientConfig,
     /// This replica's identity (see `ClientMsg::Hello`).
     id: [u8; 16],
+    /// The cache of what is on disk here, and the base kept beside it (see `core::base`).
     tree: Tree,
-    base: Tracked<Entry>,
     epoch: u64,
     last_seq: u64,
     journal: store::Journal,
@@ -352,15 +352,16 @@ impl Client {
         })
         .detach();
         let id = replica_id(&cfg.root).context("cannot read or create the replica's id")?;
+        // Loaded separately, the cache and the base share their paths' text from here on.
+        let mut tree = Tree::new(
+            cfg.root.clone(),
+            crate::core::path::share_keys(saved.local, &saved.base),
+        );
+        tree.keep_base(saved.base);
         let mut client = Client {
             id,
-            // Loaded separately, the cache and the base share their paths' text from here on.
-            tree: Tree::new(
-                cfg.root.clone(),
-                crate::core::path::share_keys(saved.local, &saved.base),
-            ),
+            tree,
             cfg,
-            base: saved.base.into(),
             applying: Tracked::default(),
             unsynced_installs: Vec::new(),
             failed: BTreeSet::new(),
@@ -396,12 +397,12 @@ impl Client {
                 .get(&p)
                 .is_some_and(|s| s.entry.same_content(&e))
             {
-                client.base.insert(p.clone(), e);
+                client.tree.set_base(&p, Some(e));
             } else {
                 let fetched = fsops::fetched_path(&client.cfg.root, &p, &e.hash);
                 if fetched.exists() {
-                    if client.base.get(&p) == Some(&e) {
-                        client.base.remove(&p);
+                    if client.tree.base(&p) == Some(&e) {
+                        client.tree.set_base(&p, None);
                     }
                     let _ = std::fs::remove_file(fetched);
                 }
@@ -484,7 +485,7 @@ impl Client {
     /// (`tracked::worth_repacking`).
     fn repack_if_grown(&mut self) {
         let now = self.tree.entries().len();
-        if worth_repacking(self.packed_len, now) && self.tree.repack_with(&mut self.base) {
+        if worth_repacking(self.packed_len, now) && self.tree.repack() {
             log::debug!("repacked the base and the cache ({now} paths)");
             self.packed_len = now;
         }
@@ -493,7 +494,7 @@ impl Client {
     /// Journals what changed since the last call (no fsync: see `sync`), then posts the
     /// status: a seq `ferry status` shows is one a kill would not lose.
     fn flush(&mut self) {
-        let base = self.base.take_changes();
+        let base = self.tree.take_base_changes();
         let local = self.tree.take_changes();
         let applying = self.applying.take_changes();
         let last_seq = self.durable_seq();
@@ -604,7 +605,7 @@ impl Client {
             let saved = SavedRef {
                 epoch: self.epoch,
                 last_seq: self.durable_seq(),
-                base: &self.base,
+                base: self.tree.whole_base(),
                 local: self.tree.entries(),
                 applying: &self.applying,
             };
@@ -779,7 +780,7 @@ impl Client {
             self.last_seq = 0;
             // A base agreed with another index proves nothing now, nor does a change of it
             // not applied here (the full reconciliation decides every path anew).
-            self.base.clear();
+            self.tree.retain_base(|_| false);
             self.unapplied.clear();
             self.unapplied_since = u64::MAX;
         }
@@ -1075,7 +1076,7 @@ impl Client {
                 s.progress = None;
                 if let Some(listed) = s.listed.take().filter(|_| full) {
                     // Known here, never listed by the server: unknown there, not deleted.
-                    self.base.retain(|p, _| listed.contains(p));
+                    self.tree.retain_base(|p| listed.contains(p));
                     // A listed path was decided again; one not listed is gone there.
                     self.unapplied.retain(|p, _| listed.contains(p));
                 }
@@ -1087,14 +1088,7 @@ impl Client {
                     s.applied
                 );
                 // Everything that differs from the base was changed here while away.
-                let tree = &self.tree;
-                let differing: Vec<RelPath> = tree
-                    .entries()
-                    .iter()
-                    .filter(|(p, s)| self.base.get(*p) != Some(&s.entry))
-                    .map(|(p, _)| p.clone())
-                    .chain(self.base.keys().filter(|p| tree.get(p).is_none()).cloned())
-                    .collect();
+                let differing: Vec<RelPath> = self.tree.base_differing().cloned().collect();
                 self.dirty.extend(differing);
                 self.sync_local(s).await?;
                 self.flush();
@@ -1160,12 +1154,12 @@ impl Client {
             // Not applied here. The base no longer says what the server has, so it goes: if
             // the path is un-ignored, it is reconciled as at a first contact (same bytes:
             // nothing to do; different: a conflict copy, nothing lost).
-            if self.base.get(&c.path) != c.entry.as_ref() {
+            if self.tree.base(&c.path) != c.entry.as_ref() {
                 log::debug!(
                     "{} is ignored here: the server's change is not applied",
                     c.path
                 );
-                self.base.remove(&c.path);
+                self.tree.set_base(&c.path, None);
             }
         } else {
             self.deciding = Some((c.path.clone(), c.seq.saturating_sub(1)));
@@ -1200,7 +1194,7 @@ impl Client {
         }
         for p in moved {
             log::debug!("{p} was not moved on the server; sending it");
-            self.base.remove(&p);
+            self.tree.set_base(&p, None);
             self.dirty.insert(p);
         }
     }
@@ -1211,10 +1205,10 @@ impl Client {
         // Packs read many files in the same few directories.
         let _reuse = beneath::Reuse::start();
         for (from, to) in std::mem::take(&mut self.renames) {
-            let Some(base_from) = self.base.get(&from).cloned() else {
+            let Some(base_from) = self.tree.base(&from).cloned() else {
                 continue;
             };
-            if self.base.contains_key(&to)
+            if self.tree.base(&to).is_some()
                 || self.tree.get(&to).is_none()
                 || self.tree.get(&from).is_some()
             {
@@ -1229,8 +1223,9 @@ impl Client {
                 // Assume the server moved what we had agreed on beneath it; the changes it
                 // sends for this rename confirm each path (see `on_change`).
                 let mut moved = BTreeSet::new();
-                for p in agent::keys_under(&self.base, &from) {
-                    if let Some(e) = self.base.remove(&p) {
+                for p in self.tree.base_keys_under(&from) {
+                    if let Some(e) = self.tree.base(&p).cloned() {
+                        self.tree.set_base(&p, None);
                         // A name too long to travel was not sent: no base to move for it.
                         let Ok(new) = p.rebase(&from, &to) else {
                             continue;
@@ -1238,7 +1233,7 @@ impl Client {
                         if new != to {
                             moved.insert(new.clone());
                         }
-                        self.base.insert(new, e);
+                        self.tree.set_base(&new, Some(e));
                     }
                 }
                 s.renames.insert(from.clone(), (seq, moved));
@@ -1290,7 +1285,7 @@ impl Client {
                 } else if let Some(base) = delete {
                     deletes.push((path, base));
                 } else {
-                    let remote = self.base.get(&path).cloned();
+                    let remote = self.tree.base(&path).cloned();
                     self.resolve(s, &path, remote, None, 0).await?;
                 }
             }
@@ -1331,7 +1326,7 @@ impl Client {
         if let (Some(from), Some(r), false) = (moved_from, &remote, moved_with_dir) {
             let (local_from, beneath) = self.tree.refresh(from);
             self.note_beneath(from, beneath);
-            let base_from = self.base.get(from);
+            let base_from = self.tree.base(from);
             if rename_locally(
                 base_from,
                 local_from.as_ref().map(|s| &s.entry),
@@ -1342,8 +1337,8 @@ impl Client {
                     Ok(created) => {
                         self.note_created(created);
                         self.tree.rename_subtree(from, path);
-                        self.base.remove(from);
-                        self.base.insert(path.clone(), r.clone());
+                        self.tree.set_base(from, None);
+                        self.tree.set_base(path, Some(r.clone()));
                         // Same bytes, but not always the same metadata: our base at the old
                         // path can be a newer commit of ours (same bytes, new mtime) than the
                         // version the server moved, if its rename reached us after our
@@ -1357,7 +1352,7 @@ impl Client {
                         // What a moved directory held here is not necessarily what the server
                         // moved (a file created in it meanwhile): the changes that follow
                         // confirm the ones it did (see `settle_renames`).
-                        let moved: BTreeSet<RelPath> = agent::keys_under(self.tree.entries(), path)
+                        let moved: BTreeSet<RelPath> = keys_under(self.tree.entries(), path)
                             .into_iter()
                             .filter(|p| p != path)
                             .collect();
@@ -1377,13 +1372,14 @@ impl Client {
         if let Some(from) = moved_from {
             // Moved here already (with a directory, by us or by an earlier change): what we
             // agreed on at the old path is the base at the new one.
-            if !self.base.contains_key(path) && self.tree.get(from).is_none() {
-                if let Some(b) = self.base.remove(from) {
-                    self.base.insert(path.clone(), b);
+            if self.tree.base(path).is_none() && self.tree.get(from).is_none() {
+                if let Some(b) = self.tree.base(from).cloned() {
+                    self.tree.set_base(from, None);
+                    self.tree.set_base(path, Some(b));
                 }
             }
         }
-        let base = self.base.get(path).cloned();
+        let base = self.tree.base(path).cloned();
         match plan(base.as_ref(), local.as_ref(), remote.as_ref()) {
             Decision::InSync => {}
             Decision::RecordBase => self.set_base(path, remote),
@@ -1392,7 +1388,7 @@ impl Client {
                 match fsops::set_meta(&self.cfg.root, path, &r) {
                     Ok(seen) => {
                         self.tree.set(path, Some(seen));
-                        self.base.insert(path.clone(), r);
+                        self.tree.set_base(path, Some(r));
                         log::log!(s.applied(), "applied metadata of {path}");
                     }
                     Err(e) => {
@@ -1423,7 +1419,7 @@ impl Client {
                 match fsops::keep_as_conflict(&self.cfg.root, &from, path, &self.cfg.name) {
                     Ok((copy, _)) => {
                         self.tree.rename_subtree(path, &copy);
-                        for p in agent::keys_under(self.tree.entries(), &copy) {
+                        for p in keys_under(self.tree.entries(), &copy) {
                             self.dirty.insert(p);
                         }
                         self.stats.conflict(&copy);
@@ -1444,14 +1440,7 @@ impl Client {
     /// settled with it (a newer commit of ours, or that change put in place).
     fn set_base(&mut self, path: &RelPath, entry: Option<Entry>) {
         self.unapplied.remove(path);
-        match entry {
-            Some(e) => {
-                self.base.insert(path.clone(), e);
-            }
-            None => {
-                self.base.remove(path);
-            }
-        }
+        self.tree.set_base(path, entry);
     }
 
     /// Changes a refresh found beneath a path (a directory replaced by a file) are local
@@ -1463,11 +1452,11 @@ impl Client {
         path: &RelPath,
         depth: u8,
     ) -> anyhow::Result<()> {
-        let mut beneath = agent::keys_under(&self.base, path);
+        let mut beneath = self.tree.base_keys_under(path);
         beneath.retain(|p| p != path);
         for p in beneath.into_iter().rev() {
             if self.tree.get(&p).is_none() {
-                if let Some(remote) = self.base.get(&p).cloned() {
+                if let Some(remote) = self.tree.base(&p).cloned() {
                     Box::pin(self.resolve(s, &p, Some(remote), None, depth)).await?;
                 }
             }
@@ -1896,7 +1885,7 @@ impl Client {
         let (local, beneath) = self.tree.refresh(path);
         self.note_beneath(path, beneath);
         let local = local?.entry;
-        let base = self.base.get(path);
+        let base = self.tree.base(path);
         let new_bytes = local.kind == Kind::File
             && local.size <= PACK_FILE_MAX
             && !base.is_some_and(|b| b.same_content(&local));
@@ -1910,7 +1899,7 @@ impl Client {
     /// If what `resolve` would do with `path` is send the delete of a file or link (gone here,
     /// nothing new from the server), the base that delete is checked against.
     fn deletable(&mut self, path: &RelPath) -> Option<Entry> {
-        let base = self.base.get(path).filter(|b| !b.is_dir())?.clone();
+        let base = self.tree.base(path).filter(|b| !b.is_dir())?.clone();
         if self.tree.ignores(path, Some(false)) {
             return None;
         }
@@ -1985,7 +1974,7 @@ impl Client {
     ) -> anyhow::Result<Option<Uploaded>> {
         if items.len() < 2 {
             for item in items {
-                let remote = self.base.get(&item.path).cloned();
+                let remote = self.tree.base(&item.path).cloned();
                 self.resolve(s, &item.path, remote, None, 0).await?;
             }
             return Ok(None);
@@ -2662,12 +2651,12 @@ mod tests {
             [(lost.clone(), entry.clone()), (done.clone(), entry.clone())].into();
         let (_, mut journal) = store::Journal::open_or_reset::<Saved>(&state, "client").unwrap();
         journal
-            .compact(&SavedRef {
+            .compact(&Saved {
                 epoch: 1,
                 last_seq: 2,
-                base: &both,
-                local: &BTreeMap::new(),
-                applying: &both,
+                base: both.clone(),
+                local: BTreeMap::new(),
+                applying: both,
             })
             .unwrap();
         drop(journal);
@@ -2692,8 +2681,8 @@ mod tests {
         .unwrap();
         // The lost one is reconciled as at a first contact (its absence is no delete); the
         // one in place keeps its base; nothing waits in `.ferry/tmp`.
-        assert_eq!(client.base.get(&lost), None);
-        assert_eq!(client.base.get(&done), Some(&entry));
+        assert_eq!(client.tree.base(&lost), None);
+        assert_eq!(client.tree.base(&done), Some(&entry));
         assert!(client.applying.is_empty());
         assert!(!waiting.exists());
         drop(client);

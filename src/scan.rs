@@ -36,10 +36,11 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::beneath::{self, Dir, Stat};
+use crate::core::base::{Base, Whole};
 use crate::core::entry::{check_target, Entry, Kind, MAX_LINK_TARGET};
 use crate::core::path::{RelPath, STATE_DIR};
 use crate::core::renames::{Changed, Seen};
-use crate::core::tracked::Tracked;
+use crate::core::tracked::{self, Tracked};
 use crate::ignore::{Rules, IGNORE_FILE};
 
 /// The cached state of a replica's tree.
@@ -47,6 +48,9 @@ use crate::ignore::{Rules, IGNORE_FILE};
 pub struct Tree {
     root: PathBuf,
     entries: Tracked<Seen>,
+    /// A client's base, kept as its difference from `entries` (see `core::base`), so every
+    /// write of the cache goes through `put`. `None` on the server, which has none.
+    base: Option<Base>,
     /// Paths already reported as impossible to sync, so each is logged once.
     reported: HashSet<PathBuf>,
     /// Device and inode of `<root>/.ferry` when the tree was opened: if the root is unmounted,
@@ -154,6 +158,7 @@ impl Tree {
         Tree {
             root,
             entries: cached.into(),
+            base: None,
             reported: HashSet::new(),
             marker,
             progress: None,
@@ -339,7 +344,84 @@ impl Tree {
     where
         V: serde::Serialize + serde::de::DeserializeOwned,
     {
-        crate::core::tracked::repack(other, &mut self.entries)
+        tracked::repack(other, &mut self.entries)
+    }
+
+    /// Moves the cache alone into fresh packed memory (a client's: its base is small).
+    pub fn repack(&mut self) -> bool {
+        tracked::repack(&mut self.entries, &mut Tracked::<()>::default())
+    }
+
+    /// Keeps `full` as the client's base from now on (see `core::base`).
+    pub fn keep_base(&mut self, full: BTreeMap<RelPath, Entry>) {
+        self.base = Some(Base::new(full, &self.entries));
+    }
+
+    fn kept(&self) -> &Base {
+        self.base
+            .as_ref()
+            .expect("only a client's tree is asked for a base")
+    }
+
+    /// The base of `path`: what the client and the server last agreed it is.
+    pub fn base(&self, path: &RelPath) -> Option<&Entry> {
+        self.kept().get(&self.entries, path)
+    }
+
+    /// Sets the base of `path` (`None`: none).
+    pub fn set_base(&mut self, path: &RelPath, base: Option<Entry>) {
+        let kept = self
+            .base
+            .as_mut()
+            .expect("only a client's tree keeps a base");
+        kept.set(&self.entries, path, base);
+    }
+
+    /// Removes the base of every path `keep` refuses.
+    pub fn retain_base(&mut self, keep: impl FnMut(&RelPath) -> bool) {
+        let kept = self
+            .base
+            .as_mut()
+            .expect("only a client's tree keeps a base");
+        kept.retain(&self.entries, keep);
+    }
+
+    /// `path` and every path beneath it that has a base, in order.
+    pub fn base_keys_under(&self, path: &RelPath) -> Vec<RelPath> {
+        self.kept().keys_under(&self.entries, path)
+    }
+
+    /// Paths whose base is not their cached entry.
+    pub fn base_differing(&self) -> impl Iterator<Item = &RelPath> {
+        self.kept().differing()
+    }
+
+    /// Bases set since the last call (for the journal).
+    pub fn take_base_changes(&mut self) -> Vec<(RelPath, Option<Entry>)> {
+        let kept = self
+            .base
+            .as_mut()
+            .expect("only a client's tree keeps a base");
+        kept.take_changes(&self.entries)
+    }
+
+    /// The whole base, to save.
+    pub fn whole_base(&self) -> Whole<'_> {
+        self.kept().whole(&self.entries)
+    }
+
+    /// Writes the cache at `path`, the one way it is written: a base kept beside it stays
+    /// what it was.
+    fn put(&mut self, path: RelPath, new: Option<Seen>) -> Option<Seen> {
+        let old = match new {
+            Some(s) => self.entries.insert(path.clone(), s),
+            None => self.entries.remove(&path),
+        };
+        if let Some(base) = &mut self.base {
+            let new = self.entries.get(&path).map(|s| &s.entry);
+            base.cache_changed(&path, old.as_ref().map(|s| &s.entry), new);
+        }
+        old
     }
 
     /// Cache entries changed since the last call (for the journal).
@@ -369,7 +451,7 @@ impl Tree {
         self.listings.clear();
         match seen {
             Some(s) => {
-                self.entries.insert(path.clone(), s);
+                self.put(path.clone(), Some(s));
             }
             None => {
                 self.remove_subtree(path);
@@ -386,7 +468,7 @@ impl Tree {
         for (p, s) in moved {
             // A name too long to travel is not cached, as a scan would skip it.
             if let Ok(new) = p.rebase(from, to) {
-                self.entries.insert(new, s);
+                self.put(new, Some(s));
             }
         }
         self.rules.rename_under(p(from), p(to));
@@ -397,7 +479,7 @@ impl Tree {
     fn take_subtree(&mut self, path: &RelPath) -> Vec<(RelPath, Seen)> {
         let keys: Vec<RelPath> = self.subtree_keys(path);
         keys.into_iter()
-            .filter_map(|k| self.entries.remove(&k).map(|s| (k, s)))
+            .filter_map(|k| self.put(k.clone(), None).map(|s| (k, s)))
             .collect()
     }
 
@@ -416,13 +498,13 @@ impl Tree {
             .filter(|k| !self.is_frozen(k))
             .collect();
         keys.into_iter()
-            .filter_map(|k| self.entries.remove(&k).map(|s| (k, s)))
+            .filter_map(|k| self.put(k.clone(), None).map(|s| (k, s)))
             .collect()
     }
 
     /// `path` and every cached path beneath it.
     fn subtree_keys(&self, path: &RelPath) -> Vec<RelPath> {
-        crate::agent::keys_under(&self.entries, path)
+        crate::core::path::keys_under(&self.entries, path)
     }
 
     /// Walks the whole tree; returns what changed since the cache.
@@ -571,10 +653,7 @@ impl Tree {
                 }
             }
         }
-        let old = match &new {
-            Some(s) => self.entries.insert(path.clone(), s.clone()),
-            None => self.entries.remove(path),
-        };
+        let old = self.put(path.clone(), new.clone());
         if old != new {
             changes.push(Changed {
                 path: path.clone(),
@@ -864,7 +943,7 @@ impl Tree {
             }
         }
         for path in gone {
-            let old = self.entries.remove(&path);
+            let old = self.put(path.clone(), None);
             changes.push(Changed {
                 path,
                 old,

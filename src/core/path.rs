@@ -137,6 +137,25 @@ pub fn share_keys<V, W>(
         .collect()
 }
 
+/// `path` and every key beneath it in a map ordered by path.
+pub fn keys_under<V>(map: &std::collections::BTreeMap<RelPath, V>, path: &RelPath) -> Vec<RelPath> {
+    // Children sort between "path/" and "path0" ('0' follows '/').
+    let (lo, hi) = (format!("{path}/"), format!("{path}0"));
+    let mut keys: Vec<RelPath> = map
+        .get_key_value(path)
+        .map(|(k, _)| k.clone())
+        .into_iter()
+        .collect();
+    keys.extend(
+        map.range::<str, _>((
+            std::ops::Bound::Included(lo.as_str()),
+            std::ops::Bound::Excluded(hi.as_str()),
+        ))
+        .map(|(k, _)| k.clone()),
+    );
+    keys
+}
+
 fn check(s: &str) -> Result<(), &'static str> {
     if s.is_empty() {
         return Err("empty path");

@@ -19,15 +19,9 @@ use super::path::{share_keys, RelPath};
 #[serde(transparent)]
 pub struct Tracked<V> {
     map: BTreeMap<RelPath, V>,
-    /// Keys written since the last `take_changes`, in write order, possibly repeated (sorted
-    /// and deduplicated when taken, or when repeats make it outgrow the map). A list, not a
-    /// set: after a scan it holds every path, and a set's many small nodes, freed between
-    /// the map's own, would leave the heap full of holes.
+    /// Keys written since the last `take_changes`.
     #[serde(skip)]
-    dirty: Vec<RelPath>,
-    /// `dirty` is deduplicated when it reaches this length.
-    #[serde(skip)]
-    dedup_at: usize,
+    dirty: Written,
     /// Keys added or removed since the map was last rebuilt.
     #[serde(skip)]
     churn: usize,
@@ -40,10 +34,70 @@ impl<V> Default for Tracked<V> {
     fn default() -> Self {
         Tracked {
             map: BTreeMap::new(),
-            dirty: Vec::new(),
-            dedup_at: REBUILD_MIN,
+            dirty: Written::default(),
             churn: 0,
         }
+    }
+}
+
+/// The keys of a map written since they were last taken, in write order, possibly repeated
+/// (sorted and deduplicated when taken, or when repeats make the list outgrow the map). A
+/// list, not a set: after a scan it holds every path, and a set's many small nodes, freed
+/// between the map's own, would leave the heap full of holes.
+#[derive(Clone, Debug)]
+pub struct Written {
+    keys: Vec<RelPath>,
+    /// `keys` is deduplicated when it reaches this length.
+    dedup_at: usize,
+}
+
+impl Default for Written {
+    fn default() -> Self {
+        Written {
+            keys: Vec::new(),
+            dedup_at: REBUILD_MIN,
+        }
+    }
+}
+
+impl Written {
+    /// Notes that `key`, of a map of `map_len` keys, was written.
+    pub fn mark(&mut self, key: &RelPath, map_len: usize) {
+        self.keys.push(key.clone());
+        self.dedup_if_long(map_len);
+    }
+
+    /// Bounds the list when the same keys are written over and over (the bound doubles with
+    /// what remains, so the sorting is amortized over the writes).
+    fn dedup_if_long(&mut self, map_len: usize) {
+        if self.keys.len() >= self.dedup_at {
+            self.keys.sort_unstable();
+            self.keys.dedup();
+            self.dedup_at = (2 * self.keys.len()).max(REBUILD_MIN + 2 * map_len);
+        }
+    }
+
+    /// Every key written since the last call, sorted, once each.
+    pub fn take(&mut self) -> Vec<RelPath> {
+        let mut keys = std::mem::take(&mut self.keys);
+        self.dedup_at = REBUILD_MIN;
+        keys.sort_unstable();
+        keys.dedup();
+        keys
+    }
+
+    /// Forgets every key written (a state about to be saved whole).
+    pub fn forget(&mut self) {
+        *self = Written::default();
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.keys.len()
     }
 }
 
@@ -74,18 +128,7 @@ impl<V> Deref for Tracked<V> {
 impl<V: Clone> Tracked<V> {
     /// Notes that `key` was written.
     fn mark(&mut self, key: &RelPath) {
-        self.dirty.push(key.clone());
-        self.dedup_if_long();
-    }
-
-    /// Bounds the list of written keys when the same keys are written over and over (the
-    /// bound doubles with what remains, so the sorting is amortized over the writes).
-    fn dedup_if_long(&mut self) {
-        if self.dirty.len() >= self.dedup_at {
-            self.dirty.sort_unstable();
-            self.dirty.dedup();
-            self.dedup_at = (2 * self.dirty.len()).max(REBUILD_MIN + 2 * self.map.len());
-        }
+        self.dirty.mark(key, self.map.len());
     }
 
     /// Sets `key`; returns the old value.
@@ -109,15 +152,15 @@ impl<V: Clone> Tracked<V> {
     /// Keeps only the entries `keep` accepts.
     pub fn retain(&mut self, mut keep: impl FnMut(&RelPath, &V) -> bool) {
         let (dirty, churn) = (&mut self.dirty, &mut self.churn);
+        let len = self.map.len();
         self.map.retain(|k, v| {
             let kept = keep(k, v);
             if !kept {
-                dirty.push(k.clone());
+                dirty.mark(k, len);
                 *churn += 1;
             }
             kept
         });
-        self.dedup_if_long();
     }
 
     /// Removes everything.
@@ -138,17 +181,14 @@ impl<V: Clone> Tracked<V> {
     /// listing them for a journal record would only be thrown away. The map is left as it is
     /// (a repack or the next `take_changes` rebuilds it).
     pub fn forget_changes(&mut self) {
-        self.dirty = Vec::new();
-        self.dedup_at = REBUILD_MIN;
+        self.dirty.forget();
     }
 
     /// Every key written since the last call, with its current value (`None`: removed).
     pub fn take_changes(&mut self) -> Vec<(RelPath, Option<V>)> {
-        let mut dirty = std::mem::take(&mut self.dirty);
-        self.dedup_at = REBUILD_MIN;
-        dirty.sort_unstable();
-        dirty.dedup();
-        let changes = dirty
+        let changes = self
+            .dirty
+            .take()
             .into_iter()
             .map(|k| {
                 let v = self.map.get(&k).cloned();
@@ -211,8 +251,7 @@ impl<V> From<BTreeMap<RelPath, V>> for Tracked<V> {
     fn from(map: BTreeMap<RelPath, V>) -> Self {
         Tracked {
             map: map.into_iter().collect(),
-            dirty: Vec::new(),
-            dedup_at: REBUILD_MIN,
+            dirty: Written::default(),
             churn: 0,
         }
     }

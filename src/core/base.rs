@@ -1,0 +1,321 @@
+//! A client's base (what it and the server last agreed each path is), kept as its difference
+//! from the cache (what the client last saw on disk).
+//!
+//! The two agree on nearly every path nearly all the time: a base stored whole would hold
+//! every entry twice, about 75 bytes a path. Here a path costs nothing unless its base and
+//! its cached entry differ (a change not yet sent or not yet applied).
+
+use std::collections::BTreeMap;
+
+use serde::ser::SerializeMap;
+use serde::Serialize;
+
+use super::entry::Entry;
+use super::path::{keys_under, RelPath};
+use super::renames::Seen;
+use super::tracked::Written;
+
+/// The cache a base is kept against.
+pub type Cache = BTreeMap<RelPath, Seen>;
+
+/// The base, as the paths where it differs from the cache. Every method that reads it takes
+/// the cache it is kept against; the cache's owner calls `cache_changed` on every write.
+#[derive(Debug, Default)]
+pub struct Base {
+    /// Paths whose base is not their cached entry: `Some(e)`, the base is `e`; `None`, there
+    /// is no base (the path is only cached).
+    apart: BTreeMap<RelPath, Option<Entry>>,
+    /// Paths whose base was set since `take_changes`, for the journal.
+    written: Written,
+}
+
+impl Base {
+    /// The base `full`, kept against `cache`.
+    pub fn new(full: BTreeMap<RelPath, Entry>, cache: &Cache) -> Base {
+        let mut apart: BTreeMap<RelPath, Option<Entry>> = cache
+            .keys()
+            .filter(|p| !full.contains_key(*p))
+            .map(|p| (p.clone(), None))
+            .collect();
+        for (p, e) in full {
+            if cache.get(&p).map(|s| &s.entry) != Some(&e) {
+                apart.insert(p, Some(e));
+            }
+        }
+        Base {
+            apart,
+            written: Written::default(),
+        }
+    }
+
+    /// The base of `path`.
+    pub fn get<'a>(&'a self, cache: &'a Cache, path: &RelPath) -> Option<&'a Entry> {
+        match self.apart.get(path) {
+            Some(b) => b.as_ref(),
+            None => cache.get(path).map(|s| &s.entry),
+        }
+    }
+
+    /// The cache at `path` went from `old` to `new`; the base stays what it was.
+    pub fn cache_changed(&mut self, path: &RelPath, old: Option<&Entry>, new: Option<&Entry>) {
+        use std::collections::btree_map::Entry as Slot;
+        match self.apart.entry(path.clone()) {
+            Slot::Occupied(o) => {
+                if o.get().as_ref() == new {
+                    o.remove();
+                }
+            }
+            Slot::Vacant(v) => {
+                if old != new {
+                    v.insert(old.cloned());
+                }
+            }
+        }
+    }
+
+    /// Sets the base of `path` (`None`: none).
+    pub fn set(&mut self, cache: &Cache, path: &RelPath, base: Option<Entry>) {
+        self.written.mark(path, cache.len());
+        if cache.get(path).map(|s| &s.entry) == base.as_ref() {
+            self.apart.remove(path);
+        } else {
+            self.apart.insert(path.clone(), base);
+        }
+    }
+
+    /// Removes the base of every path `keep` refuses.
+    pub fn retain(&mut self, cache: &Cache, mut keep: impl FnMut(&RelPath) -> bool) {
+        let gone: Vec<RelPath> = self
+            .iter(cache)
+            .filter(|(p, _)| !keep(p))
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in gone {
+            self.set(cache, &p, None);
+        }
+    }
+
+    /// The paths whose base is not their cached entry: what changed here, or was not yet
+    /// applied here, since the two last agreed.
+    pub fn differing(&self) -> impl Iterator<Item = &RelPath> {
+        self.apart.keys()
+    }
+
+    /// `path` and every path beneath it that has a base, in order.
+    pub fn keys_under(&self, cache: &Cache, path: &RelPath) -> Vec<RelPath> {
+        let mut keys = keys_under(cache, path);
+        keys.retain(|k| !matches!(self.apart.get(k), Some(None)));
+        keys.extend(
+            keys_under(&self.apart, path)
+                .into_iter()
+                .filter(|k| self.apart[k].is_some() && !cache.contains_key(k)),
+        );
+        keys.sort_unstable();
+        keys
+    }
+
+    /// Every path with a base, in order.
+    pub fn iter<'a>(&'a self, cache: &'a Cache) -> impl Iterator<Item = (&'a RelPath, &'a Entry)> {
+        let mut cached = cache.iter().map(|(p, s)| (p, &s.entry)).peekable();
+        let mut apart = self.apart.iter().peekable();
+        std::iter::from_fn(move || loop {
+            let first_apart = match (cached.peek(), apart.peek()) {
+                (None, None) => return None,
+                (Some(_), None) => false,
+                (None, Some(_)) => true,
+                (Some((c, _)), Some((a, _))) => a <= c,
+            };
+            if !first_apart {
+                return cached.next();
+            }
+            let (p, b) = apart.next()?;
+            if cached.peek().is_some_and(|(c, _)| *c == p) {
+                cached.next();
+            }
+            if let Some(e) = b {
+                return Some((p, e));
+            }
+        })
+    }
+
+    /// Every base set since the last call, with its value now (`None`: none), for the journal.
+    pub fn take_changes(&mut self, cache: &Cache) -> Vec<(RelPath, Option<Entry>)> {
+        self.written
+            .take()
+            .into_iter()
+            .map(|p| {
+                let b = self.get(cache, &p).cloned();
+                (p, b)
+            })
+            .collect()
+    }
+
+    /// The whole base, to save: it encodes as a `BTreeMap<RelPath, Entry>` would.
+    pub fn whole<'a>(&'a self, cache: &'a Cache) -> Whole<'a> {
+        Whole { base: self, cache }
+    }
+}
+
+/// See `Base::whole`.
+#[derive(Debug)]
+pub struct Whole<'a> {
+    base: &'a Base,
+    cache: &'a Cache,
+}
+
+impl Serialize for Whole<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        // The length goes first (postcard needs it), so the pairs are walked twice.
+        let len = self.base.iter(self.cache).count();
+        let mut map = s.serialize_map(Some(len))?;
+        for (p, e) in self.base.iter(self.cache) {
+            map.serialize_entry(p, e)?;
+        }
+        map.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::entry::Kind;
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).unwrap()
+    }
+
+    fn file(size: u64) -> Entry {
+        Entry {
+            kind: Kind::File,
+            size,
+            mtime_ns: 1,
+            mode: 0o644,
+            hash: [size as u8; 32],
+        }
+    }
+
+    /// A cache and a base kept against it, beside the same base kept whole.
+    struct Model {
+        cache: Cache,
+        base: Base,
+        whole: BTreeMap<RelPath, Entry>,
+    }
+
+    impl Model {
+        fn cache(&mut self, path: &RelPath, new: Option<Entry>) {
+            let old = match new.clone() {
+                Some(e) => self.cache.insert(path.clone(), Seen { entry: e, ino: 1 }),
+                None => self.cache.remove(path),
+            };
+            let cached = self.cache.get(path).map(|s| &s.entry);
+            self.base
+                .cache_changed(path, old.as_ref().map(|s| &s.entry), cached);
+        }
+
+        fn set(&mut self, path: &RelPath, base: Option<Entry>) {
+            match base.clone() {
+                Some(e) => self.whole.insert(path.clone(), e),
+                None => self.whole.remove(path),
+            };
+            self.base.set(&self.cache, path, base);
+        }
+
+        fn check(&self) {
+            let listed: BTreeMap<RelPath, Entry> = self
+                .base
+                .iter(&self.cache)
+                .map(|(p, e)| (p.clone(), e.clone()))
+                .collect();
+            assert_eq!(listed, self.whole);
+            assert_eq!(self.base.iter(&self.cache).count(), self.whole.len());
+            for k in self.whole.keys().chain(self.cache.keys()) {
+                assert_eq!(self.base.get(&self.cache, k), self.whole.get(k), "{k}");
+            }
+            // Only what differs is stored.
+            for k in self.base.differing() {
+                assert_ne!(
+                    self.base.get(&self.cache, k),
+                    self.cache.get(k).map(|s| &s.entry)
+                );
+            }
+            let encoded = postcard::to_allocvec(&self.base.whole(&self.cache)).unwrap();
+            assert_eq!(encoded, postcard::to_allocvec(&self.whole).unwrap());
+            let rebuilt = Base::new(self.whole.clone(), &self.cache);
+            assert_eq!(rebuilt.apart, self.base.apart);
+        }
+    }
+
+    #[test]
+    fn kept_apart_it_reads_as_the_whole_base_would() {
+        let paths: Vec<RelPath> = ["a", "a/b", "a/b/c", "a0", "b", "b/x", "c"]
+            .iter()
+            .map(|s| p(s))
+            .collect();
+        let mut m = Model {
+            cache: Cache::new(),
+            base: Base::default(),
+            whole: BTreeMap::new(),
+        };
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..5000 {
+            let path = paths[next(paths.len() as u64) as usize].clone();
+            let value = match next(4) {
+                0 => None,
+                v => Some(file(v)),
+            };
+            match next(3) {
+                0 => m.cache(&path, value),
+                1 => m.set(&path, value),
+                // The common pair: applied here and agreed.
+                _ => {
+                    m.cache(&path, value.clone());
+                    m.set(&path, value);
+                }
+            }
+            m.check();
+            let under = m.base.keys_under(&m.cache, &p("a"));
+            let expected = keys_under(&m.whole, &p("a"));
+            assert_eq!(under, expected);
+        }
+        // In sync, nothing is stored apart.
+        for path in &paths {
+            let cached = m.cache.get(path).map(|s| s.entry.clone());
+            m.set(path, cached);
+        }
+        assert_eq!(m.base.differing().count(), 0);
+        m.check();
+    }
+
+    #[test]
+    fn changes_are_journaled_with_their_values_now() {
+        let mut cache = Cache::new();
+        let mut base = Base::default();
+        let (x, y) = (p("x"), p("y"));
+        cache.insert(
+            x.clone(),
+            Seen {
+                entry: file(1),
+                ino: 1,
+            },
+        );
+        base.cache_changed(&x, None, Some(&file(1)));
+        // A local change alone is not a change of the base.
+        assert!(base.take_changes(&cache).is_empty());
+        base.set(&cache, &x, Some(file(1)));
+        base.set(&cache, &y, Some(file(2)));
+        base.set(&cache, &y, None);
+        assert_eq!(
+            base.take_changes(&cache),
+            vec![(x.clone(), Some(file(1))), (y, None)]
+        );
+        base.retain(&cache, |_| false);
+        assert_eq!(base.take_changes(&cache), vec![(x.clone(), None)]);
+        assert_eq!(base.get(&cache, &x), None);
+    }
+}
