@@ -481,12 +481,12 @@ impl Client {
         self.dirty.extend(changes.into_iter().map(|c| c.path));
     }
 
-    /// Repacks the base and the cache (`tracked::repack`) after a first sync or a large copy
-    /// (`tracked::worth_repacking`).
+    /// Repacks the cache (`tracked::repack`; the base beside it is small) after a first sync
+    /// or a large copy (`tracked::worth_repacking`).
     fn repack_if_grown(&mut self) {
         let now = self.tree.entries().len();
         if worth_repacking(self.packed_len, now) && self.tree.repack() {
-            log::debug!("repacked the base and the cache ({now} paths)");
+            log::debug!("repacked the cache ({now} paths)");
             self.packed_len = now;
         }
     }

@@ -43,6 +43,9 @@ use crate::core::renames::{Changed, Seen};
 use crate::core::tracked::{self, Tracked};
 use crate::ignore::{Rules, IGNORE_FILE};
 
+/// A client keeps a base; asking a server's tree for one is a bug.
+const ONLY_CLIENTS: &str = "only a client's tree keeps a base";
+
 /// The cached state of a replica's tree.
 #[derive(Debug)]
 pub struct Tree {
@@ -358,9 +361,12 @@ impl Tree {
     }
 
     fn kept(&self) -> &Base {
-        self.base
-            .as_ref()
-            .expect("only a client's tree is asked for a base")
+        self.base.as_ref().expect(ONLY_CLIENTS)
+    }
+
+    /// The base to write, and the cache it is kept against.
+    fn kept_mut(&mut self) -> (&mut Base, &BTreeMap<RelPath, Seen>) {
+        (self.base.as_mut().expect(ONLY_CLIENTS), &self.entries)
     }
 
     /// The base of `path`: what the client and the server last agreed it is.
@@ -370,20 +376,14 @@ impl Tree {
 
     /// Sets the base of `path` (`None`: none).
     pub fn set_base(&mut self, path: &RelPath, base: Option<Entry>) {
-        let kept = self
-            .base
-            .as_mut()
-            .expect("only a client's tree keeps a base");
-        kept.set(&self.entries, path, base);
+        let (kept, cache) = self.kept_mut();
+        kept.set(cache, path, base);
     }
 
     /// Removes the base of every path `keep` refuses.
     pub fn retain_base(&mut self, keep: impl FnMut(&RelPath) -> bool) {
-        let kept = self
-            .base
-            .as_mut()
-            .expect("only a client's tree keeps a base");
-        kept.retain(&self.entries, keep);
+        let (kept, cache) = self.kept_mut();
+        kept.retain(cache, keep);
     }
 
     /// `path` and every path beneath it that has a base, in order.
@@ -398,11 +398,8 @@ impl Tree {
 
     /// Bases set since the last call (for the journal).
     pub fn take_base_changes(&mut self) -> Vec<(RelPath, Option<Entry>)> {
-        let kept = self
-            .base
-            .as_mut()
-            .expect("only a client's tree keeps a base");
-        kept.take_changes(&self.entries)
+        let (kept, cache) = self.kept_mut();
+        kept.take_changes(cache)
     }
 
     /// The whole base, to save.
