@@ -305,7 +305,6 @@ struct ClientProc {
 
 /// A server and its clients, each with its own tree in the test's directory.
 pub struct Cluster {
-    pub dir: TempDir,
     secret: PathBuf,
     server: Option<Proc>,
     control: String,
@@ -317,6 +316,10 @@ pub struct Cluster {
     /// Extra server arguments (see `set_server_args`).
     server_extra: Vec<String>,
     clients: Vec<ClientProc>,
+    /// Last: fields drop in order, so the agents are killed before their trees are removed
+    /// (removed first, under running agents, a tree could be written to as it went, and be
+    /// left behind).
+    pub dir: TempDir,
 }
 
 impl Cluster {
