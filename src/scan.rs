@@ -38,21 +38,22 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::beneath::{self, Dir, Stat};
 use crate::core::base::{Base, Whole};
 use crate::core::entry::{check_target, Entry, Kind, MAX_LINK_TARGET};
+use crate::core::index::Entries;
 use crate::core::path::{RelPath, STATE_DIR};
 use crate::core::renames::{Changed, Seen};
 use crate::core::tracked::{self, Tracked};
 use crate::ignore::{Rules, IGNORE_FILE};
 
-/// A client keeps a base; asking a server's tree for one is a bug.
-const ONLY_CLIENTS: &str = "only a client's tree keeps a base";
+/// A tree keeps a base once given one (`keep_base`); asking before is a bug.
+const NO_BASE: &str = "the tree was given no base to keep";
 
 /// The cached state of a replica's tree.
 #[derive(Debug)]
 pub struct Tree {
     root: PathBuf,
     entries: Tracked<Seen>,
-    /// A client's base, kept as its difference from `entries` (see `core::base`), so every
-    /// write of the cache goes through `put`. `None` on the server, which has none.
+    /// The base, kept as its difference from `entries` (see `core::base`), so every write of
+    /// the cache goes through `put`: a client's base, or the server's index entries.
     base: Option<Base>,
     /// Paths already reported as impossible to sync, so each is logged once.
     reported: HashSet<PathBuf>,
@@ -80,6 +81,22 @@ pub struct Tree {
     lists: u64,
     /// Entries looked at by the running `scan_all`, for its progress report.
     looked: u64,
+}
+
+/// The server's index keeps its entries in its tree's base: they differ from the cache only
+/// while a change is under way.
+impl Entries for Tree {
+    fn entry(&self, path: &RelPath) -> Option<&Entry> {
+        self.base(path)
+    }
+
+    fn put_entry(&mut self, path: &RelPath, entry: Option<Entry>) {
+        self.set_base(path, entry);
+    }
+
+    fn live_count(&self) -> usize {
+        self.kept().len(&self.entries)
+    }
 }
 
 /// The root is not the tree ferry was syncing any more (unmounted, removed, replaced, or
@@ -350,23 +367,24 @@ impl Tree {
         tracked::repack(other, &mut self.entries)
     }
 
-    /// Moves the cache alone into fresh packed memory (a client's: its base is small).
+    /// Moves the cache alone into fresh packed memory (its base, apart, is small).
     pub fn repack(&mut self) -> bool {
         tracked::repack(&mut self.entries, &mut Tracked::<()>::default())
     }
 
-    /// Keeps `full` as the client's base from now on (see `core::base`).
+    /// Keeps `full` as the base from now on (see `core::base`): a client's, or the server's
+    /// index entries (see `Entries` below).
     pub fn keep_base(&mut self, full: BTreeMap<RelPath, Entry>) {
         self.base = Some(Base::new(full, &self.entries));
     }
 
     fn kept(&self) -> &Base {
-        self.base.as_ref().expect(ONLY_CLIENTS)
+        self.base.as_ref().expect(NO_BASE)
     }
 
     /// The base to write, and the cache it is kept against.
     fn kept_mut(&mut self) -> (&mut Base, &BTreeMap<RelPath, Seen>) {
-        (self.base.as_mut().expect(ONLY_CLIENTS), &self.entries)
+        (self.base.as_mut().expect(NO_BASE), &self.entries)
     }
 
     /// The base of `path`: what the client and the server last agreed it is.
@@ -394,6 +412,13 @@ impl Tree {
     /// Paths whose base is not their cached entry.
     pub fn base_differing(&self) -> impl Iterator<Item = &RelPath> {
         self.kept().differing()
+    }
+
+    /// Forgets which bases were set (see `Base::forget_changes`).
+    pub fn forget_base_changes(&mut self) {
+        if let Some(base) = &mut self.base {
+            base.forget_changes();
+        }
     }
 
     /// Bases set since the last call (for the journal).

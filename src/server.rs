@@ -19,7 +19,7 @@ use smol::Async;
 use crate::agent::{self, hex, AUTH_TIMEOUT, IDLE_TIMEOUT};
 use crate::beneath::Stat;
 use crate::core::entry::{check_target, Entry, Kind};
-use crate::core::index::{Index, Record, Retention, MARK_EVERY_SECS};
+use crate::core::index::{Index, Record, Retention, Stored, StoredRef, MARK_EVERY_SECS};
 use crate::core::path::RelPath;
 use crate::core::renames::{detect_renames, Changed, Seen};
 use crate::core::tracked::worth_repacking;
@@ -103,14 +103,14 @@ const SYNC_DELAY: Duration = Duration::from_secs(1);
 /// and so a restart does not re-hash every file).
 #[derive(Default, Serialize, Deserialize)]
 struct Saved {
-    index: Index,
+    index: Stored,
     local: BTreeMap<RelPath, Seen>,
 }
 
 /// Borrowed form of `Saved`, to write a snapshot without cloning.
 #[derive(Serialize)]
 struct SavedRef<'a> {
-    index: &'a Index,
+    index: StoredRef<'a>,
     local: &'a BTreeMap<RelPath, Seen>,
 }
 
@@ -568,7 +568,7 @@ async fn serve(cfg: ServerConfig, stop: Receiver<nix::sys::signal::Signal>) -> a
     let (saved, journal) =
         store::Journal::open_or_reset::<Saved>(&fsops::state_dir(&root), "server")
             .context("cannot open the server's state")?;
-    let (mut index, local) = (saved.index, saved.local);
+    let ((mut index, entries), local) = (Index::from_stored(saved.index), saved.local);
     if index.epoch == 0 {
         index = Index::new(u64::from_le_bytes(random()) | 1);
         log::info!("new index, epoch {:016x}", index.epoch);
@@ -587,7 +587,12 @@ async fn serve(cfg: ServerConfig, stop: Receiver<nix::sys::signal::Signal>) -> a
     let mut server = Server {
         root: root.clone(),
         index,
-        tree: Tree::new(root.clone(), local),
+        tree: {
+            // The index's entries are kept as the tree's base (see `core::index`).
+            let mut tree = Tree::new(root.clone(), local);
+            tree.keep_base(entries);
+            tree
+        },
         clients: HashMap::new(),
         events: events_tx.clone(),
         reserved,
@@ -653,7 +658,7 @@ async fn serve(cfg: ServerConfig, stop: Receiver<nix::sys::signal::Signal>) -> a
         root.display(),
         ftp_addr,
         cfg.watch.backend.name(),
-        server.index.live_count(),
+        server.index.live_count(&server.tree),
         server.index.epoch
     );
     if let Some(ready) = &cfg.ready_file {
@@ -963,9 +968,13 @@ impl Server {
         // deletes).
         let missing: Vec<RelPath> = self
             .index
-            .live_paths()
+            .live_paths(&self.tree)
             .filter(|p| self.tree.get(p).is_none())
-            .filter(|p| !self.tree.ignores(p, self.index.entry(p).map(Entry::is_dir)))
+            .filter(|p| {
+                !self
+                    .tree
+                    .ignores(p, self.index.entry(&self.tree, p).map(Entry::is_dir))
+            })
             .cloned()
             .collect();
         if !missing.is_empty() {
@@ -975,7 +984,7 @@ impl Server {
             }
         }
         for p in agent::apply_order(missing, |_| true) {
-            out.extend(self.index.set(&p, None));
+            out.extend(self.index.set(&mut self.tree, &p, None));
         }
         self.publish(out);
         self.housekeeping();
@@ -985,9 +994,10 @@ impl Server {
         self.post_status();
         self.index.forget_changes();
         self.tree.forget_changes();
+        self.tree.forget_base_changes();
         self.new_mark = None;
         let saved = SavedRef {
-            index: &self.index,
+            index: self.index.stored(&self.tree),
             local: self.tree.entries(),
         };
         self.journal
@@ -1073,9 +1083,9 @@ impl Server {
             ClientMsg::Subscribe { epoch, since } => {
                 let (mut changes, full) =
                     if epoch == self.index.epoch && self.index.can_catch_up_from(since) {
-                        (self.index.changes_since(since), false)
+                        (self.index.changes_since(&self.tree, since), false)
                     } else {
-                        (self.index.full_listing(), true)
+                        (self.index.full_listing(&self.tree), true)
                     };
                 // What the rules hide now is not sent (the index keeps what it knew of it).
                 let tree = &self.tree;
@@ -1215,7 +1225,7 @@ impl Server {
                         let ok = e.kind == Kind::File
                             && e.size <= PACK_FILE_MAX
                             && bytes + e.size <= PACK_MAX_BYTES
-                            && self.index.entry(&path) == Some(&e)
+                            && self.index.entry(&self.tree, &path) == Some(&e)
                             && !self.tree.ignores(&path, Some(false));
                         bytes += if ok { e.size } else { 0 };
                         ok.then_some((path, e))
@@ -1330,15 +1340,22 @@ impl Server {
         let mut out = Vec::new();
         let mut paths: Vec<RelPath> = Vec::new();
         for (from, to) in detect_renames(&changes) {
-            if self.index.entry(&from).is_some() && self.index.entry(&to).is_none() {
-                let (changes, refused) = self.index.rename(&from, &to);
+            if self.index.entry(&self.tree, &from).is_some()
+                && self.index.entry(&self.tree, &to).is_none()
+            {
+                let (changes, refused) = self.index.rename(&mut self.tree, &from, &to);
                 for bad in refused {
                     log::warn!("{bad}: renaming {from} to {to} made it too long to sync");
                 }
                 out.extend(changes);
                 // The index may have moved what was already gone from the directory (a
                 // delete not yet seen): check every moved path against the disk below.
-                paths.extend(self.index.live_subtree(&to).into_iter().map(|(p, _)| p));
+                paths.extend(
+                    self.index
+                        .live_subtree(&self.tree, &to)
+                        .into_iter()
+                        .map(|(p, _)| p),
+                );
             }
         }
         let touched: HashSet<RelPath> = changes
@@ -1352,13 +1369,16 @@ impl Server {
         let tree = &self.tree;
         for p in agent::apply_order(paths, |p| tree.get(p).is_none()) {
             let disk = self.tree.get(&p).map(|s| s.entry.clone());
-            let is_dir = disk.as_ref().or(self.index.entry(&p)).map(Entry::is_dir);
+            let is_dir = disk
+                .as_ref()
+                .or(self.index.entry(&self.tree, &p))
+                .map(Entry::is_dir);
             if self.tree.ignores(&p, is_dir) {
                 continue;
             }
-            match self.index.set(&p, disk) {
+            match self.index.set(&mut self.tree, &p, disk) {
                 Some(c) => out.push(c),
-                None if touched.contains(&p) => out.extend(self.index.announce(&p)),
+                None if touched.contains(&p) => out.extend(self.index.announce(&self.tree, &p)),
                 None => {}
             }
         }
@@ -1428,7 +1448,9 @@ impl Server {
     /// schedules the fsync.
     fn flush(&mut self) {
         self.post_status();
-        let records = self.index.take_changes();
+        let records = self.index.take_changes(&self.tree);
+        // The entries went into `records`.
+        self.tree.forget_base_changes();
         let local = self.tree.take_changes();
         let mark = self.new_mark.take();
         if records.is_empty() && local.is_empty() && mark.is_none() {
@@ -1461,7 +1483,7 @@ impl Server {
             Some(t) if t.elapsed() < Duration::from_secs(1) => None,
             _ => {
                 self.counted_at = Some(Instant::now());
-                let live = self.index.live_paths().count() as u64;
+                let live = self.index.live_count(&self.tree) as u64;
                 let bytes = self
                     .tree
                     .entries()
@@ -1502,7 +1524,7 @@ impl Server {
         if let Some(mark) = self.index.mark_time(now) {
             self.new_mark = Some(mark);
         }
-        let forgotten = self.index.prune_tombstones(now, self.retention);
+        let forgotten = self.index.prune_tombstones(&self.tree, now, self.retention);
         if forgotten > 0 {
             log::info!(
                 "forgot {forgotten} deletes (older than {} days, or beyond the newest {}); a \
@@ -1521,7 +1543,7 @@ impl Server {
         }
         if self.journal.wants_compaction() {
             let saved = SavedRef {
-                index: &self.index,
+                index: self.index.stored(&self.tree),
                 local: self.tree.entries(),
             };
             if let Err(e) = self.journal.compact(&saved) {
@@ -1595,7 +1617,7 @@ impl Server {
 
     fn done(&self, path: &RelPath) -> Outcome {
         Outcome::Done {
-            seq: self.index.record(path).map_or(self.index.seq, |r| r.seq),
+            seq: self.index.seq_of(path).unwrap_or(self.index.seq),
         }
     }
 
@@ -1630,7 +1652,7 @@ impl Server {
             return (Outcome::Failed { reason }, Vec::new());
         }
         let mut changes = self.refresh(path);
-        let current = self.index.entry(path).cloned();
+        let current = self.index.entry(&self.tree, path).cloned();
         let conflict = |current: Option<Entry>| Outcome::Conflict { current };
         // A program writing `path` while the commit runs is caught by `install_file`.
         let result: anyhow::Result<Outcome> = match op {
@@ -1646,7 +1668,7 @@ impl Server {
                     return (conflict(current), changes);
                 }
                 if current.as_ref().is_some_and(Entry::is_dir)
-                    && self.index.live_subtree(path).len() > 1
+                    && self.index.live_subtree(&self.tree, path).len() > 1
                 {
                     return (conflict(current), changes);
                 }
@@ -1692,7 +1714,7 @@ impl Server {
                 match fsops::remove(&self.root, path) {
                     Ok(fsops::Removed::Gone) => {
                         self.tree.set(path, None);
-                        changes.extend(self.index.set(path, None));
+                        changes.extend(self.index.set(&mut self.tree, path, None));
                         Ok(self.done(path))
                     }
                     Ok(fsops::Removed::NotEmpty) => Ok(Outcome::Failed {
@@ -1712,7 +1734,7 @@ impl Server {
                 }
                 if current != base
                     || (current.as_ref().is_some_and(Entry::is_dir)
-                        && self.index.live_subtree(path).len() > 1)
+                        && self.index.live_subtree(&self.tree, path).len() > 1)
                 {
                     return (conflict(current), changes);
                 }
@@ -1731,7 +1753,7 @@ impl Server {
                 if current.is_none() || current != base {
                     return (conflict(current), changes);
                 }
-                let refusal = if self.index.entry(&to).is_some() {
+                let refusal = if self.index.entry(&self.tree, &to).is_some() {
                     Some("the target exists")
                 } else if to.starts_with(path) {
                     Some("a directory cannot move into itself")
@@ -1746,7 +1768,7 @@ impl Server {
                     Ok(created) => {
                         self.record_created(created, &mut changes);
                         self.tree.rename_subtree(path, &to);
-                        let (moved, refused) = self.index.rename(path, &to);
+                        let (moved, refused) = self.index.rename(&mut self.tree, path, &to);
                         for bad in refused {
                             log::warn!("{bad}: renaming {path} to {to} made it too long to sync");
                         }
@@ -1771,7 +1793,7 @@ impl Server {
     fn record_created(&mut self, created: Vec<(RelPath, Seen)>, changes: &mut Vec<Change>) {
         for (p, s) in created {
             self.tree.set(&p, Some(s.clone()));
-            changes.extend(self.index.set(&p, Some(s.entry)));
+            changes.extend(self.index.set(&mut self.tree, &p, Some(s.entry)));
         }
     }
 
@@ -1785,7 +1807,7 @@ impl Server {
     ) {
         self.record_created(created, changes);
         self.tree.set(path, Some(seen.clone()));
-        changes.extend(self.index.set(path, Some(seen.entry)));
+        changes.extend(self.index.set(&mut self.tree, path, Some(seen.entry)));
     }
 
     fn put_meta(
@@ -1879,7 +1901,7 @@ impl Server {
                 // decides again against it (an upload stays staged for a retry).
                 changes.extend(self.refresh(path));
                 Outcome::Conflict {
-                    current: self.index.entry(path).cloned(),
+                    current: self.index.entry(&self.tree, path).cloned(),
                 }
             }
             fsops::Install::Done {

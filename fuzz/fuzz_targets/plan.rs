@@ -7,9 +7,11 @@
 
 #![no_main]
 
+use std::collections::BTreeMap;
+
 use arbitrary::Arbitrary;
 use ferry::core::entry::{Entry, Kind};
-use ferry::core::index::{Index, Retention};
+use ferry::core::index::{Index, Retention, Stored};
 use ferry::core::path::{RelPath, MAX_COMPONENT, MAX_PATH};
 use ferry::core::plan::{civil_utc, conflict_name, plan, rename_locally, Decision};
 use ferry::core::renames::{detect_renames, Changed, Seen};
@@ -224,6 +226,7 @@ fn check_renames(input: &[ChangeIn]) {
 
 fn check_index(ops: &[IndexOp]) {
     let mut ix = Index::new(1);
+    let mut es = BTreeMap::new();
     let keep = Retention::default();
     for op in ops.iter().take(64) {
         let before = ix.seq;
@@ -233,11 +236,11 @@ fn check_index(ops: &[IndexOp]) {
             IndexOp::Set(p, e) => {
                 let Some(p) = p.get() else { continue };
                 let e = entry(e);
-                let had = ix.record(&p).is_some();
-                let old = ix.entry(&p).cloned();
-                let c = ix.set(&p, e.clone());
+                let had = ix.seq_of(&p).is_some();
+                let old = ix.entry(&es, &p).cloned();
+                let c = ix.set(&mut es, &p, e.clone());
                 assert_eq!(c.is_some(), old != e && (e.is_some() || had));
-                assert_eq!(ix.entry(&p), e.as_ref());
+                assert_eq!(ix.entry(&es, &p), e.as_ref());
                 changes.extend(c);
             }
             IndexOp::Rename(from, to) => {
@@ -245,24 +248,24 @@ fn check_index(ops: &[IndexOp]) {
                     continue;
                 };
                 // What the server checks first (see `Server::commit` and `ingest`).
-                let moved = ix.entry(&from).cloned();
-                if moved.is_none() || ix.entry(&to).is_some() || to.starts_with(&from) {
+                let moved = ix.entry(&es, &from).cloned();
+                if moved.is_none() || ix.entry(&es, &to).is_some() || to.starts_with(&from) {
                     continue;
                 }
-                let live = ix.live_count();
+                let live = ix.live_count(&es);
                 let refused;
-                (changes, refused) = ix.rename(&from, &to);
+                (changes, refused) = ix.rename(&mut es, &from, &to);
                 for bad in &refused {
                     assert!(RelPath::new(bad.path.as_str()).is_err(), "{bad}");
                 }
-                assert!(ix.entry(&from).is_none(), "{from} moved away");
-                assert_eq!(ix.entry(&to), moved.as_ref(), "{to} holds what {from} held");
-                assert!(ix.live_count() <= live);
+                assert!(ix.entry(&es, &from).is_none(), "{from} moved away");
+                assert_eq!(ix.entry(&es, &to), moved.as_ref(), "{to} holds what {from} held");
+                assert!(ix.live_count(&es) <= live);
             }
             IndexOp::Announce(p) => {
                 let Some(p) = p.get() else { continue };
-                let live = ix.entry(&p).cloned();
-                let c = ix.announce(&p);
+                let live = ix.entry(&es, &p).cloned();
+                let c = ix.announce(&es, &p);
                 assert_eq!(c.is_some(), live.is_some());
                 changes.extend(c);
             }
@@ -277,19 +280,19 @@ fn check_index(ops: &[IndexOp]) {
                 max_age,
                 max_count,
             } => {
-                let live = ix.live_count();
+                let live = ix.live_count(&es);
                 let keep = Retention {
                     max_age_secs: u64::from(*max_age) * 3600,
                     max_count: usize::from(*max_count),
                 };
                 let now = 1_800_000_000 + u64::from(*now) * 3600;
-                ix.prune_tombstones(now, keep);
-                assert_eq!(ix.live_count(), live, "live entries are never pruned");
+                ix.prune_tombstones(&es, now, keep);
+                assert_eq!(ix.live_count(&es), live, "live entries are never pruned");
                 assert!(ix.horizon >= horizon && ix.horizon <= ix.seq);
             }
             IndexOp::Since(since) => {
                 let since = u64::from(*since);
-                let got = ix.changes_since(since);
+                let got = ix.changes_since(&es, since);
                 assert!(got.iter().all(|c| c.seq > since));
             }
         }
@@ -301,21 +304,23 @@ fn check_index(ops: &[IndexOp]) {
             last = c.seq;
             assert_eq!(RelPath::new(c.path.as_str()).as_ref(), Ok(&c.path));
         }
-        let all = ix.changes_since(0);
+        let all = ix.changes_since(&es, 0);
         assert!(
             all.windows(2).all(|w| w[0].seq < w[1].seq),
             "one path per seq"
         );
-        let full = ix.full_listing();
+        let full = ix.full_listing(&es);
         assert!(full
             .windows(2)
             .all(|w| w[0].path.depth() <= w[1].path.depth()));
         assert!(ix.can_catch_up_from(ix.seq));
     }
     // The index is saved and loaded (the server's snapshot): it must come back whole.
-    let bytes = postcard::to_allocvec(&ix).unwrap();
-    let back: Index = postcard::from_bytes(&bytes).expect("a saved index loads");
-    assert_eq!(back.changes_since(0), ix.changes_since(0));
+    let bytes = postcard::to_allocvec(&ix.stored(&es)).unwrap();
+    let back: Stored = postcard::from_bytes(&bytes).expect("a saved index loads");
+    let (back, back_es) = Index::from_stored(back);
+    assert_eq!(back_es, es);
+    assert_eq!(back.changes_since(&back_es, 0), ix.changes_since(&es, 0));
     assert_eq!(
         (back.seq, back.horizon, back.epoch),
         (ix.seq, ix.horizon, ix.epoch)

@@ -95,6 +95,25 @@ impl Base {
         }
     }
 
+    /// How many paths have a base.
+    pub fn len(&self, cache: &Cache) -> usize {
+        let mut len = cache.len();
+        for (p, b) in &self.apart {
+            match (b.is_some(), cache.contains_key(p)) {
+                (true, false) => len += 1,
+                (false, true) => len -= 1,
+                _ => {}
+            }
+        }
+        len
+    }
+
+    /// Forgets which bases were set: for one kept whose changes are journaled otherwise (the
+    /// server's index entries, journaled with their seqs), or about to be saved whole.
+    pub fn forget_changes(&mut self) {
+        self.written.forget();
+    }
+
     /// The paths whose base is not their cached entry: what changed here, or was not yet
     /// applied here, since the two last agreed.
     pub fn differing(&self) -> impl Iterator<Item = &RelPath> {
@@ -228,6 +247,7 @@ mod tests {
                 .collect();
             assert_eq!(listed, self.whole);
             assert_eq!(self.base.iter(&self.cache).count(), self.whole.len());
+            assert_eq!(self.base.len(&self.cache), self.whole.len());
             for k in self.whole.keys().chain(self.cache.keys()) {
                 assert_eq!(self.base.get(&self.cache, k), self.whole.get(k), "{k}");
             }

@@ -7,7 +7,15 @@
 //! Tombstones are not kept for ever (see `Retention`). Forgetting one raises the `horizon`: a
 //! client whose N is below it may have missed a delete, so it gets a full listing instead, in
 //! which absence never means delete (a file deleted meanwhile can come back from that client).
+//!
+//! The index holds each path's seq, not its entry: the entries are kept by an `Entries` that
+//! every method reading or writing them is given. The server's tree keeps them as its base,
+//! apart from its cache only where the two differ (see `core::base`): they agree on nearly
+//! every path, and an entry stored in both would cost every path some 70 bytes more.
 
+use std::collections::BTreeMap;
+
+use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize};
 
 use super::entry::Entry;
@@ -15,7 +23,36 @@ use super::path::{BadPath, RelPath};
 use super::tracked::Tracked;
 use crate::proto::msg::Change;
 
-/// The state of one path in the index.
+/// Where the index's entries are kept. A path has an entry only while the index has a
+/// record of it (the index is the only writer).
+pub trait Entries {
+    /// The live entry at `path`.
+    fn entry(&self, path: &RelPath) -> Option<&Entry>;
+    /// Sets the entry at `path` (`None`: removes it).
+    fn put_entry(&mut self, path: &RelPath, entry: Option<Entry>);
+    /// How many paths have an entry.
+    fn live_count(&self) -> usize;
+}
+
+/// Entries kept whole, for tests and tools.
+impl Entries for BTreeMap<RelPath, Entry> {
+    fn entry(&self, path: &RelPath) -> Option<&Entry> {
+        self.get(path)
+    }
+
+    fn put_entry(&mut self, path: &RelPath, entry: Option<Entry>) {
+        match entry {
+            Some(e) => self.insert(path.clone(), e),
+            None => self.remove(path),
+        };
+    }
+
+    fn live_count(&self) -> usize {
+        self.len()
+    }
+}
+
+/// The state of one path in the index, as saved and journaled.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
     /// Current state; `None` is a tombstone.
@@ -25,6 +62,13 @@ pub struct Record {
     /// Set if that change was a rename from this path. Boxed: rarely set, and every record
     /// of a large index pays for its size.
     pub moved_from: Option<Box<RelPath>>,
+}
+
+/// What the index itself keeps of a path with a record (live or a tombstone).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stamp {
+    seq: u64,
+    moved_from: Option<Box<RelPath>>,
 }
 
 /// How long, and how many, deletes are remembered.
@@ -48,8 +92,29 @@ impl Default for Retention {
 /// How far apart the (seq, time) marks that date tombstones are, in seconds.
 pub const MARK_EVERY_SECS: u64 = 3600;
 
-/// The server's index.
+/// The index as it is saved: every record whole. A journal is replayed into it at start,
+/// before it is split into an `Index` and its entries (`Index::from_stored`).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Stored {
+    pub epoch: u64,
+    pub seq: u64,
+    pub horizon: u64,
+    pub marks: Vec<(u64, u64)>,
+    pub records: BTreeMap<RelPath, Record>,
+}
+
+impl Stored {
+    /// Puts a journaled record back (`None`: the record is gone).
+    pub fn restore(&mut self, path: RelPath, record: Option<Record>) {
+        match record {
+            Some(r) => self.records.insert(path, r),
+            None => self.records.remove(&path),
+        };
+    }
+}
+
+/// The server's index.
+#[derive(Clone, Debug, Default)]
 pub struct Index {
     /// Identifies this index; a new one means clients must reconcile in full.
     pub epoch: u64,
@@ -60,7 +125,7 @@ pub struct Index {
     /// (seq, unix seconds) pairs, oldest first, about `MARK_EVERY_SECS` apart: every change up
     /// to that seq is at least that old. Records carry no time, so this dates them.
     pub marks: Vec<(u64, u64)>,
-    records: Tracked<Record>,
+    stamps: Tracked<Stamp>,
 }
 
 impl Index {
@@ -68,92 +133,126 @@ impl Index {
     pub fn new(epoch: u64) -> Index {
         Index {
             epoch,
-            seq: 0,
-            horizon: 0,
-            marks: Vec::new(),
-            records: Tracked::default(),
+            ..Index::default()
+        }
+    }
+
+    /// The index saved as `stored`, and its live entries for an `Entries` to keep.
+    pub fn from_stored(stored: Stored) -> (Index, BTreeMap<RelPath, Entry>) {
+        let mut entries = Vec::new();
+        let stamps: BTreeMap<RelPath, Stamp> = stored
+            .records
+            .into_iter()
+            .map(|(p, r)| {
+                if let Some(e) = r.entry {
+                    entries.push((p.clone(), e));
+                }
+                let stamp = Stamp {
+                    seq: r.seq,
+                    moved_from: r.moved_from,
+                };
+                (p, stamp)
+            })
+            .collect();
+        let index = Index {
+            epoch: stored.epoch,
+            seq: stored.seq,
+            horizon: stored.horizon,
+            marks: stored.marks,
+            stamps: Tracked::from(stamps),
+        };
+        (index, entries.into_iter().collect())
+    }
+
+    /// The index with its `entries`, to save: it encodes as its `Stored` form would.
+    pub fn stored<'a>(&'a self, entries: &'a dyn Entries) -> StoredRef<'a> {
+        StoredRef {
+            epoch: self.epoch,
+            seq: self.seq,
+            horizon: self.horizon,
+            marks: &self.marks,
+            records: Records {
+                index: self,
+                entries,
+            },
         }
     }
 
     /// The current entry at `path` (`None` if absent or deleted).
-    pub fn entry(&self, path: &RelPath) -> Option<&Entry> {
-        self.records.get(path).and_then(|r| r.entry.as_ref())
+    pub fn entry<'a>(&self, entries: &'a impl Entries, path: &RelPath) -> Option<&'a Entry> {
+        entries.entry(path)
     }
 
-    /// The record at `path`, tombstones included.
-    pub fn record(&self, path: &RelPath) -> Option<&Record> {
-        self.records.get(path)
+    /// The seq of `path`'s last change, if the index has a record of it.
+    pub fn seq_of(&self, path: &RelPath) -> Option<u64> {
+        self.stamps.get(path).map(|s| s.seq)
     }
 
     /// Live entries at and beneath `path`.
-    pub fn live_subtree(&self, path: &RelPath) -> Vec<(RelPath, Entry)> {
-        let (lo, hi) = (format!("{path}/"), format!("{path}0"));
-        let mut out: Vec<(RelPath, Entry)> = self
-            .entry(path)
-            .map(|e| (path.clone(), e.clone()))
+    pub fn live_subtree(&self, entries: &impl Entries, path: &RelPath) -> Vec<(RelPath, Entry)> {
+        super::path::keys_under(&self.stamps, path)
             .into_iter()
-            .collect();
-        out.extend(
-            self.records
-                .range::<str, _>((
-                    std::ops::Bound::Included(lo.as_str()),
-                    std::ops::Bound::Excluded(hi.as_str()),
-                ))
-                .filter_map(|(p, r)| r.entry.clone().map(|e| (p.clone(), e))),
-        );
-        out
+            .filter_map(|p| entries.entry(&p).cloned().map(|e| (p, e)))
+            .collect()
     }
 
     /// `map` with its keys sharing their text with the index's (see `path::share_keys`): for
     /// the tree cache loaded beside the index, whose paths are mostly the same.
-    pub fn share_keys<V>(
-        &self,
-        map: std::collections::BTreeMap<RelPath, V>,
-    ) -> std::collections::BTreeMap<RelPath, V> {
-        super::path::share_keys(map, &self.records)
+    pub fn share_keys<V>(&self, map: BTreeMap<RelPath, V>) -> BTreeMap<RelPath, V> {
+        super::path::share_keys(map, &self.stamps)
     }
 
-    /// Hands the records to `repack` (see `tracked::repack`), which moves them with the tree
-    /// cache whose keys they share.
-    pub fn repack_with(&mut self, repack: impl FnOnce(&mut Tracked<Record>) -> bool) -> bool {
-        repack(&mut self.records)
+    /// Hands the index's own map to `repack` (see `tracked::repack`), which moves it with the
+    /// tree cache whose keys it shares.
+    pub fn repack_with(&mut self, repack: impl FnOnce(&mut Tracked<Stamp>) -> bool) -> bool {
+        repack(&mut self.stamps)
     }
 
     /// Number of live entries.
-    pub fn live_count(&self) -> usize {
-        self.records.values().filter(|r| r.entry.is_some()).count()
+    pub fn live_count(&self, entries: &impl Entries) -> usize {
+        entries.live_count()
     }
 
     /// Records changed since the last call (for the journal).
-    pub fn take_changes(&mut self) -> Vec<(RelPath, Option<Record>)> {
-        self.records.take_changes()
+    pub fn take_changes(&mut self, entries: &impl Entries) -> Vec<(RelPath, Option<Record>)> {
+        self.stamps
+            .take_changes()
+            .into_iter()
+            .map(|(p, stamp)| {
+                let record = stamp.map(|s| Record {
+                    entry: entries.entry(&p).cloned(),
+                    seq: s.seq,
+                    moved_from: s.moved_from,
+                });
+                (p, record)
+            })
+            .collect()
     }
 
     /// Forgets what changed, for an index about to be saved whole (`Tracked::forget_changes`).
     pub fn forget_changes(&mut self) {
-        self.records.forget_changes()
-    }
-
-    /// Puts a journaled record back (replaying the journal).
-    pub fn restore(&mut self, path: RelPath, record: Option<Record>) {
-        self.records.restore(path, record);
+        self.stamps.forget_changes()
     }
 
     /// Records `entry` at `path` if it differs from what the index has; returns the change.
-    pub fn set(&mut self, path: &RelPath, entry: Option<Entry>) -> Option<Change> {
-        self.set_moved(path, entry, None)
+    pub fn set(
+        &mut self,
+        entries: &mut impl Entries,
+        path: &RelPath,
+        entry: Option<Entry>,
+    ) -> Option<Change> {
+        self.set_moved(entries, path, entry, None)
     }
 
     /// Gives `path`'s live entry a new seq, unchanged, so every replica hears of it again: a
     /// path ignore rules stopped hiding, which replicas may have skipped. `None` if it is not
     /// live.
-    pub fn announce(&mut self, path: &RelPath) -> Option<Change> {
-        let entry = self.entry(path)?.clone();
+    pub fn announce(&mut self, entries: &impl Entries, path: &RelPath) -> Option<Change> {
+        let entry = entries.entry(path)?.clone();
         self.seq += 1;
-        self.records.insert(
+        self.stamps.insert(
             path.clone(),
-            Record {
-                entry: Some(entry.clone()),
+            Stamp {
                 seq: self.seq,
                 moved_from: None,
             },
@@ -169,25 +268,24 @@ impl Index {
 
     fn set_moved(
         &mut self,
+        entries: &mut impl Entries,
         path: &RelPath,
         entry: Option<Entry>,
         moved_from: Option<RelPath>,
     ) -> Option<Change> {
-        if self.entry(path) == entry.as_ref() {
-            return None;
-        }
-        if entry.is_none() && !self.records.contains_key(path) {
+        // Equal also when both are `None`: deleting what has no entry is no change.
+        if entries.entry(path) == entry.as_ref() {
             return None;
         }
         self.seq += 1;
-        self.records.insert(
+        self.stamps.insert(
             path.clone(),
-            Record {
-                entry: entry.clone(),
+            Stamp {
                 seq: self.seq,
                 moved_from: moved_from.clone().map(Box::new),
             },
         );
+        entries.put_entry(path, entry.clone());
         Some(Change {
             seq: self.seq,
             path: path.clone(),
@@ -203,18 +301,25 @@ impl Index {
     ///
     /// A path whose new name would be too long to travel (`RelPath::rebase`) is only deleted,
     /// as a scan would skip it; such names are returned so the caller can report them.
-    pub fn rename(&mut self, from: &RelPath, to: &RelPath) -> (Vec<Change>, Vec<BadPath>) {
-        let moved = self.live_subtree(from);
+    pub fn rename(
+        &mut self,
+        entries: &mut impl Entries,
+        from: &RelPath,
+        to: &RelPath,
+    ) -> (Vec<Change>, Vec<BadPath>) {
+        let moved = self.live_subtree(entries, from);
         let mut changes = Vec::new();
         let mut refused = Vec::new();
         for (p, e) in &moved {
             match p.rebase(from, to) {
-                Ok(new) => changes.extend(self.set_moved(&new, Some(e.clone()), Some(p.clone()))),
+                Ok(new) => {
+                    changes.extend(self.set_moved(entries, &new, Some(e.clone()), Some(p.clone())))
+                }
                 Err(bad) => refused.push(bad),
             }
         }
         for (p, _) in moved.iter().rev() {
-            changes.extend(self.set(p, None));
+            changes.extend(self.set(entries, p, None));
         }
         (changes, refused)
     }
@@ -234,7 +339,7 @@ impl Index {
 
     /// Forgets tombstones older than the retention's age, then the oldest beyond its count,
     /// raising the horizon past them. Returns how many were forgotten.
-    pub fn prune_tombstones(&mut self, now: u64, keep: Retention) -> usize {
+    pub fn prune_tombstones(&mut self, entries: &impl Entries, now: u64, keep: Retention) -> usize {
         let old_enough = |at: u64| at.saturating_add(keep.max_age_secs) <= now;
         let mut cutoff = self
             .marks
@@ -244,10 +349,9 @@ impl Index {
             .max()
             .unwrap_or(0);
         let mut dead: Vec<u64> = self
-            .records
-            .values()
-            .filter(|r| r.entry.is_none() && r.seq > cutoff)
-            .map(|r| r.seq)
+            .tombstones_iter(entries)
+            .map(|(_, s)| s.seq)
+            .filter(|seq| *seq > cutoff)
             .collect();
         if dead.len() > keep.max_count {
             let excess = dead.len() - keep.max_count;
@@ -255,13 +359,12 @@ impl Index {
             cutoff = cutoff.max(dead[excess - 1]);
         }
         let forget: Vec<RelPath> = self
-            .records
-            .iter()
-            .filter(|(_, r)| r.entry.is_none() && r.seq <= cutoff)
+            .tombstones_iter(entries)
+            .filter(|(_, s)| s.seq <= cutoff)
             .map(|(p, _)| p.clone())
             .collect();
         for p in &forget {
-            self.records.remove(p);
+            self.stamps.remove(p);
         }
         if !forget.is_empty() {
             self.horizon = self.horizon.max(cutoff);
@@ -273,6 +376,16 @@ impl Index {
         forget.len()
     }
 
+    /// The records without an entry.
+    fn tombstones_iter<'a>(
+        &'a self,
+        entries: &'a impl Entries,
+    ) -> impl Iterator<Item = (&'a RelPath, &'a Stamp)> {
+        self.stamps
+            .iter()
+            .filter(|(p, _)| entries.entry(p).is_none())
+    }
+
     /// Whether a client that applied everything up to `since` can catch up change by change
     /// (else it needs a full listing: a delete it missed may be forgotten).
     pub fn can_catch_up_from(&self, since: u64) -> bool {
@@ -280,21 +393,21 @@ impl Index {
     }
 
     /// How many tombstones the index holds.
-    pub fn tombstones(&self) -> usize {
-        self.records.values().filter(|r| r.entry.is_none()).count()
+    pub fn tombstones(&self, entries: &impl Entries) -> usize {
+        self.tombstones_iter(entries).count()
     }
 
     /// Every change after `since`, in seq order (each path's current state once).
-    pub fn changes_since(&self, since: u64) -> Vec<Change> {
+    pub fn changes_since(&self, entries: &impl Entries, since: u64) -> Vec<Change> {
         let mut out: Vec<Change> = self
-            .records
+            .stamps
             .iter()
-            .filter(|(_, r)| r.seq > since)
-            .map(|(p, r)| Change {
-                seq: r.seq,
+            .filter(|(_, s)| s.seq > since)
+            .map(|(p, s)| Change {
+                seq: s.seq,
                 path: p.clone(),
-                entry: r.entry.clone(),
-                moved_from: r.moved_from.as_deref().cloned(),
+                entry: entries.entry(p).cloned(),
+                moved_from: s.moved_from.as_deref().cloned(),
                 target: None,
             })
             .collect();
@@ -303,13 +416,13 @@ impl Index {
     }
 
     /// Every live entry, parents before children: what a client with no usable state gets.
-    pub fn full_listing(&self) -> Vec<Change> {
+    pub fn full_listing(&self, entries: &impl Entries) -> Vec<Change> {
         let mut out: Vec<Change> = self
-            .records
+            .stamps
             .iter()
-            .filter_map(|(p, r)| {
-                r.entry.as_ref().map(|e| Change {
-                    seq: r.seq,
+            .filter_map(|(p, s)| {
+                entries.entry(p).map(|e| Change {
+                    seq: s.seq,
                     path: p.clone(),
                     entry: Some(e.clone()),
                     moved_from: None,
@@ -322,11 +435,57 @@ impl Index {
     }
 
     /// Paths of all live entries, for comparing with the disk.
-    pub fn live_paths(&self) -> impl Iterator<Item = &RelPath> {
-        self.records
-            .iter()
-            .filter(|(_, r)| r.entry.is_some())
-            .map(|(p, _)| p)
+    pub fn live_paths<'a>(
+        &'a self,
+        entries: &'a impl Entries,
+    ) -> impl Iterator<Item = &'a RelPath> {
+        self.stamps.keys().filter(|p| entries.entry(p).is_some())
+    }
+}
+
+/// See `Index::stored`. Its fields are `Stored`'s, in order.
+#[derive(Debug, Serialize)]
+pub struct StoredRef<'a> {
+    epoch: u64,
+    seq: u64,
+    horizon: u64,
+    marks: &'a [(u64, u64)],
+    records: Records<'a>,
+}
+
+/// Every record, encoded as `Stored::records`.
+pub struct Records<'a> {
+    index: &'a Index,
+    entries: &'a dyn Entries,
+}
+
+impl std::fmt::Debug for Records<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} records", self.index.stamps.len())
+    }
+}
+
+/// A record borrowed, encoded as a `Record`.
+#[derive(Serialize)]
+struct RecordRef<'a> {
+    entry: Option<&'a Entry>,
+    seq: u64,
+    moved_from: Option<&'a RelPath>,
+}
+
+impl Serialize for Records<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let stamps = &self.index.stamps;
+        let mut map = s.serialize_map(Some(stamps.len()))?;
+        for (p, stamp) in stamps.iter() {
+            let record = RecordRef {
+                entry: self.entries.entry(p),
+                seq: stamp.seq,
+                moved_from: stamp.moved_from.as_deref(),
+            };
+            map.serialize_entry(p, &record)?;
+        }
+        map.end()
     }
 }
 
@@ -352,23 +511,27 @@ mod tests {
     #[test]
     fn seqs_tombstones_and_catch_up() {
         let mut ix = Index::new(7);
-        assert_eq!(ix.set(&p("a"), file("1")).unwrap().seq, 1);
-        assert!(ix.set(&p("a"), file("1")).is_none(), "no change, no seq");
+        let mut es = BTreeMap::new();
+        assert_eq!(ix.set(&mut es, &p("a"), file("1")).unwrap().seq, 1);
         assert!(
-            ix.set(&p("never"), None).is_none(),
+            ix.set(&mut es, &p("a"), file("1")).is_none(),
+            "no change, no seq"
+        );
+        assert!(
+            ix.set(&mut es, &p("never"), None).is_none(),
             "deleting the unknown is no change"
         );
-        ix.set(&p("b"), file("2"));
-        ix.set(&p("a"), None);
+        ix.set(&mut es, &p("b"), file("2"));
+        ix.set(&mut es, &p("a"), None);
         let since1: Vec<(String, bool)> = ix
-            .changes_since(1)
+            .changes_since(&es, 1)
             .into_iter()
             .map(|c| (c.path.to_string(), c.entry.is_some()))
             .collect();
         assert_eq!(since1, [("b".into(), true), ("a".into(), false)]);
-        assert!(ix.changes_since(3).is_empty());
+        assert!(ix.changes_since(&es, 3).is_empty());
         let full: Vec<String> = ix
-            .full_listing()
+            .full_listing(&es)
             .into_iter()
             .map(|c| c.path.to_string())
             .collect();
@@ -378,24 +541,25 @@ mod tests {
     #[test]
     fn announce_repeats_a_live_entry_under_a_new_seq() {
         let mut ix = Index::new(7);
-        ix.set(&p("a"), file("1"));
-        ix.set(&p("b"), file("2"));
-        ix.set(&p("gone"), file("3"));
-        ix.set(&p("gone"), None);
-        let c = ix.announce(&p("a")).unwrap();
+        let mut es = BTreeMap::new();
+        ix.set(&mut es, &p("a"), file("1"));
+        ix.set(&mut es, &p("b"), file("2"));
+        ix.set(&mut es, &p("gone"), file("3"));
+        ix.set(&mut es, &p("gone"), None);
+        let c = ix.announce(&es, &p("a")).unwrap();
         assert_eq!((c.seq, c.entry, c.moved_from), (5, file("1"), None));
-        assert_eq!(ix.entry(&p("a")), file("1").as_ref());
+        assert_eq!(ix.entry(&es, &p("a")), file("1").as_ref());
         let since: Vec<String> = ix
-            .changes_since(4)
+            .changes_since(&es, 4)
             .into_iter()
             .map(|c| c.path.to_string())
             .collect();
         assert_eq!(since, ["a"], "a client past the old seq hears of it again");
         assert!(
-            ix.announce(&p("gone")).is_none(),
+            ix.announce(&es, &p("gone")).is_none(),
             "tombstones are not announced"
         );
-        assert!(ix.announce(&p("never")).is_none());
+        assert!(ix.announce(&es, &p("never")).is_none());
         assert_eq!(ix.seq, 5);
     }
 
@@ -407,28 +571,29 @@ mod tests {
             max_count: 1000,
         };
         let mut ix = Index::new(1);
+        let mut es = BTreeMap::new();
         let t0 = 1_800_000_000;
-        ix.set(&p("old"), file("o"));
-        ix.set(&p("old"), None); // seq 2
-        ix.set(&p("kept"), file("k")); // seq 3
+        ix.set(&mut es, &p("old"), file("o"));
+        ix.set(&mut es, &p("old"), None); // seq 2
+        ix.set(&mut es, &p("kept"), file("k")); // seq 3
         assert!(ix.mark_time(t0).is_some());
         assert!(ix.mark_time(t0 + 60).is_none(), "marks are an hour apart");
-        ix.set(&p("recent"), file("r"));
-        ix.set(&p("recent"), None); // seq 5
+        ix.set(&mut es, &p("recent"), file("r"));
+        ix.set(&mut es, &p("recent"), None); // seq 5
         assert!(ix.mark_time(t0 + 10 * DAY).is_some());
 
         assert_eq!(
-            ix.prune_tombstones(t0 + 29 * DAY, keep),
+            ix.prune_tombstones(&es, t0 + 29 * DAY, keep),
             0,
             "not old enough yet"
         );
         assert!(ix.can_catch_up_from(1));
 
-        assert_eq!(ix.prune_tombstones(t0 + 31 * DAY, keep), 1);
-        assert!(ix.record(&p("old")).is_none());
-        assert!(ix.record(&p("recent")).is_some(), "younger than 30 days");
+        assert_eq!(ix.prune_tombstones(&es, t0 + 31 * DAY, keep), 1);
+        assert!(ix.seq_of(&p("old")).is_none());
+        assert!(ix.seq_of(&p("recent")).is_some(), "younger than 30 days");
         assert!(
-            ix.entry(&p("kept")).is_some(),
+            ix.entry(&es, &p("kept")).is_some(),
             "live entries are never pruned"
         );
         assert_eq!(
@@ -446,10 +611,10 @@ mod tests {
             "the expired mark is kept until a newer one expires"
         );
 
-        assert_eq!(ix.prune_tombstones(t0 + 41 * DAY, keep), 1);
+        assert_eq!(ix.prune_tombstones(&es, t0 + 41 * DAY, keep), 1);
         assert_eq!(ix.horizon, 5);
         assert_eq!(ix.marks, [(5, t0 + 10 * DAY)]);
-        assert_eq!(ix.tombstones(), 0);
+        assert_eq!(ix.tombstones(&es), 0);
     }
 
     #[test]
@@ -459,19 +624,20 @@ mod tests {
             max_count: 2,
         };
         let mut ix = Index::new(1);
+        let mut es = BTreeMap::new();
         for name in ["a", "b", "c", "d"] {
-            ix.set(&p(name), file(name));
+            ix.set(&mut es, &p(name), file(name));
         }
         for name in ["c", "a", "d", "b"] {
-            ix.set(&p(name), None); // seqs 5, 6, 7, 8
+            ix.set(&mut es, &p(name), None); // seqs 5, 6, 7, 8
         }
-        assert_eq!(ix.prune_tombstones(1_800_000_000, keep), 2);
-        assert!(ix.record(&p("c")).is_none() && ix.record(&p("a")).is_none());
-        assert!(ix.record(&p("d")).is_some() && ix.record(&p("b")).is_some());
+        assert_eq!(ix.prune_tombstones(&es, 1_800_000_000, keep), 2);
+        assert!(ix.seq_of(&p("c")).is_none() && ix.seq_of(&p("a")).is_none());
+        assert!(ix.seq_of(&p("d")).is_some() && ix.seq_of(&p("b")).is_some());
         assert_eq!(ix.horizon, 6);
         assert!(!ix.can_catch_up_from(5) && ix.can_catch_up_from(6));
         let journal: Vec<(String, bool)> = ix
-            .take_changes()
+            .take_changes(&es)
             .into_iter()
             .map(|(p, r)| (p.to_string(), r.is_some()))
             .collect();
@@ -484,10 +650,11 @@ mod tests {
     #[test]
     fn directory_rename_orders_puts_then_deletes() {
         let mut ix = Index::new(1);
-        ix.set(&p("d"), Some(Entry::dir(0o755)));
-        ix.set(&p("d/x"), file("x"));
-        ix.set(&p("dz"), file("not beneath d"));
-        let (ch, refused) = ix.rename(&p("d"), &p("e"));
+        let mut es = BTreeMap::new();
+        ix.set(&mut es, &p("d"), Some(Entry::dir(0o755)));
+        ix.set(&mut es, &p("d/x"), file("x"));
+        ix.set(&mut es, &p("dz"), file("not beneath d"));
+        let (ch, refused) = ix.rename(&mut es, &p("d"), &p("e"));
         assert!(refused.is_empty());
         let got: Vec<(String, bool, Option<String>)> = ch
             .iter()
@@ -508,8 +675,8 @@ mod tests {
                 ("d".into(), false, None),
             ]
         );
-        assert!(ix.entry(&p("dz")).is_some());
-        assert_eq!(ix.changes_since(3).len(), 4);
+        assert!(ix.entry(&es, &p("dz")).is_some());
+        assert_eq!(ix.changes_since(&es, 3).len(), 4);
     }
 
     /// Found by fuzzing (fuzz/fuzz_targets/plan.rs): renaming a directory to a longer name
@@ -518,23 +685,68 @@ mod tests {
     #[test]
     fn rename_never_records_a_path_too_long_to_travel() {
         let mut ix = Index::new(1);
+        let mut es = BTreeMap::new();
         let deep = vec!["d".repeat(250); 12].join("/");
-        ix.set(&p("d"), Some(Entry::dir(0o755)));
-        ix.set(&p("d/short"), file("s"));
-        ix.set(&p(&format!("d/{deep}")), file("deep"));
-        let (changes, refused) = ix.rename(&p("d"), &p(&"e".repeat(255)));
+        ix.set(&mut es, &p("d"), Some(Entry::dir(0o755)));
+        ix.set(&mut es, &p("d/short"), file("s"));
+        ix.set(&mut es, &p(&format!("d/{deep}")), file("deep"));
+        let (changes, refused) = ix.rename(&mut es, &p("d"), &p(&"e".repeat(255)));
         assert_eq!(refused.len(), 1);
         assert_eq!(refused[0].path, format!("{}/{deep}", "e".repeat(255)));
         for c in &changes {
             assert_eq!(RelPath::new(c.path.as_str()).as_ref(), Ok(&c.path));
         }
         assert!(
-            ix.entry(&p(&format!("d/{deep}"))).is_none(),
+            ix.entry(&es, &p(&format!("d/{deep}"))).is_none(),
             "the old name is deleted"
         );
-        assert_eq!(ix.live_count(), 2, "the directory and d/short moved");
-        let saved = postcard::to_allocvec(&ix).unwrap();
-        let back: Index = postcard::from_bytes(&saved).expect("the saved index loads");
-        assert_eq!(back.changes_since(0), ix.changes_since(0));
+        assert_eq!(ix.live_count(&es), 2, "the directory and d/short moved");
+        let saved = postcard::to_allocvec(&ix.stored(&es)).unwrap();
+        let back: Stored = postcard::from_bytes(&saved).expect("the saved index loads");
+        let (back, back_es) = Index::from_stored(back);
+        assert_eq!(back.changes_since(&back_es, 0), ix.changes_since(&es, 0));
+    }
+
+    /// The index keeps seqs and borrows its entries; saved, it must be the records whole, as
+    /// snapshots written before the split were, and load back the same.
+    #[test]
+    fn saved_it_encodes_as_its_stored_form() {
+        let mut ix = Index::new(9);
+        let mut es = BTreeMap::new();
+        ix.set(&mut es, &p("d"), Some(Entry::dir(0o755)));
+        ix.set(&mut es, &p("d/x"), file("x"));
+        ix.set(&mut es, &p("gone"), file("g"));
+        ix.set(&mut es, &p("gone"), None);
+        ix.rename(&mut es, &p("d"), &p("e"));
+        ix.mark_time(1_800_000_000);
+        let stored = Stored {
+            epoch: 9,
+            seq: ix.seq,
+            horizon: 0,
+            marks: ix.marks.clone(),
+            records: ix
+                .stamps
+                .iter()
+                .map(|(k, s)| {
+                    let record = Record {
+                        entry: es.get(k).cloned(),
+                        seq: s.seq,
+                        moved_from: s.moved_from.clone(),
+                    };
+                    (k.clone(), record)
+                })
+                .collect(),
+        };
+        assert_eq!(
+            stored.records[&p("e/x")].moved_from.as_deref(),
+            Some(&p("d/x"))
+        );
+        assert_eq!(stored.records[&p("gone")].entry, None);
+        let bytes = postcard::to_allocvec(&ix.stored(&es)).unwrap();
+        assert_eq!(bytes, postcard::to_allocvec(&stored).unwrap());
+        let (back, back_es) = Index::from_stored(postcard::from_bytes(&bytes).unwrap());
+        assert_eq!(back_es, es, "the live entries, tombstones left out");
+        assert_eq!(back.changes_since(&back_es, 0), ix.changes_since(&es, 0));
+        assert_eq!(back.tombstones(&back_es), 3, "gone, d and d/x");
     }
 }
