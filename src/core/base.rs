@@ -5,7 +5,7 @@
 //! every entry twice, about 75 bytes a path. Here a path costs nothing unless its base and
 //! its cached entry differ (a change not yet sent or not yet applied).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::ser::SerializeMap;
 use serde::Serialize;
@@ -22,9 +22,11 @@ pub type Cache = BTreeMap<RelPath, Seen>;
 /// the cache it is kept against; the cache's owner calls `cache_changed` on every write.
 #[derive(Debug, Default)]
 pub struct Base {
-    /// Paths whose base is not their cached entry: `Some(e)`, the base is `e`; `None`, there
-    /// is no base (the path is only cached).
-    apart: BTreeMap<RelPath, Option<Entry>>,
+    /// Paths whose base is an entry other than their cached one (or which are not cached).
+    apart: BTreeMap<RelPath, Entry>,
+    /// Cached paths that have no base. A set, not a `None` in `apart`: every path a first
+    /// scan finds is here until it is synced (16 bytes each, not 72).
+    unbased: BTreeSet<RelPath>,
     /// Paths whose base was set since `take_changes`, for the journal.
     written: Written,
 }
@@ -32,44 +34,66 @@ pub struct Base {
 impl Base {
     /// The base `full`, kept against `cache`.
     pub fn new(full: BTreeMap<RelPath, Entry>, cache: &Cache) -> Base {
-        let mut apart: BTreeMap<RelPath, Option<Entry>> = cache
+        let unbased = cache
             .keys()
             .filter(|p| !full.contains_key(*p))
-            .map(|p| (p.clone(), None))
+            .cloned()
             .collect();
-        for (p, e) in full {
-            if cache.get(&p).map(|s| &s.entry) != Some(&e) {
-                apart.insert(p, Some(e));
-            }
-        }
+        let apart = full
+            .into_iter()
+            .filter(|(p, e)| cache.get(p).map(|s| &s.entry) != Some(e))
+            .collect();
         Base {
             apart,
+            unbased,
             written: Written::default(),
+        }
+    }
+
+    /// What `path`'s base is when it is not its cached entry: `Some(None)`, no base.
+    fn pinned(&self, path: &RelPath) -> Option<Option<&Entry>> {
+        match self.apart.get(path) {
+            Some(e) => Some(Some(e)),
+            None => self.unbased.contains(path).then_some(None),
+        }
+    }
+
+    /// Stores `base` as `path`'s, apart from the cache.
+    fn pin(&mut self, path: &RelPath, base: Option<Entry>) {
+        match base {
+            Some(e) => {
+                self.unbased.remove(path);
+                self.apart.insert(path.clone(), e);
+            }
+            None => {
+                self.apart.remove(path);
+                self.unbased.insert(path.clone());
+            }
+        }
+    }
+
+    /// `path`'s base is its cached entry again.
+    fn unpin(&mut self, path: &RelPath) {
+        if self.apart.remove(path).is_none() {
+            self.unbased.remove(path);
         }
     }
 
     /// The base of `path`.
     pub fn get<'a>(&'a self, cache: &'a Cache, path: &RelPath) -> Option<&'a Entry> {
-        match self.apart.get(path) {
-            Some(b) => b.as_ref(),
+        match self.pinned(path) {
+            Some(b) => b,
             None => cache.get(path).map(|s| &s.entry),
         }
     }
 
     /// The cache at `path` went from `old` to `new`; the base stays what it was.
     pub fn cache_changed(&mut self, path: &RelPath, old: Option<&Entry>, new: Option<&Entry>) {
-        use std::collections::btree_map::Entry as Slot;
-        match self.apart.entry(path.clone()) {
-            Slot::Occupied(o) => {
-                if o.get().as_ref() == new {
-                    o.remove();
-                }
-            }
-            Slot::Vacant(v) => {
-                if old != new {
-                    v.insert(old.cloned());
-                }
-            }
+        match self.pinned(path) {
+            Some(base) if base == new => self.unpin(path),
+            Some(_) => {}
+            None if old != new => self.pin(path, old.cloned()),
+            None => {}
         }
     }
 
@@ -77,9 +101,9 @@ impl Base {
     pub fn set(&mut self, cache: &Cache, path: &RelPath, base: Option<Entry>) {
         self.written.mark(path, cache.len());
         if cache.get(path).map(|s| &s.entry) == base.as_ref() {
-            self.apart.remove(path);
+            self.unpin(path);
         } else {
-            self.apart.insert(path.clone(), base);
+            self.pin(path, base);
         }
     }
 
@@ -97,15 +121,8 @@ impl Base {
 
     /// How many paths have a base.
     pub fn len(&self, cache: &Cache) -> usize {
-        let mut len = cache.len();
-        for (p, b) in &self.apart {
-            match (b.is_some(), cache.contains_key(p)) {
-                (true, false) => len += 1,
-                (false, true) => len -= 1,
-                _ => {}
-            }
-        }
-        len
+        let uncached = self.apart.keys().filter(|p| !cache.contains_key(*p));
+        cache.len() + uncached.count() - self.unbased.len()
     }
 
     /// Forgets which bases were set: for one kept whose changes are journaled otherwise (the
@@ -117,17 +134,17 @@ impl Base {
     /// The paths whose base is not their cached entry: what changed here, or was not yet
     /// applied here, since the two last agreed.
     pub fn differing(&self) -> impl Iterator<Item = &RelPath> {
-        self.apart.keys()
+        self.apart.keys().chain(&self.unbased)
     }
 
     /// `path` and every path beneath it that has a base, in order.
     pub fn keys_under(&self, cache: &Cache, path: &RelPath) -> Vec<RelPath> {
         let mut keys = keys_under(cache, path);
-        keys.retain(|k| !matches!(self.apart.get(k), Some(None)));
+        keys.retain(|k| !self.unbased.contains(k));
         keys.extend(
             keys_under(&self.apart, path)
                 .into_iter()
-                .filter(|k| self.apart[k].is_some() && !cache.contains_key(k)),
+                .filter(|k| !cache.contains_key(k)),
         );
         keys.sort_unstable();
         keys
@@ -144,14 +161,13 @@ impl Base {
                 (None, Some(_)) => true,
                 (Some((c, _)), Some((a, _))) => a <= c,
             };
-            if !first_apart {
-                return cached.next();
+            if first_apart {
+                let pair = apart.next();
+                cached.next_if(|(c, _)| Some(*c) == pair.map(|(a, _)| a));
+                return pair;
             }
-            let (p, b) = apart.next()?;
-            if cached.peek().is_some_and(|(c, _)| *c == p) {
-                cached.next();
-            }
-            if let Some(e) = b {
+            let (p, e) = cached.next()?;
+            if !self.unbased.contains(p) {
                 return Some((p, e));
             }
         })
@@ -251,8 +267,11 @@ mod tests {
             for k in self.whole.keys().chain(self.cache.keys()) {
                 assert_eq!(self.base.get(&self.cache, k), self.whole.get(k), "{k}");
             }
-            // Only what differs is stored.
-            for k in self.base.differing() {
+            // Only what differs is stored, once.
+            let differing: Vec<&RelPath> = self.base.differing().collect();
+            let once: BTreeSet<&RelPath> = differing.iter().copied().collect();
+            assert_eq!(once.len(), differing.len());
+            for k in differing {
                 assert_ne!(
                     self.base.get(&self.cache, k),
                     self.cache.get(k).map(|s| &s.entry)
@@ -262,6 +281,7 @@ mod tests {
             assert_eq!(encoded, postcard::to_allocvec(&self.whole).unwrap());
             let rebuilt = Base::new(self.whole.clone(), &self.cache);
             assert_eq!(rebuilt.apart, self.base.apart);
+            assert_eq!(rebuilt.unbased, self.base.unbased);
         }
     }
 
