@@ -24,8 +24,16 @@ fn main() -> ExitCode {
 /// busy agent does not fault its pages back in at every step. The thread sleeps (parked, no
 /// timer) until the count of freed bytes crosses a MiB, so an idle agent never wakes it.
 ///
+/// Blocks of a MiB or more are mapped on their own (`M_MMAP_THRESHOLD`), and unmapped when
+/// freed. glibc starts at 128 KiB but raises that bound to the size of each large block freed,
+/// so after the first, the large and short-lived buffers of a sync (a listing, a snapshot's
+/// encoding) were carved from the heap among the small blocks that outlive them, and left it
+/// in free pieces whose edges stay resident. Fixed at a MiB: idle after a first sync of
+/// 100,000 files, server 30.5 → 27.5 MiB and client 27.5 → 23.8 MiB; their peaks 69 → 55 and
+/// 62 → 56 MiB.
+///
 /// Only the binary does this (the library forbids unsafe code), and only on glibc: musl's and
-/// bionic's allocators return memory by themselves.
+/// bionic's allocators map large blocks on their own and return memory by themselves.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 mod heap {
     use std::alloc::{GlobalAlloc, Layout, System};
@@ -64,6 +72,10 @@ mod heap {
 
     /// Less than this freed is not worth a trim.
     const WORTH: usize = 1 << 20;
+    /// Blocks at least this large are mapped on their own (see above).
+    const MMAP_THRESHOLD: i32 = 1 << 20;
+    /// `mallopt`'s parameter for it (glibc's malloc.h).
+    const M_MMAP_THRESHOLD: i32 = -3;
     /// How often the thread looks.
     const TICK: Duration = Duration::from_secs(1);
     /// During steady work, a trim at least this many ticks apart.
@@ -73,6 +85,8 @@ mod heap {
         /// glibc: returns the free memory at the top of the heap and every free page inside
         /// it to the system.
         fn malloc_trim(pad: usize) -> i32;
+        /// glibc: sets one of malloc's parameters; 0 if it was refused.
+        fn mallopt(param: i32, value: i32) -> i32;
     }
 
     /// The system allocator, counting what is freed.
@@ -109,6 +123,10 @@ mod heap {
     /// Starts the trimming thread (before any other thread, so it must block the signals
     /// `crate::signals` waits for itself: they go to whichever thread has them unblocked).
     pub fn start() {
+        // SAFETY: called before any other thread exists; it only sets a malloc parameter.
+        if unsafe { mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) } == 0 {
+            eprintln!("ferry: cannot set malloc's mmap threshold");
+        }
         let spawned = std::thread::Builder::new()
             .name("heap-trim".into())
             .spawn(|| {
