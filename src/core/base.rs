@@ -1,5 +1,6 @@
 //! A client's base (what it and the server last agreed each path is), kept as its difference
-//! from the cache (what the client last saw on disk).
+//! from the cache (what the client last saw on disk). The server keeps its index's entries
+//! the same way (see `core::index::Entries`).
 //!
 //! The two agree on nearly every path nearly all the time: a base stored whole would hold
 //! every entry twice, about 75 bytes a path. Here a path costs nothing unless its base and
