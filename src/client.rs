@@ -1125,6 +1125,18 @@ impl Client {
                 return Ok(());
             }
             s.committed.remove(&c.path);
+            if c.seq == mine
+                && c.moved_from.is_none()
+                && self.tree.base(&c.path) == c.entry.as_ref()
+                && self.tree.get(&c.path).map(|s| &s.entry) == c.entry.as_ref()
+            {
+                // Our own commit, as we agreed on it and as the cache still has it (what this
+                // agent did here since, such as applying a rename, is in the cache): nothing
+                // to decide. A change made here since by anything else has its own hint.
+                s.targets.remove(&c.path);
+                self.last_seq = self.last_seq.max(c.seq);
+                return Ok(());
+            }
         }
         s.targets.remove(&c.path);
         if let Some(e) = c.entry.as_ref().filter(|e| e.kind == Kind::Symlink) {
@@ -1251,48 +1263,45 @@ impl Client {
             let tree = &self.tree;
             let ordered =
                 agent::apply_order(dirty.into_iter().collect(), |p| tree.get(p).is_none());
-            // Small files to send go in packs, and deletes of files in a row of commits sent
-            // without waiting for each result, both in their place in the order.
-            // A pack is uploaded while the server commits the one before (`sending`), whose
+            // Small files to send go in packs; deletes of files and new directories in a row of
+            // commits sent without waiting for each result; both in their place in the order.
+            // A pack is uploaded while the server commits the ones before (`sending`), whose
             // outcomes are taken before anything else is sent.
             let mut pack: Vec<PackItem> = Vec::new();
             let mut pack_bytes = 0;
-            let mut sending: Option<Uploaded> = None;
-            let mut deletes: Vec<(RelPath, Entry)> = Vec::new();
+            let mut sending: VecDeque<Uploaded> = VecDeque::new();
+            let mut row: Vec<RowItem> = Vec::new();
             for path in ordered {
                 let item = self.packable(&path);
-                let delete = item.is_none().then(|| self.deletable(&path)).flatten();
+                let in_row = item.is_none().then(|| self.row_item(&path)).flatten();
                 let full = pack.len() == PACK_MAX_ITEMS
                     || item
                         .as_ref()
                         .is_some_and(|i| pack_bytes + i.entry.size > PACK_MAX_BYTES);
                 if item.is_none() || full {
-                    let before = sending.take();
-                    sending = self.send_pack(s, std::mem::take(&mut pack), before).await?;
+                    self.send_pack(s, std::mem::take(&mut pack), &mut sending)
+                        .await?;
                     pack_bytes = 0;
                 }
                 if item.is_none() {
-                    if let Some(before) = sending.take() {
-                        self.finish_pack(s, before).await?;
-                    }
+                    self.finish_packs(s, &mut sending, 0).await?;
                 }
-                if delete.is_none() || deletes.len() == PACK_MAX_ITEMS {
-                    self.send_deletes(s, std::mem::take(&mut deletes)).await?;
+                if in_row.is_none() || row.len() == PACK_MAX_ITEMS {
+                    self.send_row(s, std::mem::take(&mut row)).await?;
                 }
                 if let Some(item) = item {
                     pack_bytes += item.entry.size;
                     pack.push(item);
-                } else if let Some(base) = delete {
-                    deletes.push((path, base));
+                } else if let Some(r) = in_row {
+                    row.push(r);
                 } else {
                     let remote = self.tree.base(&path).cloned();
                     self.resolve(s, &path, remote, None, 0).await?;
                 }
             }
-            if let Some(last) = self.send_pack(s, pack, sending).await? {
-                self.finish_pack(s, last).await?;
-            }
-            self.send_deletes(s, deletes).await?;
+            self.send_pack(s, pack, &mut sending).await?;
+            self.finish_packs(s, &mut sending, 0).await?;
+            self.send_row(s, row).await?;
         }
         Ok(())
     }
@@ -1896,72 +1905,111 @@ impl Client {
         })
     }
 
-    /// If what `resolve` would do with `path` is send the delete of a file or link (gone here,
-    /// nothing new from the server), the base that delete is checked against.
-    fn deletable(&mut self, path: &RelPath) -> Option<Entry> {
-        let base = self.tree.base(path).filter(|b| !b.is_dir())?.clone();
-        if self.tree.ignores(path, Some(false)) {
-            return None;
+    /// If what `resolve` would do with `path` (nothing new from the server) is a commit that
+    /// can go in a row with others: the delete of a file or link gone here, or a directory new
+    /// here.
+    fn row_item(&mut self, path: &RelPath) -> Option<RowItem> {
+        let base = self.tree.base(path).cloned();
+        match &base {
+            Some(b) if b.is_dir() => return None,
+            Some(_) if self.tree.ignores(path, Some(false)) => return None,
+            None if self.tree.ignores(path, Some(true)) => return None,
+            _ => {}
         }
         let (local, beneath) = self.tree.refresh(path);
         self.note_beneath(path, beneath);
-        local.is_none().then_some(base)
+        match (local.map(|s| s.entry), base) {
+            (None, Some(base)) => Some(RowItem {
+                path: path.clone(),
+                op: Op::Delete,
+                base: Some(base),
+                local: None,
+            }),
+            (Some(dir), None) if dir.is_dir() => Some(RowItem {
+                path: path.clone(),
+                op: Op::Mkdir { mode: dir.mode },
+                base: None,
+                local: Some(dir),
+            }),
+            _ => None,
+        }
     }
 
-    /// Sends the deletes of `items` (paths and their bases) as commits in a row, then takes
-    /// their results: one round trip for all rather than one each. A lone one goes the usual way.
-    async fn send_deletes(
-        &mut self,
-        s: &mut Session,
-        items: Vec<(RelPath, Entry)>,
-    ) -> anyhow::Result<()> {
+    /// Sends the commits of `items` in a row, then takes their results: one round trip for
+    /// all rather than one each. A lone one goes the usual way.
+    async fn send_row(&mut self, s: &mut Session, items: Vec<RowItem>) -> anyhow::Result<()> {
         if items.len() < 2 {
-            for (path, base) in items {
-                self.resolve(s, &path, Some(base), None, 0).await?;
+            for item in items {
+                self.resolve(s, &item.path, item.base, None, 0).await?;
             }
             return Ok(());
         }
-        // Absent may mean out of reach (an unmounted card): never a delete then.
-        self.tree
-            .check_root()
-            .map_err(|lost| Fatal(lost.to_string()))?;
+        if items.iter().any(|i| i.local.is_none()) {
+            // Absent may mean out of reach (an unmounted card): never a delete then.
+            self.tree
+                .check_root()
+                .map_err(|lost| Fatal(lost.to_string()))?;
+        }
         let commits = items
             .iter()
-            .map(|(p, b)| (p.clone(), Op::Delete, Some(b.clone())))
+            .map(|i| (i.path.clone(), i.op.clone(), i.base.clone()))
             .collect();
-        log::debug!("sending {} deletes in a row", items.len());
+        let dirs = items.iter().filter(|i| i.local.is_some()).count();
+        log::debug!(
+            "sending in a row {} deletes and {dirs} new directories",
+            items.len() - dirs
+        );
         let outcomes = s.commit_many(commits).await?;
-        for ((path, base), outcome) in items.into_iter().zip(outcomes) {
+        for (item, outcome) in items.into_iter().zip(outcomes) {
+            let what = if item.local.is_some() {
+                "mkdir"
+            } else {
+                "delete"
+            };
             if let Some(current) = self
-                .committed(s, &path, None, Some(base), outcome, "delete")
+                .committed(s, &item.path, item.local, item.base, outcome, what)
                 .await?
             {
                 // The server moved on meanwhile: decide again against what it has.
-                Box::pin(self.resolve(s, &path, current, None, 1)).await?;
+                Box::pin(self.resolve(s, &item.path, current, None, 1)).await?;
             }
         }
         Ok(())
     }
 
-    /// Uploads `items` in one pack (`upload_pack`) while the server commits the pack `before`,
-    /// whose outcomes are taken after; returns the pack now in flight. Nothing else is sent
-    /// before those outcomes are taken: a lone file (sent alone) waits for them.
+    /// Uploads `items` in one pack (`upload_pack`) while the server commits the packs in
+    /// `sending`, whose outcomes are taken, oldest first, once more than `PACKS_AHEAD` wait.
+    /// Nothing else is sent before those outcomes are taken: a lone file (sent alone) waits
+    /// for them all.
     async fn send_pack(
         &mut self,
         s: &mut Session,
         items: Vec<PackItem>,
-        mut before: Option<Uploaded>,
-    ) -> anyhow::Result<Option<Uploaded>> {
+        sending: &mut VecDeque<Uploaded>,
+    ) -> anyhow::Result<()> {
         if items.len() < 2 {
-            if let Some(b) = before.take() {
-                self.finish_pack(s, b).await?;
-            }
+            self.finish_packs(s, sending, 0).await?;
         }
-        let uploaded = self.upload_pack(s, items).await?;
-        if let Some(b) = before {
-            self.finish_pack(s, b).await?;
+        if let Some(uploaded) = self.upload_pack(s, items).await? {
+            sending.push_back(uploaded);
         }
-        Ok(uploaded)
+        self.finish_packs(s, sending, PACKS_AHEAD).await
+    }
+
+    /// Takes the outcomes of the oldest packs in `sending` until `keep` are left.
+    async fn finish_packs(
+        &mut self,
+        s: &mut Session,
+        sending: &mut VecDeque<Uploaded>,
+        keep: usize,
+    ) -> anyhow::Result<()> {
+        while sending.len() > keep {
+            let Some(oldest) = sending.pop_front() else {
+                break;
+            };
+            self.finish_pack(s, oldest).await?;
+        }
+        Ok(())
     }
 
     /// Sends the files of `items` in one pack: one upload, and its commit (`finish_pack` takes
@@ -2313,12 +2361,26 @@ enum Ready {
     Downloaded(crate::data::Downloaded),
 }
 
+/// Packs uploaded whose outcomes are not yet taken, at most, while the next one is built: the
+/// server splits one (it splits two ahead, see `server::EARLY_SPLITS`) while it commits another.
+const PACKS_AHEAD: usize = 2;
+
 /// A pack uploaded and its commit sent, its outcomes not yet taken.
 struct Uploaded {
     /// The commit's id.
     id: u64,
     /// The files it holds.
     sent: Vec<PackItem>,
+}
+
+/// A commit that goes in a row with others (see `Client::row_item`).
+struct RowItem {
+    path: RelPath,
+    op: Op,
+    /// What we and the server agreed on, which the commit is checked against.
+    base: Option<Entry>,
+    /// What is here now.
+    local: Option<Entry>,
 }
 
 /// A window of changes whose small files were asked for in one pack.
@@ -2562,7 +2624,7 @@ impl Session {
         let mut waiting = n;
         while waiting > 0 {
             let (id, outcome) = self
-                .answer("committing deletes", |m| match m {
+                .answer("committing a row of changes", |m| match m {
                     ServerMsg::CommitResult { id, outcome } if ids.contains(&id) => {
                         ControlFlow::Break((id, outcome))
                     }

@@ -12,6 +12,7 @@
 //! matcher per directory that has a `.ferryignore`, and the hash of the text it was built from,
 //! so the scanner (`crate::scan`) can tell when a file changed and the rules must be rebuilt.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io::{self, Read};
 use std::os::unix::fs::OpenOptionsExt;
@@ -52,6 +53,9 @@ pub struct Rules {
     /// Whether problems with a file (bad lines, too big) are logged: a second copy of the
     /// same rules (the inotify watcher's) keeps quiet.
     report: bool,
+    /// The directory `is_ignored` last looked above, and whether it or one above it is
+    /// ignored: paths are mostly asked about a directory at a time. Dropped when rules change.
+    last_dir: RefCell<Option<(PathBuf, bool)>>,
 }
 
 /// The rules of one directory's `.ferryignore`.
@@ -109,6 +113,7 @@ impl Rules {
             ),
             dirs: BTreeMap::new(),
             report: true,
+            last_dir: RefCell::new(None),
         }
     }
 
@@ -133,11 +138,13 @@ impl Rules {
         let matcher = build(&dir.join(IGNORE_FILE), &text, self.report);
         self.dirs
             .insert(dir.to_path_buf(), DirRules { matcher, hash });
+        self.last_dir.take();
         true
     }
 
     /// Drops the rules of `dir`; returns true if it had any.
     pub fn remove(&mut self, dir: &Path) -> bool {
+        self.last_dir.take();
         self.dirs.remove(dir).is_some()
     }
 
@@ -178,11 +185,13 @@ impl Rules {
 
     /// Drops the rules of `dir` and of every directory beneath it.
     pub fn remove_under(&mut self, dir: &Path) {
+        self.last_dir.take();
         self.dirs.retain(|d, _| !d.starts_with(dir));
     }
 
     /// The rules of `from` and beneath it now belong to the same places under `to`.
     pub fn rename_under(&mut self, from: &Path, to: &Path) {
+        self.last_dir.take();
         let moved: Vec<PathBuf> = self
             .dirs
             .keys()
@@ -225,12 +234,26 @@ impl Rules {
 
     /// Whether `path` (relative to the root) is ignored: it, or a directory above it, matches.
     pub fn is_ignored(&self, path: &Path, is_dir: bool) -> bool {
-        let parents: Vec<&Path> = path
+        let parent = path.parent().unwrap_or(Path::new(""));
+        self.dir_ignored(parent) || self.matches(path, is_dir)
+    }
+
+    /// Whether the directory `dir` (relative to the root; `""` is the root) or one above it
+    /// matches the rules.
+    fn dir_ignored(&self, dir: &Path) -> bool {
+        if let Some((last, ignored)) = &*self.last_dir.borrow() {
+            // As bytes: paths here are made from relative paths, and a miss only costs a match.
+            if last.as_os_str() == dir.as_os_str() {
+                return *ignored;
+            }
+        }
+        let parents: Vec<&Path> = dir
             .ancestors()
-            .skip(1)
             .filter(|p| !p.as_os_str().is_empty())
             .collect();
-        parents.iter().rev().any(|p| self.matches(p, true)) || self.matches(path, is_dir)
+        let ignored = parents.iter().rev().any(|p| self.matches(p, true));
+        *self.last_dir.borrow_mut() = Some((dir.to_path_buf(), ignored));
+        ignored
     }
 }
 
@@ -482,6 +505,22 @@ mod tests {
         assert!(r.remove(Path::new("z")));
         assert!(!r.remove(Path::new("z")));
         check(&r, &[("z/f.x", false, false)]);
+    }
+
+    #[test]
+    fn a_directory_remembered_as_not_ignored_is_looked_at_again_when_rules_change() {
+        let mut r = rules(&[]);
+        check(&r, &[("a/b/f", false, false), ("a/b/g", false, false)]);
+        assert!(r.set(Path::new("a"), b"b/\n"));
+        check(&r, &[("a/b/f", false, true), ("a/c/f", false, false)]);
+        r.rename_under(Path::new("a"), Path::new("x"));
+        check(&r, &[("a/b/f", false, false), ("x/b/f", false, true)]);
+        r.remove_under(Path::new("x"));
+        check(&r, &[("x/b/f", false, false)]);
+        assert!(r.set(Path::new(""), b"x\n"));
+        check(&r, &[("x/b/f", false, true)]);
+        assert!(r.remove(Path::new("")));
+        check(&r, &[("x/b/f", false, false), ("x/b/g", true, false)]);
     }
 
     #[test]

@@ -46,6 +46,13 @@ fn many_small_files_travel_in_packs_both_ways() {
             .iter()
             .all(|r| (0..300).all(|i| has(r, &format!("batch/d{}/f{i}.txt", i % 10), &body(i))))
     });
+    // Its 11 new directories went as one row of commits, not one round trip each.
+    assert!(
+        cl.log("a")
+            .contains("sending in a row 0 deletes and 11 new directories"),
+        "a sent its new directories one by one\n{}",
+        cl.log("a")
+    );
     assert!(
         cl.log("a").contains("uploaded a pack of"),
         "a sent no pack\n{}",
@@ -62,7 +69,7 @@ fn many_small_files_travel_in_packs_both_ways() {
         cl.roots().iter().all(|r| !r.join("batch").exists())
     });
     assert!(
-        cl.log("b").contains("deletes in a row"),
+        cl.log("b").contains(" deletes and 0 new directories"),
         "b sent its deletes one by one\n{}",
         cl.log("b")
     );
