@@ -195,7 +195,8 @@ struct Client {
     /// Paths the server refused, to try again at `retry_at` (see `send_local`).
     failed: BTreeSet<RelPath>,
     /// Server changes this replica could not apply (a full disk, something in the way, a
-    /// directory removed here as it was made), to try again at `retry_at`. The server sends a
+    /// directory removed here as it was made, a path changed here as it was applied: see
+    /// `decide_again`), to try again at `retry_at`. The server sends a
     /// change once: without this the path would differ here until a full listing. Each has the
     /// `since` of a `Subscribe` that brings it back, and the journal records no `last_seq`
     /// past it (`durable_seq`), so a restart asks for it again.
@@ -533,6 +534,17 @@ impl Client {
         };
         self.unapplied_since = self.unapplied_since.min(since);
         self.unapplied.insert(path.clone(), (remote, since));
+    }
+
+    /// `path` changed here while a decision about it was carried out: it is decided again
+    /// with the next local changes, against `server_has`. When the base does not say that,
+    /// it is kept as not applied: decided against the base alone, a path made and removed
+    /// here meanwhile would look in sync, and the server's version would never arrive.
+    fn decide_again(&mut self, path: &RelPath, server_has: Option<Entry>) {
+        self.dirty.insert(path.clone());
+        if self.tree.base(path) != server_has.as_ref() {
+            self.not_applied(path, server_has);
+        }
     }
 
     /// Copies the counters `ferry status` shows to its board.
@@ -1294,6 +1306,9 @@ impl Client {
                     pack.push(item);
                 } else if let Some(r) = in_row {
                     row.push(r);
+                } else if let Some((remote, since)) = self.unapplied.get(&path).cloned() {
+                    // What the server has is the change not applied yet, not the base.
+                    self.resolve_unapplied(s, &path, remote, since).await?;
                 } else {
                     let remote = self.tree.base(&path).cloned();
                     self.resolve(s, &path, remote, None, 0).await?;
@@ -1419,7 +1434,7 @@ impl Client {
                         // The server moved on meanwhile: decide again against what it has.
                         Box::pin(self.resolve(s, path, current, None, depth + 1)).await?;
                     } else {
-                        self.dirty.insert(path.clone());
+                        self.decide_again(path, current);
                     }
                 }
             }
@@ -1634,7 +1649,7 @@ impl Client {
                     }
                     Ok(fsops::Install::ChangedHere) => {
                         log::debug!("{path} changed here while downloading; deciding again");
-                        self.dirty.insert(path.clone());
+                        self.decide_again(path, Some(e));
                     }
                     Err(err) => {
                         log::error!("cannot put {path} in place: {err}");
@@ -1656,14 +1671,7 @@ impl Client {
                 continue;
             };
             log::debug!("trying again to apply the server's {path}");
-            self.deciding = Some((path.clone(), since));
-            let decided = self.resolve(s, &path, remote.clone(), None, 0).await;
-            self.deciding = None;
-            if let Err(e) = decided {
-                // The connection broke: tried again in the next session.
-                self.unapplied.entry(path).or_insert((remote, since));
-                return Err(e);
-            }
+            self.resolve_unapplied(s, &path, remote, since).await?;
         }
         self.unapplied_since = self
             .unapplied
@@ -1672,6 +1680,27 @@ impl Client {
             .min()
             .unwrap_or(u64::MAX);
         Ok(())
+    }
+
+    /// Decides `path` again against the server change `remote` it has not applied (see
+    /// `unapplied`), which a `Subscribe` from `since` brings back.
+    async fn resolve_unapplied(
+        &mut self,
+        s: &mut Session,
+        path: &RelPath,
+        remote: Option<Entry>,
+        since: u64,
+    ) -> anyhow::Result<()> {
+        self.deciding = Some((path.clone(), since));
+        let decided = self.resolve(s, path, remote.clone(), None, 0).await;
+        self.deciding = None;
+        if decided.is_err() {
+            // The connection broke: tried again in the next session.
+            self.unapplied
+                .entry(path.clone())
+                .or_insert((remote, since));
+        }
+        decided
     }
 
     /// Downloads `path` (as `e`) over FTP into `tmp`, resuming what an earlier attempt left.
@@ -1851,7 +1880,7 @@ impl Client {
             }
             Ok(fsops::Install::ChangedHere) => {
                 log::debug!("{path} changed here meanwhile; deciding again");
-                self.dirty.insert(path.clone());
+                self.decide_again(path, Some(e));
             }
             // Storage that holds no symlinks (Android's shared storage): said once, skipped.
             Err(err) if err.raw_os_error() == Some(nix::libc::EPERM) => {
@@ -2110,7 +2139,7 @@ impl Client {
                         Ok(opened) => opened,
                         Err(err) => {
                             log::debug!("{path} vanished before upload: {err}");
-                            self.dirty.insert(path.clone());
+                            self.decide_again(path, server_has.clone());
                             return Ok(None);
                         }
                     };
@@ -2122,7 +2151,7 @@ impl Client {
                     };
                     if !same(&before) {
                         log::debug!("{path} changed before upload; it will be sent again");
-                        self.dirty.insert(path.clone());
+                        self.decide_again(path, server_has.clone());
                         return Ok(None);
                     }
                     let reread = file.try_clone()?;
@@ -2150,7 +2179,7 @@ impl Client {
                             // Written to while we read it: its close brings a hint, and then
                             // the finished file is sent. Nothing to commit now.
                             log::debug!("{path} changed while uploading; it will be sent again");
-                            self.dirty.insert(path.clone());
+                            self.decide_again(path, server_has.clone());
                             return Ok(None);
                         }
                     }
@@ -2171,7 +2200,7 @@ impl Client {
                     }
                     _ => {
                         log::debug!("{path} changed before it was sent; it will be sent again");
-                        self.dirty.insert(path.clone());
+                        self.decide_again(path, server_has.clone());
                         return Ok(None);
                     }
                 }
