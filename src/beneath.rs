@@ -22,6 +22,7 @@ use std::fs::{File, Metadata};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use nix::errno::Errno;
@@ -30,6 +31,9 @@ use nix::sys::stat::Mode;
 use nix::unistd::UnlinkatFlags;
 
 use crate::core::path::RelPath;
+
+/// Whether `Dir::open_file` still asks for `O_NOATIME` (see there).
+static NOATIME: AtomicBool = AtomicBool::new(true);
 
 /// The few fields of a `stat` ferry looks at. From `fstatat` for a name in a directory: one
 /// system call per entry, which is what a scan of a large tree costs.
@@ -155,9 +159,25 @@ impl Dir {
     /// Opens `name` for reading if it is a regular file, with its metadata (callers compare it
     /// with what they expect: one `fstat`, not two). `O_NOFOLLOW` refuses a symlink (ELOOP);
     /// `O_NONBLOCK` keeps a FIFO swapped in from blocking the open.
+    ///
+    /// Read with `O_NOATIME` while the kernel allows it: a file freshly written has its access
+    /// time older than its mtime, so its first read would otherwise dirty its inode, a write
+    /// to the disk (a phone's flash) for every file scanned or sent. Only a file's owner may
+    /// ask (EPERM otherwise): the first refusal turns it off for the rest of the run.
     pub fn open_file(&self, name: &str) -> io::Result<(File, Metadata)> {
         let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
-        let file = File::from(openat(&self.0, name, flags, Mode::empty()).map_err(|e| {
+        let noatime = NOATIME.load(Ordering::Relaxed);
+        let first = if noatime {
+            flags | OFlag::O_NOATIME
+        } else {
+            flags
+        };
+        let mut opened = openat(&self.0, name, first, Mode::empty());
+        if noatime && matches!(opened, Err(Errno::EPERM)) {
+            NOATIME.store(false, Ordering::Relaxed);
+            opened = openat(&self.0, name, flags, Mode::empty());
+        }
+        let file = File::from(opened.map_err(|e| {
             if e == Errno::ELOOP {
                 io::Error::other("a symlink (not followed)")
             } else {

@@ -706,6 +706,51 @@ pub(crate) mod tests {
         fs::remove_dir_all(&root).unwrap();
     }
 
+    /// A file read to be sent keeps its access time (`O_NOATIME`): with `relatime`, an access
+    /// time older than the mtime is what makes a plain read write the inode.
+    #[test]
+    fn reading_a_file_to_send_it_leaves_its_access_time() {
+        use std::io::Read;
+        let root = tmp("noatime");
+        let old_atime = |name: &str| {
+            let f = fs::File::options()
+                .write(true)
+                .open(root.join(name))
+                .unwrap();
+            let mtime = SystemTime::now() - Duration::from_secs(10);
+            f.set_times(
+                fs::FileTimes::new()
+                    .set_accessed(mtime - Duration::from_secs(3600))
+                    .set_modified(mtime),
+            )
+            .unwrap();
+            fs::metadata(root.join(name)).unwrap().atime()
+        };
+        // The control: where a plain read leaves the access time (a `noatime` mount), this
+        // test could not tell the difference, and says so rather than pass.
+        fs::write(root.join("plain"), b"read plainly").unwrap();
+        let before = old_atime("plain");
+        fs::read(root.join("plain")).unwrap();
+        if fs::metadata(root.join("plain")).unwrap().atime() == before {
+            eprintln!("skipped: reads do not update access times on this filesystem");
+            return;
+        }
+        fs::write(root.join("f"), b"read to send").unwrap();
+        let before = old_atime("f");
+        let p: RelPath = "f".parse().unwrap();
+        let mut bytes = Vec::new();
+        assert!(append_file(
+            &root,
+            &p,
+            &file_entry(b"read to send"),
+            &mut bytes
+        ));
+        let (mut file, _) = beneath::open_file(&root, &p).unwrap();
+        file.read_to_end(&mut Vec::new()).unwrap();
+        assert_eq!(fs::metadata(root.join("f")).unwrap().atime(), before);
+        fs::remove_dir_all(&root).unwrap();
+    }
+
     #[test]
     fn install_sets_mtime_mode_and_parents() {
         let root = tmp("install");
