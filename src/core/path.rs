@@ -6,8 +6,8 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Arc;
 
+use arcstr::ArcStr;
 use serde::{Deserialize, Serialize};
 
 /// The name of the state directory at the top of every synced root; never synced.
@@ -22,10 +22,11 @@ pub const MAX_PATH: usize = 3072;
 /// A validated path relative to a synced root, e.g. `photos/2026/cat.jpg`.
 ///
 /// Shared, not copied: an agent holds each path in several maps (tree, index or base) and in
-/// every change that names it, so a clone only counts a reference (16 bytes a copy, the text
-/// once). Compared, ordered and hashed by its text, and on the wire a plain string.
+/// every change that names it, so a clone only counts a reference (8 bytes a copy: the text's
+/// length is kept with it, not in the pointer as `Arc<str>` keeps it; the text once).
+/// Compared, ordered and hashed by its text, and on the wire a plain string.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct RelPath(Arc<str>);
+pub struct RelPath(ArcStr);
 
 impl Serialize for RelPath {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -261,6 +262,15 @@ impl fmt::Debug for RelPath {
 mod tests {
     use super::*;
 
+    /// One pointer, so a map keyed by paths pays 8 bytes a key for it, and an absent one
+    /// (`Option<RelPath>`) nothing more.
+    #[test]
+    fn a_path_is_one_pointer() {
+        use std::mem::size_of;
+        assert_eq!(size_of::<RelPath>(), size_of::<usize>());
+        assert_eq!(size_of::<Option<RelPath>>(), size_of::<usize>());
+    }
+
     #[test]
     fn accepted_paths() {
         for ok in [
@@ -365,7 +375,7 @@ mod tests {
         for k in shared.keys() {
             let same = theirs
                 .get_key_value(k)
-                .is_some_and(|(t, _)| Arc::ptr_eq(&t.0, &k.0));
+                .is_some_and(|(t, _)| ArcStr::ptr_eq(&t.0, &k.0));
             assert_eq!(same, k.as_str() != "a", "{k}");
         }
     }
