@@ -160,10 +160,10 @@ impl Dir {
     /// with what they expect: one `fstat`, not two). `O_NOFOLLOW` refuses a symlink (ELOOP);
     /// `O_NONBLOCK` keeps a FIFO swapped in from blocking the open.
     ///
-    /// Read with `O_NOATIME` while the kernel allows it: a file freshly written has its access
-    /// time older than its mtime, so its first read would otherwise dirty its inode, a write
-    /// to the disk (a phone's flash) for every file scanned or sent. Only a file's owner may
-    /// ask (EPERM otherwise): the first refusal turns it off for the rest of the run.
+    /// Read with `O_NOATIME` while the kernel allows it: a file freshly written has an access
+    /// time no newer than its mtime, so (`relatime`) its first read would dirty its inode, a
+    /// write to the disk (a phone's flash) for every file scanned or sent. Only a file's owner
+    /// may ask (EPERM otherwise): the first refusal turns it off for the rest of the run.
     pub fn open_file(&self, name: &str) -> io::Result<(File, Metadata)> {
         let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
         let noatime = NOATIME.load(Ordering::Relaxed);

@@ -726,8 +726,8 @@ pub(crate) mod tests {
             .unwrap();
             fs::metadata(root.join(name)).unwrap().atime()
         };
-        // The control: where a plain read leaves the access time (a `noatime` mount), this
-        // test could not tell the difference, and says so rather than pass.
+        // The control: where a plain read leaves the access time too (a `noatime` mount),
+        // this test cannot tell the difference; it says so and checks nothing.
         fs::write(root.join("plain"), b"read plainly").unwrap();
         let before = old_atime("plain");
         fs::read(root.join("plain")).unwrap();
