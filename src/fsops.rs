@@ -433,7 +433,12 @@ fn replace(
     }
     let mut kept = None;
     match dir.stat(name) {
-        Ok(m) if m.is_dir() => dir.remove_dir(name)?,
+        // A directory only where one was expected: one the cache has not heard of yet (just
+        // made here) is a change here, like a file.
+        Ok(m) if m.is_dir() => match expect {
+            Some(seen) if seen.entry.is_dir() => dir.remove_dir(name)?,
+            _ => return Ok(None),
+        },
         Ok(m) => match expect {
             Some(seen) if unchanged(&m, seen) => {
                 let (aside_dir, aside_name) = beneath::state_parent(aside)?;
@@ -863,6 +868,14 @@ pub(crate) mod tests {
         }
     }
 
+    /// The directory at `rel` as a scan would have seen it.
+    fn dir_seen_at(root: &Path, rel: &str) -> Seen {
+        let mut seen = seen_at(root, rel);
+        seen.entry.kind = Kind::Dir;
+        seen.entry.size = 0;
+        seen
+    }
+
     #[test]
     fn install_replaces_only_what_was_seen() {
         let root = tmp("install-race");
@@ -915,6 +928,33 @@ pub(crate) mod tests {
         );
         assert_eq!(fs::read(root.join("f")).unwrap(), b"remote");
         assert_eq!(fs::read_dir(tmp_dir(&root)).unwrap().count(), 0);
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn install_replaces_a_directory_only_if_it_was_seen() {
+        let root = tmp("install-dir-race");
+        let e = file_entry(b"remote");
+        let rel: RelPath = "d".parse().unwrap();
+        let fetched = || {
+            let t = tmp_path(&root);
+            (write_unsynced(&t, b"remote", &e).unwrap(), t)
+        };
+
+        // Seen as absent (a first sync does not look before it installs), but an empty
+        // directory was made meanwhile: it stays, and so does the fetched file.
+        fs::create_dir(root.join("d")).unwrap();
+        let (meta, t) = fetched();
+        let got = install_unsynced(&root, &meta, &t, &rel, &e, None).unwrap();
+        assert!(matches!(got, Install::ChangedHere), "{got:?}");
+        assert!(root.join("d").is_dir());
+        assert!(t.exists());
+
+        // Seen as that directory (its children deleted for the server's file): replaced.
+        let seen = dir_seen_at(&root, "d");
+        let got = install_unsynced(&root, &meta, &t, &rel, &e, Some(&seen)).unwrap();
+        assert!(matches!(got, Install::Done { .. }), "{got:?}");
+        assert_eq!(fs::read(root.join("d")).unwrap(), b"remote");
         fs::remove_dir_all(&root).unwrap();
     }
 
@@ -1139,9 +1179,17 @@ pub(crate) mod tests {
         assert!(matches!(got, Install::Done { .. }), "{got:?}");
         assert_eq!(fs::read(root.join("f")).unwrap(), b"x");
 
-        // An empty directory gives way; nothing temporary is left behind.
+        // An empty directory gives way if it was seen (not if it is new to the caller);
+        // nothing temporary is left behind.
         fs::create_dir(root.join("was-dir")).unwrap();
-        made(make_link(&root, &rel("was-dir"), "x", None));
+        let got = make_link(&root, &rel("was-dir"), "x", None).unwrap();
+        assert!(matches!(got, Install::ChangedHere), "{got:?}");
+        made(make_link(
+            &root,
+            &rel("was-dir"),
+            "x",
+            Some(&dir_seen_at(&root, "was-dir")),
+        ));
         let names: Vec<String> = fs::read_dir(&root)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
