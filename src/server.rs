@@ -26,6 +26,7 @@ use crate::core::tracked::worth_repacking;
 use crate::fsops;
 use crate::ftpd::{self, FtpCredentials, Receipts};
 use crate::gate::{Gate, Ticket};
+use crate::ignore::IGNORE_FILE;
 use crate::proto::auth::{random, Channel, Secret};
 use crate::proto::codec::{read_frame, write_frame, MAX_FRAME, MAX_HANDSHAKE_FRAME};
 use crate::proto::msg::{
@@ -1651,7 +1652,19 @@ impl Server {
             );
             return (Outcome::Failed { reason }, Vec::new());
         }
-        let mut changes = self.refresh(path);
+        // A new file where the cache has nothing (a burst of new files, file after file): no
+        // need to look at the disk first. Whatever the cache has not heard of yet is found by
+        // the install itself, which replaces nothing it did not expect (`installed` then
+        // refreshes the path and answers with a conflict).
+        let new_file_here = base.is_none()
+            && matches!(&op, Op::Put { entry, staged: Some(_) } if entry.kind == Kind::File)
+            && self.tree.get(path).is_none()
+            && path.file_name() != IGNORE_FILE;
+        let mut changes = if new_file_here {
+            Vec::new()
+        } else {
+            self.refresh(path)
+        };
         let current = self.index.entry(&self.tree, path).cloned();
         let conflict = |current: Option<Entry>| Outcome::Conflict { current };
         // A program writing `path` while the commit runs is caught by `install_file`.
