@@ -27,7 +27,6 @@ use crate::core::renames::{detect_renames, Changed, Seen};
 use crate::core::tracked::{worth_repacking, Tracked};
 use crate::data::{DataConn, DownloadError, Resume};
 use crate::fsops;
-use crate::ignore::IGNORE_FILE;
 use crate::progress::Progress;
 use crate::proto::auth::{random, Channel, Secret};
 use crate::proto::codec::{read_frame, write_frame, MAX_FRAME, MAX_HANDSHAKE_FRAME};
@@ -1338,15 +1337,13 @@ impl Client {
         if self.tree.ignores(path, remote.as_ref().map(Entry::is_dir)) {
             return Ok(());
         }
-        // A file new to a path the cache has nothing at, with no local change reported (a first
-        // sync, file after file): no need to look at the disk. Whatever the cache has not heard
-        // of yet is found by the install itself, which replaces nothing it did not expect
-        // (`Install::ChangedHere`). A stat per file was a sixth of a first sync's main thread.
+        // A new file, and no local change reported: no need to look (a sixth of a first
+        // sync's main thread).
         let new_file_here = moved_from.is_none()
             && remote.as_ref().is_some_and(|r| r.kind == Kind::File)
-            && self.tree.get(path).is_none()
+            && self.tree.base(path).is_none()
             && !self.dirty.contains(path)
-            && path.file_name() != IGNORE_FILE;
+            && self.tree.installs_unseen(path);
         let local = if new_file_here {
             None
         } else {

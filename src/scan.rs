@@ -461,6 +461,15 @@ impl Tree {
         self.entries.get(path)
     }
 
+    /// Whether a file new to `path` (nothing agreed there) can be installed without a look at
+    /// the disk first: the cache has nothing there, so the install refuses whatever it finds
+    /// (`fsops::Install::ChangedHere`: something made since the cache last heard), and it is
+    /// not a rules file (whose look reloads the rules). A first sync, or a burst of new files,
+    /// is file after file of these, and the look was a `fstatat` each.
+    pub fn installs_unseen(&self, path: &RelPath) -> bool {
+        self.get(path).is_none() && path.file_name() != IGNORE_FILE
+    }
+
     /// Absolute path of `rel`.
     pub fn abs(&self, rel: &RelPath) -> PathBuf {
         self.root.join(rel.as_str())

@@ -26,7 +26,6 @@ use crate::core::tracked::worth_repacking;
 use crate::fsops;
 use crate::ftpd::{self, FtpCredentials, Receipts};
 use crate::gate::{Gate, Ticket};
-use crate::ignore::IGNORE_FILE;
 use crate::proto::auth::{random, Channel, Secret};
 use crate::proto::codec::{read_frame, write_frame, MAX_FRAME, MAX_HANDSHAKE_FRAME};
 use crate::proto::msg::{
@@ -1652,14 +1651,10 @@ impl Server {
             );
             return (Outcome::Failed { reason }, Vec::new());
         }
-        // A new file where the cache has nothing (a burst of new files, file after file): no
-        // need to look at the disk first. Whatever the cache has not heard of yet is found by
-        // the install itself, which replaces nothing it did not expect (`installed` then
-        // refreshes the path and answers with a conflict).
+        // A new file: no need to look (`installed` answers a refused install with a conflict).
         let new_file_here = base.is_none()
             && matches!(&op, Op::Put { entry, staged: Some(_) } if entry.kind == Kind::File)
-            && self.tree.get(path).is_none()
-            && path.file_name() != IGNORE_FILE;
+            && self.tree.installs_unseen(path);
         let mut changes = if new_file_here {
             Vec::new()
         } else {
