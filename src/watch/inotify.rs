@@ -12,8 +12,14 @@
 //! rules, read from the `.ferryignore` files as it lists directories, and when one of those
 //! files changes it drops the watches its rules now exclude and watches what they let back in.
 //! (Ignored *files* are still hinted; the scanner drops those hints.)
+//!
+//! Files the agent itself puts in place are renamed in from `.ferry/tmp`, and the agent records
+//! each in its scan cache as it does; so an arrival whose departure was from there (the cookie
+//! of a MOVED_FROM seen by a watch on `.ferry/tmp` that asks for nothing else) is not hinted:
+//! looking again would only find what the cache has. Anything done to the file after that has
+//! events of its own.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -34,11 +40,16 @@ use crate::ignore::{Rules, IGNORE_FILE};
 /// the two back to back within one rename, but a read can fall between them.
 const PAIR_GRACE: Duration = Duration::from_millis(20);
 
+/// How many cookies of renames out of `.ferry/tmp` wait for their MOVED_TO. The two events are
+/// queued back to back, so only a rename whose arrival is not watched (a directory left to the
+/// fallback poller) leaves one unmatched: the oldest goes.
+const OWN_MOVES: usize = 64;
+
 /// Room for a few hundred events per read.
 const BUF_LEN: usize = 64 * 1024;
 
-/// In a storm (a first sync, a large copy: batches sent less than `STORM` apart), the thread
-/// pauses this long after each batch before reading again, so the storm's events gather in
+/// In a storm (a first sync, a large copy: reads that bring events less than `STORM` apart),
+/// the thread pauses this long after each read before reading again, so the storm's events gather in
 /// the kernel's queue and come in one read. A reader blocked in `read` is woken by every
 /// event, and on a virtual machine each wake-up costs the writer more than its rename: a tenth
 /// of a first sync's time went there. Outside a storm nothing waits, so the close that follows
@@ -104,6 +115,7 @@ fn spawn_limited(
     let (stop, fallback) = (Arc::new(AtomicBool::new(false)), state.fallback.clone());
     // The root's own watch must work; failures below it are logged and survived.
     let root_wd = state.add_watch(Path::new(""))?;
+    state.watch_own_moves();
     state.add_tree(Path::new(""));
     let watches = inotify.watches();
     #[cfg(test)]
@@ -151,6 +163,11 @@ struct State {
     out: Vec<Hint>,
     /// Which directories not to watch (the scanner holds the rules that decide what syncs).
     rules: Rules,
+    /// The watch on `.ferry/tmp` (MOVED_FROM only), if it could be made.
+    tmp_wd: Option<WatchDescriptor>,
+    /// Cookies of renames out of `.ferry/tmp` whose MOVED_TO is still to come (at most
+    /// `OWN_MOVES`).
+    own_moves: VecDeque<u32>,
 }
 
 impl State {
@@ -177,7 +194,17 @@ impl State {
             fake_limit,
             out: Vec::new(),
             rules: Rules::new().quiet(),
+            tmp_wd: None,
+            own_moves: VecDeque::new(),
         }
+    }
+
+    /// Watches `.ferry/tmp` for the agent's own renames out of it (see the module's comment).
+    /// Without that watch (no such directory, no watch left) every arrival is hinted.
+    fn watch_own_moves(&mut self) {
+        let tmp = crate::fsops::tmp_dir(&self.root);
+        let mask = WatchMask::MOVED_FROM | WatchMask::ONLYDIR | WatchMask::DONT_FOLLOW;
+        self.tmp_wd = self.watches.add(tmp, mask).ok();
     }
 
     fn run(
@@ -187,7 +214,7 @@ impl State {
         tx: &async_channel::Sender<Vec<Hint>>,
     ) {
         let mut buf = vec![0; BUF_LEN];
-        let mut last_sent: Option<Instant> = None;
+        let mut last_read: Option<Instant> = None;
         loop {
             // While a MOVED_FROM waits for its pair, read without blocking so it can time out.
             let read = if self.pending.is_empty() {
@@ -198,9 +225,11 @@ impl State {
             if stop.load(atomic::Ordering::Acquire) {
                 return;
             }
+            let mut got_events = false;
             match read {
                 Ok(events) => {
                     for ev in events {
+                        got_events = true;
                         self.handle(ev);
                     }
                 }
@@ -217,15 +246,20 @@ impl State {
             self.expire_pending();
             // One batch per read: the hints of one rename (MOVED_FROM, MOVED_TO) must reach the
             // scanner together, or it sees a delete and a create instead of a rename.
-            if self.pending.is_empty() && !self.out.is_empty() {
-                if tx.send_blocking(std::mem::take(&mut self.out)).is_err() {
-                    return;
-                }
+            if self.pending.is_empty()
+                && !self.out.is_empty()
+                && tx.send_blocking(std::mem::take(&mut self.out)).is_err()
+            {
+                return;
+            }
+            // Paced by reads, not by hints sent: the agent's own installs bring events but no
+            // hints, and each read of them is a wake-up all the same.
+            if got_events {
                 let now = Instant::now();
-                if last_sent.is_some_and(|at| now.duration_since(at) < STORM) {
+                if last_read.is_some_and(|at| now.duration_since(at) < STORM) {
                     thread::sleep(PACE);
                 }
-                last_sent = Some(now);
+                last_read = Some(now);
             }
         }
     }
@@ -236,6 +270,17 @@ impl State {
             log::warn!("inotify queue overflowed; rescanning everything");
             self.out.push(Hint::Rescan);
             self.rebuild();
+            return;
+        }
+        if self.tmp_wd.as_ref() == Some(&ev.wd) {
+            if mask.contains(EventMask::IGNORED) {
+                self.tmp_wd = None;
+            } else if mask.contains(EventMask::MOVED_FROM) && !mask.contains(EventMask::ISDIR) {
+                if self.own_moves.len() == OWN_MOVES {
+                    self.own_moves.pop_front();
+                }
+                self.own_moves.push_back(ev.cookie);
+            }
             return;
         }
         if mask.contains(EventMask::IGNORED) {
@@ -276,6 +321,9 @@ impl State {
                 .insert(ev.cookie, (rel.clone(), Instant::now(), left));
             self.out.push(Hint::Path(rel));
         } else if mask.contains(EventMask::MOVED_TO) {
+            if !is_dir && self.own_move(ev.cookie) {
+                return;
+            }
             let from = self.pending.remove(&ev.cookie);
             if is_dir {
                 match from {
@@ -295,6 +343,17 @@ impl State {
             }
         } else if mask.intersects(EventMask::CLOSE_WRITE | EventMask::DELETE | EventMask::ATTRIB) {
             self.out.push(Hint::Path(rel));
+        }
+    }
+
+    /// Whether `cookie` is a rename out of `.ferry/tmp` (then it is forgotten: one arrival each).
+    fn own_move(&mut self, cookie: u32) -> bool {
+        match self.own_moves.iter().rposition(|&c| c == cookie) {
+            Some(i) => {
+                self.own_moves.remove(i);
+                true
+            }
+            None => false,
         }
     }
 
@@ -909,6 +968,38 @@ mod tests {
         let seen2 = h.step(|| fs::write(t.path(".ferry/y"), b"y").unwrap());
         assert_none_under(&seen, ".ferry");
         assert_none_under(&seen2, ".ferry");
+    }
+
+    #[test]
+    fn the_agents_own_renames_out_of_its_tmp_are_not_hinted() {
+        let t = TempTree::new("ino-own");
+        fs::create_dir_all(t.path(".ferry/tmp")).unwrap();
+        fs::create_dir(t.path("d")).unwrap();
+        let (_w, mut h) = start(&t);
+
+        let seen = h.step(|| {
+            fs::write(t.path(".ferry/tmp/a.part"), b"a").unwrap();
+            fs::rename(t.path(".ferry/tmp/a.part"), t.path("d/a")).unwrap();
+            // The same arrival from anywhere else is hinted.
+            fs::write(t.outside.join("b"), b"b").unwrap();
+            fs::rename(t.outside.join("b"), t.path("d/b")).unwrap();
+        });
+        assert_hinted(&seen, &["d/b"]);
+        assert!(!seen.contains(Path::new("d/a")), "{seen:?}");
+
+        // What is done to the file afterwards is hinted as ever.
+        let seen = h.step(|| fs::write(t.path("d/a"), b"edited").unwrap());
+        assert_hinted(&seen, &["d/a"]);
+        let seen = h.step(|| fs::rename(t.path("d/a"), t.path("d/c")).unwrap());
+        assert_hinted(&seen, &["d/a", "d/c"]);
+        // A directory moved out of the tmp area is still watched and hinted.
+        let seen = h.step(|| {
+            fs::create_dir(t.path(".ferry/tmp/sub")).unwrap();
+            fs::rename(t.path(".ferry/tmp/sub"), t.path("sub")).unwrap();
+        });
+        assert_hinted(&seen, &["sub"]);
+        let seen = h.step(|| fs::write(t.path("sub/x"), b"x").unwrap());
+        assert_hinted(&seen, &["sub/x"]);
     }
 
     #[test]
