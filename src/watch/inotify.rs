@@ -49,11 +49,11 @@ const OWN_MOVES: usize = 64;
 const BUF_LEN: usize = 64 * 1024;
 
 /// In a storm (a first sync, a large copy: reads that bring events less than `STORM` apart),
-/// the thread pauses this long after each read before reading again, so the storm's events gather in
-/// the kernel's queue and come in one read. A reader blocked in `read` is woken by every
-/// event, and on a virtual machine each wake-up costs the writer more than its rename: a tenth
-/// of a first sync's time went there. Outside a storm nothing waits, so the close that follows
-/// a file's creation is read as soon as it happens.
+/// the thread pauses this long after each read before reading again, so the storm's events
+/// gather in the kernel's queue and come in one read. A reader blocked in `read` is woken by
+/// every event, and on a virtual machine each wake-up costs the writer more than its rename: a
+/// tenth of a first sync's time went there. Outside a storm nothing waits, so the close that
+/// follows a file's creation is read as soon as it happens.
 const PACE: Duration = Duration::from_millis(1);
 const STORM: Duration = Duration::from_millis(5);
 
