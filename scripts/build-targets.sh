@@ -16,12 +16,12 @@ fail=0
 
 have_target() { rustup target list --installed 2>/dev/null | grep -qx "$1"; }
 
-build() { # target runner build-name cargo-flags...
-    local target=$1 runner=$2 name=$3
-    shift 3
-    echo "+ cargo build --release --target $target $*" >&2
-    cargo build --release --target "$target" "$@" >&2
-    local bin="target/$target/release/ferry"
+build() { # target runner build-name profile cargo-flags...
+    local target=$1 runner=$2 name=$3 profile=$4
+    shift 4
+    echo "+ cargo build --profile $profile --target $target $*" >&2
+    cargo build --profile "$profile" --target "$target" "$@" >&2
+    local bin="target/$target/$profile/ferry"
     local out="target/ferry-$target-$name"
     cp "$bin" "$out"
     local size linkage watcher budget
@@ -47,8 +47,9 @@ for spec in "armv7-unknown-linux-gnueabihf|qemu-arm -L /usr/arm-linux-gnueabihf|
         rows+=("| $target | - | - | - | - | skipped: needs $linker and ${runner%% *} (apt) |")
         continue
     fi
-    build "$target" "$runner" full
-    build "$target" "$runner" client-only --no-default-features
+    build "$target" "$runner" full release
+    # The client profile: release with panic = "abort" (Cargo.toml, README "Targets").
+    build "$target" "$runner" client-only client --no-default-features
 done
 
 # Android: type-checks and compiles the C deps with Debian's clang; linking needs the NDK's
