@@ -444,6 +444,13 @@ def mib(kib):
     return f"{kib / 1024:.1f} MiB"
 
 
+def rss(f):
+    """Idle RSS, and its anonymous part where measured (results from before had none)."""
+    if "anon_kib" not in f:
+        return mib(f["rss_kib"])
+    return f"{mib(f['rss_kib'])} ({f['anon_kib'] / 1024:.1f})"
+
+
 def cpu(f):
     return f"{f['idle_cpu_s']:.2f} s ({100 * f['idle_cpu_s'] / f['idle_window_s']:.2f} %)"
 
@@ -452,16 +459,16 @@ def table_first(title, ferry, base_rows, window):
     """Workload 4: one row per process; first sync time where the process is the one filled."""
     base = ferry.get("rsync_s")
     lines = [f"### {title}", "",
-             f"| process | first sync, min / median / max | vs rsync daemon | idle RSS | peak RSS | CPU over {window} s idle |",
+             f"| process | first sync, min / median / max | vs rsync daemon | idle RSS (anonymous) | peak RSS | CPU over {window} s idle |",
              "| --- | --- | --- | --- | --- | --- |"]
     fp = ferry["footprint"]
     lines.append(f"| ferry server (indexing its tree at start: {ferry['server_start_s']:.2f} s) | — | — | "
-                 f"{mib(fp['server']['rss_kib'])} | {mib(fp['server']['peak_kib'])} | {cpu(fp['server'])} |")
+                 f"{rss(fp['server'])} | {mib(fp['server']['peak_kib'])} | {cpu(fp['server'])} |")
     for watcher, label in [("inotify", "ferry client, inotify"), ("poll", "ferry client, poll watcher (1 s)")]:
         if watcher in ferry["first_sync_s"]:
             f = fp[f"client ({watcher})"]
             v = ferry["first_sync_s"][watcher]
-            lines.append(f"| {label} | {fmt(v, 's', 2)} | {ratio(v, base, False)} | {mib(f['rss_kib'])} | "
+            lines.append(f"| {label} | {fmt(v, 's', 2)} | {ratio(v, base, False)} | {rss(f)} | "
                          f"{mib(f['peak_kib'])} | {cpu(f)} |")
     for label, r in base_rows.items():
         if "footprint" not in r:
@@ -471,7 +478,7 @@ def table_first(title, ferry, base_rows, window):
             v = r["first_sync_s"] if i == len(r["footprint"]) - 1 else None
             note = "" if r.get("identical") else " (NOT identical)"
             lines.append(f"| {label}: {proc} | {fmt(v, 's', 2)}{note if v else ''} | {ratio(v, base, False)} | "
-                         f"{mib(f['rss_kib'])} | {mib(f['peak_kib'])} | {cpu(f)} |")
+                         f"{rss(f)} | {mib(f['peak_kib'])} | {cpu(f)} |")
     lines.append(f"| rsync -a --delete from the daemon (one shot, exits) | {fmt(base, 's', 2)} | 1.00× | — | — | — |")
     return "\n".join(lines) + "\n"
 
@@ -480,7 +487,7 @@ def table_scale(title, points):
     """Workload 5: first sync and idle RSS by tree size, RAM and index bytes per file."""
     empty = next((p for p in points if p.get("files") == 0), None)
     lines = [f"### {title}", "",
-             "| files | first sync (inotify client) | vs rsync daemon | server RSS | client RSS "
+             "| files | first sync (inotify client) | vs rsync daemon | server RSS (anonymous) | client RSS (anonymous) "
              "| RAM per file, server / client | index on disk per file, server / client |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for p in points:
@@ -498,7 +505,7 @@ def table_scale(title, points):
                         f"{st['client (inotify)']['index_bytes'] / n:.0f} B")
         v = p["first_sync_s"]["inotify"]
         lines.append(f"| {n:,} | {fmt(v, 's', 2)} | {ratio(v, p.get('rsync_s'), False) if n else '—'} | "
-                     f"{mib(srv)} | {mib(cli)} | {per_ram} | {per_disk} |")
+                     f"{rss(fp['server'])} | {rss(fp['client (inotify)'])} | {per_ram} | {per_disk} |")
     return "\n".join(lines) + "\n"
 
 
@@ -646,7 +653,9 @@ def main():
           f"Machine: {os.cpu_count()} CPUs, Linux {os.uname().release}, {results['machine']['date']}, "
           f"load average {results['machine']['load_avg_at_start'][0]:.1f} at the start; the run took "
           f"{elapsed / 60:.1f} min. Figures are min / median / max over the trials; ratios compare medians "
-          "with rsync to or from an `rsync --daemon` module in the same run (>1× means the tool did better).", ""]
+          "with rsync to or from an `rsync --daemon` module in the same run (>1× means the tool did better). "
+          "Idle RSS is followed by its anonymous part in parentheses: the rest is mapped files, mostly the "
+          "program's own code, shared with the page cache.", ""]
     if missing:
         md += ["Missing baselines: " + "; ".join(missing), ""]
     md.append(table("1. Propagation latency (4 KiB file)", rows_lat, "ms", higher_is_better=False))

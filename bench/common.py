@@ -197,15 +197,18 @@ def cpu_seconds(pid):
 
 
 def idle_footprint(pids, quiet, window):
-    """After `quiet` seconds of nothing happening: RSS of each process (KiB), its peak (VmHWM)
-    and the CPU seconds each used over an idle window of `window` seconds."""
+    """After `quiet` seconds of nothing happening: RSS of each process (KiB), the anonymous
+    part of it (the rest is mapped files, mostly the program's own code, which the kernel can
+    drop and read again), its peak (VmHWM) and the CPU seconds each used over an idle window
+    of `window` seconds."""
     time.sleep(quiet)
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     rss = {name: rss_kib(pid) for name, pid in pids.items()}
+    anon = {name: rss_kib(pid, "RssAnon") for name, pid in pids.items()}
     time.sleep(window)
     out = {}
     for name, pid in pids.items():
-        out[name] = {"rss_kib": rss[name], "peak_kib": rss_kib(pid, "VmHWM"),
+        out[name] = {"rss_kib": rss[name], "anon_kib": anon[name], "peak_kib": rss_kib(pid, "VmHWM"),
                      "idle_cpu_s": cpu_seconds(pid) - before[name], "idle_window_s": window}
     return out
 
