@@ -64,13 +64,6 @@ pub struct Record {
     pub moved_from: Option<RelPath>,
 }
 
-/// What the index itself keeps of a path with a record (live or a tombstone).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Stamp {
-    seq: u64,
-    moved_from: Option<RelPath>,
-}
-
 /// How long, and how many, deletes are remembered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Retention {
@@ -125,7 +118,13 @@ pub struct Index {
     /// (seq, unix seconds) pairs, oldest first, about `MARK_EVERY_SECS` apart: every change up
     /// to that seq is at least that old. Records carry no time, so this dates them.
     pub marks: Vec<(u64, u64)>,
-    stamps: Tracked<Stamp>,
+    /// The seq of every path with a record (live or a tombstone): what the index itself keeps
+    /// of a path, 16 bytes and its share of a node.
+    stamps: Tracked<u64>,
+    /// Where each path whose record was made by a rename came from. Apart, because few are:
+    /// an `Option<RelPath>` beside every seq cost each path 8 bytes more, and a node's share.
+    /// Only paths in `stamps` are here, each with the `moved_from` of its record.
+    moved: BTreeMap<RelPath, RelPath>,
 }
 
 impl Index {
@@ -140,18 +139,18 @@ impl Index {
     /// The index saved as `stored`, and its live entries for an `Entries` to keep.
     pub fn from_stored(stored: Stored) -> (Index, BTreeMap<RelPath, Entry>) {
         let mut entries = Vec::new();
-        let stamps: BTreeMap<RelPath, Stamp> = stored
+        let mut moved = BTreeMap::new();
+        let stamps: BTreeMap<RelPath, u64> = stored
             .records
             .into_iter()
             .map(|(p, r)| {
                 if let Some(e) = r.entry {
                     entries.push((p.clone(), e));
                 }
-                let stamp = Stamp {
-                    seq: r.seq,
-                    moved_from: r.moved_from,
-                };
-                (p, stamp)
+                if let Some(from) = r.moved_from {
+                    moved.insert(p.clone(), from);
+                }
+                (p, r.seq)
             })
             .collect();
         let index = Index {
@@ -160,6 +159,7 @@ impl Index {
             horizon: stored.horizon,
             marks: stored.marks,
             stamps: Tracked::from(stamps),
+            moved,
         };
         (index, entries.into_iter().collect())
     }
@@ -185,7 +185,22 @@ impl Index {
 
     /// The seq of `path`'s last change, if the index has a record of it.
     pub fn seq_of(&self, path: &RelPath) -> Option<u64> {
-        self.stamps.get(path).map(|s| s.seq)
+        self.stamps.get(path).copied()
+    }
+
+    /// Where `path`'s record says it was renamed from, if a rename made it.
+    fn moved_from(&self, path: &RelPath) -> Option<&RelPath> {
+        self.moved.get(path)
+    }
+
+    /// Gives `path` a record with the next seq, made by a rename from `moved_from` if set.
+    fn stamp(&mut self, path: &RelPath, moved_from: Option<RelPath>) {
+        self.seq += 1;
+        self.stamps.insert(path.clone(), self.seq);
+        match moved_from {
+            Some(from) => self.moved.insert(path.clone(), from),
+            None => self.moved.remove(path),
+        };
     }
 
     /// Live entries at and beneath `path`.
@@ -204,7 +219,7 @@ impl Index {
 
     /// Hands the index's own map to `repack` (see `tracked::repack`), which moves it with the
     /// tree cache whose keys it shares.
-    pub fn repack_with(&mut self, repack: impl FnOnce(&mut Tracked<Stamp>) -> bool) -> bool {
+    pub fn repack_with(&mut self, repack: impl FnOnce(&mut Tracked<u64>) -> bool) -> bool {
         repack(&mut self.stamps)
     }
 
@@ -218,11 +233,11 @@ impl Index {
         self.stamps
             .take_changes()
             .into_iter()
-            .map(|(p, stamp)| {
-                let record = stamp.map(|s| Record {
+            .map(|(p, seq)| {
+                let record = seq.map(|seq| Record {
                     entry: entries.entry(&p).cloned(),
-                    seq: s.seq,
-                    moved_from: s.moved_from,
+                    seq,
+                    moved_from: self.moved_from(&p).cloned(),
                 });
                 (p, record)
             })
@@ -249,14 +264,7 @@ impl Index {
     /// live.
     pub fn announce(&mut self, entries: &impl Entries, path: &RelPath) -> Option<Change> {
         let entry = entries.entry(path)?.clone();
-        self.seq += 1;
-        self.stamps.insert(
-            path.clone(),
-            Stamp {
-                seq: self.seq,
-                moved_from: None,
-            },
-        );
+        self.stamp(path, None);
         Some(Change {
             seq: self.seq,
             path: path.clone(),
@@ -277,14 +285,7 @@ impl Index {
         if entries.entry(path) == entry.as_ref() {
             return None;
         }
-        self.seq += 1;
-        self.stamps.insert(
-            path.clone(),
-            Stamp {
-                seq: self.seq,
-                moved_from: moved_from.clone(),
-            },
-        );
+        self.stamp(path, moved_from.clone());
         entries.put_entry(path, entry.clone());
         Some(Change {
             seq: self.seq,
@@ -350,7 +351,7 @@ impl Index {
             .unwrap_or(0);
         let mut dead: Vec<u64> = self
             .tombstones_iter(entries)
-            .map(|(_, s)| s.seq)
+            .map(|(_, seq)| seq)
             .filter(|seq| *seq > cutoff)
             .collect();
         if dead.len() > keep.max_count {
@@ -360,11 +361,12 @@ impl Index {
         }
         let forget: Vec<RelPath> = self
             .tombstones_iter(entries)
-            .filter(|(_, s)| s.seq <= cutoff)
+            .filter(|(_, seq)| *seq <= cutoff)
             .map(|(p, _)| p.clone())
             .collect();
         for p in &forget {
             self.stamps.remove(p);
+            self.moved.remove(p);
         }
         if !forget.is_empty() {
             self.horizon = self.horizon.max(cutoff);
@@ -380,10 +382,11 @@ impl Index {
     fn tombstones_iter<'a>(
         &'a self,
         entries: &'a impl Entries,
-    ) -> impl Iterator<Item = (&'a RelPath, &'a Stamp)> {
+    ) -> impl Iterator<Item = (&'a RelPath, u64)> {
         self.stamps
             .iter()
             .filter(|(p, _)| entries.entry(p).is_none())
+            .map(|(p, seq)| (p, *seq))
     }
 
     /// Whether a client that applied everything up to `since` can catch up change by change
@@ -402,12 +405,12 @@ impl Index {
         let mut out: Vec<Change> = self
             .stamps
             .iter()
-            .filter(|(_, s)| s.seq > since)
-            .map(|(p, s)| Change {
-                seq: s.seq,
+            .filter(|(_, seq)| **seq > since)
+            .map(|(p, seq)| Change {
+                seq: *seq,
                 path: p.clone(),
                 entry: entries.entry(p).cloned(),
-                moved_from: s.moved_from.clone(),
+                moved_from: self.moved_from(p).cloned(),
                 target: None,
             })
             .collect();
@@ -420,9 +423,9 @@ impl Index {
         let mut out: Vec<Change> = self
             .stamps
             .iter()
-            .filter_map(|(p, s)| {
+            .filter_map(|(p, seq)| {
                 entries.entry(p).map(|e| Change {
-                    seq: s.seq,
+                    seq: *seq,
                     path: p.clone(),
                     entry: Some(e.clone()),
                     moved_from: None,
@@ -477,11 +480,11 @@ impl Serialize for Records<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let stamps = &self.index.stamps;
         let mut map = s.serialize_map(Some(stamps.len()))?;
-        for (p, stamp) in stamps.iter() {
+        for (p, seq) in stamps.iter() {
             let record = RecordRef {
                 entry: self.entries.entry(p),
-                seq: stamp.seq,
-                moved_from: stamp.moved_from.as_ref(),
+                seq: *seq,
+                moved_from: self.index.moved_from(p),
             };
             map.serialize_entry(p, &record)?;
         }
@@ -727,11 +730,11 @@ mod tests {
             records: ix
                 .stamps
                 .iter()
-                .map(|(k, s)| {
+                .map(|(k, seq)| {
                     let record = Record {
                         entry: es.get(k).cloned(),
-                        seq: s.seq,
-                        moved_from: s.moved_from.clone(),
+                        seq: *seq,
+                        moved_from: ix.moved.get(k).cloned(),
                     };
                     (k.clone(), record)
                 })
