@@ -218,9 +218,13 @@ impl Index {
     }
 
     /// Hands the index's own map to `repack` (see `tracked::repack`), which moves it with the
-    /// tree cache whose keys it shares.
+    /// tree cache whose keys it shares; the renames' map then shares the moved map's keys.
     pub fn repack_with(&mut self, repack: impl FnOnce(&mut Tracked<u64>) -> bool) -> bool {
-        repack(&mut self.stamps)
+        let repacked = repack(&mut self.stamps);
+        if repacked && !self.moved.is_empty() {
+            self.moved = super::path::share_keys(std::mem::take(&mut self.moved), &self.stamps);
+        }
+        repacked
     }
 
     /// Number of live entries.
@@ -708,6 +712,29 @@ mod tests {
         let back: Stored = postcard::from_bytes(&saved).expect("the saved index loads");
         let (back, back_es) = Index::from_stored(back);
         assert_eq!(back.changes_since(&back_es, 0), ix.changes_since(&es, 0));
+    }
+
+    /// Repacked, the index keeps every record and where renames made them from, and the
+    /// renames' map shares its keys' text with the repacked seqs (a copy of each otherwise).
+    #[test]
+    fn repacked_it_keeps_the_renames_with_shared_keys() {
+        let mut ix = Index::new(3);
+        let mut es = BTreeMap::new();
+        ix.set(&mut es, &p("d"), Some(Entry::dir(0o755)));
+        ix.set(&mut es, &p("d/x"), file("x"));
+        ix.rename(&mut es, &p("d"), &p("e"));
+        ix.take_changes(&es);
+        let before = ix.changes_since(&es, 0);
+        assert!(ix.repack_with(|seqs| super::super::tracked::repack(
+            seqs,
+            &mut Tracked::<()>::default()
+        )));
+        assert_eq!(ix.changes_since(&es, 0), before);
+        assert_eq!(ix.moved_from(&p("e/x")), Some(&p("d/x")));
+        for k in ix.moved.keys() {
+            let (kept, _) = ix.stamps.get_key_value(k).unwrap();
+            assert!(std::ptr::eq(kept.as_str(), k.as_str()), "{k} not shared");
+        }
     }
 
     /// The index keeps seqs and borrows its entries; saved, it must be the records whole, as
