@@ -32,8 +32,9 @@ fn main() -> ExitCode {
 /// 100,000 files, server 30.5 → 27.5 MiB and client 27.5 → 23.8 MiB; their peaks 69 → 55 and
 /// 62 → 56 MiB.
 ///
-/// Only the binary does this (the library forbids unsafe code), and only on glibc: musl's and
-/// bionic's allocators map large blocks on their own and return memory by themselves.
+/// Only the binary does this (the library keeps unsafe code to `core::text`), and only on
+/// glibc: musl's and bionic's allocators map large blocks on their own and return memory by
+/// themselves.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 mod heap {
     use std::alloc::{GlobalAlloc, Layout, System};

@@ -7,4 +7,5 @@ pub mod index;
 pub mod path;
 pub mod plan;
 pub mod renames;
+pub mod text;
 pub mod tracked;

@@ -7,8 +7,9 @@
 use std::fmt;
 use std::str::FromStr;
 
-use arcstr::ArcStr;
 use serde::{Deserialize, Serialize};
+
+use super::text::SharedStr;
 
 /// The name of the state directory at the top of every synced root; never synced.
 pub const STATE_DIR: &str = ".ferry";
@@ -26,7 +27,7 @@ pub const MAX_PATH: usize = 3072;
 /// length is kept with it, not in the pointer as `Arc<str>` keeps it; the text once).
 /// Compared, ordered and hashed by its text, and on the wire a plain string.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct RelPath(ArcStr);
+pub struct RelPath(SharedStr);
 
 impl Serialize for RelPath {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -57,7 +58,7 @@ impl RelPath {
     pub fn new(s: impl AsRef<str>) -> Result<RelPath, BadPath> {
         let s = s.as_ref();
         match check(s) {
-            Ok(()) => Ok(RelPath(s.into())),
+            Ok(()) => Ok(RelPath(SharedStr::new(s))),
             Err(reason) => Err(BadPath {
                 path: s.to_string(),
                 reason,
@@ -72,7 +73,9 @@ impl RelPath {
 
     /// The parent path, `None` for a top-level name.
     pub fn parent(&self) -> Option<RelPath> {
-        self.0.rfind('/').map(|i| RelPath(self.0[..i].into()))
+        self.0
+            .rfind('/')
+            .map(|i| RelPath(SharedStr::new(&self.0[..i])))
     }
 
     /// The last component.
@@ -109,7 +112,7 @@ impl RelPath {
                 reason: "path too long",
             });
         }
-        Ok(RelPath(moved.into()))
+        Ok(RelPath(SharedStr::new(&moved)))
     }
 
     /// Number of components; parents sort before children when ordered by this.
@@ -375,7 +378,7 @@ mod tests {
         for k in shared.keys() {
             let same = theirs
                 .get_key_value(k)
-                .is_some_and(|(t, _)| ArcStr::ptr_eq(&t.0, &k.0));
+                .is_some_and(|(t, _)| SharedStr::ptr_eq(&t.0, &k.0));
             assert_eq!(same, k.as_str() != "a", "{k}");
         }
     }
