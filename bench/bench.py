@@ -36,10 +36,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 class Ferry:
     """A ferry server and clients in a temporary directory. The server's tree may be filled
-    before it starts (`server_root`); `start_s` is how long it took to index it and listen."""
+    before it starts (`server_root`); `start_s` is how long it took to index it and listen.
+    `binary` is a pair: the full build, run as the server, and the build run as the clients
+    (the client-only one, as phones and boards run)."""
 
     def __init__(self, binary, work, clients, server_root=None):
-        self.binary, self.work = binary, work
+        (self.server_binary, self.client_binary), self.work = binary, work
         os.makedirs(work, exist_ok=True)
         self.procs = []
         self.secret = os.path.join(work, "secret")
@@ -51,7 +53,8 @@ class Ferry:
         os.makedirs(self.server_root, exist_ok=True)
         ready = os.path.join(work, "ready")
         t0 = time.monotonic()
-        self.server = self.spawn(["server", "--root", self.server_root, "--listen", "127.0.0.1:0",
+        self.server = self.spawn(self.server_binary,
+                                 ["server", "--root", self.server_root, "--listen", "127.0.0.1:0",
                                   "--ftp-listen", "127.0.0.1:0", "--secret-file", self.secret,
                                   "--ready-file", ready, "-q"])
         if wait_for(lambda: os.path.exists(ready), max(30, DEADLINE * 10), 0.01) is None:
@@ -68,7 +71,8 @@ class Ferry:
         root = os.path.join(self.work, name)
         self.roots[name] = root
         extra = ["--poll-interval-ms", str(poll_ms)] if poll_ms else []
-        return self.spawn(["client", "--server", self.control, "--root", root, "--secret-file", self.secret,
+        return self.spawn(self.client_binary,
+                          ["client", "--server", self.control, "--root", root, "--secret-file", self.secret,
                            "--name", name, "--watcher", watcher, "-q"] + extra)
 
     def probe(self, names=None, deadline=30):
@@ -82,8 +86,8 @@ class Ferry:
         os.remove(probe)
         wait_for(lambda: not any(os.path.exists(os.path.join(r, ".probe-ready")) for r in roots), deadline, 0.01)
 
-    def spawn(self, args):
-        p = PROCS.spawn([self.binary] + args, log=os.path.join(self.work, "agents.log"))
+    def spawn(self, binary, args):
+        p = PROCS.spawn([binary] + args, log=os.path.join(self.work, "agents.log"))
         self.procs.append(p)
         return p
 
@@ -522,10 +526,12 @@ def main():
     os.makedirs(out_dir, exist_ok=True)
     started = time.monotonic()
 
-    print("building ferry (release)...", file=sys.stderr, flush=True)
+    print("building ferry (release, and the client-only build)...", file=sys.stderr, flush=True)
     subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
+    subprocess.run(["cargo", "build", "--profile", "client", "--no-default-features", "--quiet"],
+                   cwd=ROOT, check=True)
     target_dir = os.path.abspath(os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target"))
-    binary = os.path.join(target_dir, "release", "ferry")
+    binary = (os.path.join(target_dir, "release", "ferry"), os.path.join(target_dir, "client", "ferry"))
 
     missing = []
     if not shutil.which("rsync"):
@@ -625,7 +631,8 @@ def main():
         subprocess.run(["rm", "-rf", "--", work], check=False)
 
     sizes = {}
-    for path, label in [(binary, "x86_64 release (this machine)")]:
+    for path, label in [(binary[0], "x86_64 release (this machine)"),
+                        (binary[1], "x86_64 client-only (`--profile client --no-default-features`)")]:
         sizes[label] = os.path.getsize(path)
     # The cross builds `scripts/build-targets.sh` left (none: only this machine's is listed).
     for f in sorted(os.listdir(target_dir)):
@@ -655,7 +662,8 @@ def main():
           f"{elapsed / 60:.1f} min. Figures are min / median / max over the trials; ratios compare medians "
           "with rsync to or from an `rsync --daemon` module in the same run (>1× means the tool did better). "
           "Idle RSS is followed by its anonymous part in parentheses: the rest is mapped files, mostly the "
-          "program's own code, shared with the page cache.", ""]
+          "program's own code, shared with the page cache. The server runs the full build; the clients run the "
+          "client-only build (`--profile client --no-default-features`), as phones and boards do.", ""]
     if missing:
         md += ["Missing baselines: " + "; ".join(missing), ""]
     md.append(table("1. Propagation latency (4 KiB file)", rows_lat, "ms", higher_is_better=False))
