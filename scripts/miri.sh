@@ -30,6 +30,6 @@ path = "lib.rs"
 
 [workspace]
 TOML
-printf '#[path = "%s/src/core/text.rs"]\nmod text;\n' "$PWD" >"$crate/lib.rs"
+printf '#[path = "%s/src/core/text.rs"]\npub mod text;\n' "$PWD" >"$crate/lib.rs"
 cd "$crate"
 cargo +nightly miri test
