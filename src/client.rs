@@ -21,7 +21,8 @@ use smol::Async;
 use crate::agent::{self, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT};
 use crate::beneath::{self, Stat};
 use crate::core::entry::{Entry, Kind};
-use crate::core::path::{keys_under, RelPath};
+use crate::core::layered::Layered;
+use crate::core::path::RelPath;
 use crate::core::plan::{plan, rename_locally, Decision};
 use crate::core::renames::{detect_renames, Changed, Seen};
 use crate::core::tracked::{worth_repacking, Tracked};
@@ -106,7 +107,7 @@ struct SavedRef<'a> {
     epoch: u64,
     last_seq: u64,
     base: crate::core::base::Whole<'a>,
-    local: &'a BTreeMap<RelPath, Seen>,
+    local: &'a Layered<Seen>,
     applying: &'a BTreeMap<RelPath, Entry>,
 }
 
@@ -402,7 +403,7 @@ impl Client {
             } else {
                 let fetched = fsops::fetched_path(&client.cfg.root, &p, &e.hash);
                 if fetched.exists() {
-                    if client.tree.base(&p) == Some(&e) {
+                    if client.tree.base(&p).as_ref() == Some(&e) {
                         client.tree.set_base(&p, None);
                     }
                     let _ = std::fs::remove_file(fetched);
@@ -542,7 +543,7 @@ impl Client {
     /// here meanwhile would look in sync, and the server's version would never arrive.
     fn decide_again(&mut self, path: &RelPath, server_has: Option<Entry>) {
         self.dirty.insert(path.clone());
-        if self.tree.base(path) != server_has.as_ref() {
+        if self.tree.base(path).as_ref() != server_has.as_ref() {
             self.not_applied(path, server_has);
         }
     }
@@ -553,13 +554,9 @@ impl Client {
             Some(t) if t.elapsed() < Duration::from_secs(1) => None,
             _ => {
                 self.counted_at = Some(Instant::now());
-                Some(
-                    self.tree
-                        .entries()
-                        .values()
-                        .map(|s| s.entry.size)
-                        .sum::<u64>(),
-                )
+                let mut sum = 0;
+                self.tree.entries().for_each(|_, s| sum += s.entry.size);
+                Some(sum)
             }
         };
         let st = &self.stats;
@@ -1139,8 +1136,8 @@ impl Client {
             s.committed.remove(&c.path);
             if c.seq == mine
                 && c.moved_from.is_none()
-                && self.tree.base(&c.path) == c.entry.as_ref()
-                && self.tree.get(&c.path).map(|s| &s.entry) == c.entry.as_ref()
+                && self.tree.base(&c.path).as_ref() == c.entry.as_ref()
+                && self.tree.get(&c.path).map(|s| s.entry).as_ref() == c.entry.as_ref()
             {
                 // Our own commit, as we agreed on it and as the cache still has it (what this
                 // agent did here since, such as applying a rename, is in the cache): nothing
@@ -1178,7 +1175,7 @@ impl Client {
             // Not applied here. The base no longer says what the server has, so it goes: if
             // the path is un-ignored, it is reconciled as at a first contact (same bytes:
             // nothing to do; different: a conflict copy, nothing lost).
-            if self.tree.base(&c.path) != c.entry.as_ref() {
+            if self.tree.base(&c.path).as_ref() != c.entry.as_ref() {
                 log::debug!(
                     "{} is ignored here: the server's change is not applied",
                     c.path
@@ -1229,7 +1226,7 @@ impl Client {
         // Packs read many files in the same few directories.
         let _reuse = beneath::Reuse::start();
         for (from, to) in std::mem::take(&mut self.renames) {
-            let Some(base_from) = self.tree.base(&from).cloned() else {
+            let Some(base_from) = self.tree.base(&from) else {
                 continue;
             };
             if self.tree.base(&to).is_some()
@@ -1248,7 +1245,7 @@ impl Client {
                 // sends for this rename confirm each path (see `on_change`).
                 let mut moved = BTreeSet::new();
                 for p in self.tree.base_keys_under(&from) {
-                    if let Some(e) = self.tree.base(&p).cloned() {
+                    if let Some(e) = self.tree.base(&p) {
                         self.tree.set_base(&p, None);
                         // A name too long to travel was not sent: no base to move for it.
                         let Ok(new) = p.rebase(&from, &to) else {
@@ -1310,7 +1307,7 @@ impl Client {
                     // What the server has is the change not applied yet, not the base.
                     self.resolve_unapplied(s, &path, remote, since).await?;
                 } else {
-                    let remote = self.tree.base(&path).cloned();
+                    let remote = self.tree.base(&path);
                     self.resolve(s, &path, remote, None, 0).await?;
                 }
             }
@@ -1363,7 +1360,7 @@ impl Client {
             self.note_beneath(from, beneath);
             let base_from = self.tree.base(from);
             if rename_locally(
-                base_from,
+                base_from.as_ref(),
                 local_from.as_ref().map(|s| &s.entry),
                 local.as_ref(),
                 r,
@@ -1387,7 +1384,10 @@ impl Client {
                         // What a moved directory held here is not necessarily what the server
                         // moved (a file created in it meanwhile): the changes that follow
                         // confirm the ones it did (see `settle_renames`).
-                        let moved: BTreeSet<RelPath> = keys_under(self.tree.entries(), path)
+                        let moved: BTreeSet<RelPath> = self
+                            .tree
+                            .entries()
+                            .keys_under(path)
                             .into_iter()
                             .filter(|p| p != path)
                             .collect();
@@ -1408,13 +1408,13 @@ impl Client {
             // Moved here already (with a directory, by us or by an earlier change): what we
             // agreed on at the old path is the base at the new one.
             if self.tree.base(path).is_none() && self.tree.get(from).is_none() {
-                if let Some(b) = self.tree.base(from).cloned() {
+                if let Some(b) = self.tree.base(from) {
                     self.tree.set_base(from, None);
                     self.tree.set_base(path, Some(b));
                 }
             }
         }
-        let base = self.tree.base(path).cloned();
+        let base = self.tree.base(path);
         match plan(base.as_ref(), local.as_ref(), remote.as_ref()) {
             Decision::InSync => {}
             Decision::RecordBase => self.set_base(path, remote),
@@ -1454,7 +1454,7 @@ impl Client {
                 match fsops::keep_as_conflict(&self.cfg.root, &from, path, &self.cfg.name) {
                     Ok((copy, _)) => {
                         self.tree.rename_subtree(path, &copy);
-                        for p in keys_under(self.tree.entries(), &copy) {
+                        for p in self.tree.entries().keys_under(&copy) {
                             self.dirty.insert(p);
                         }
                         self.stats.conflict(&copy);
@@ -1491,7 +1491,7 @@ impl Client {
         beneath.retain(|p| p != path);
         for p in beneath.into_iter().rev() {
             if self.tree.get(&p).is_none() {
-                if let Some(remote) = self.tree.base(&p).cloned() {
+                if let Some(remote) = self.tree.base(&p) {
                     Box::pin(self.resolve(s, &p, Some(remote), None, depth)).await?;
                 }
             }
@@ -1589,7 +1589,7 @@ impl Client {
                 let rel = path.clone();
                 let entry = e.clone();
                 // What the download replaces must still be what the plan saw.
-                let expect = self.tree.get(path).cloned();
+                let expect = self.tree.get(path);
                 // Journaled before the rename (a fetched file's record was, with its pack's).
                 if self.applying.get(path) != Some(&e) {
                     self.applying.insert(path.clone(), e.clone());
@@ -1873,7 +1873,7 @@ impl Client {
             return;
         };
         // What the link replaces must still be what the plan saw.
-        let expect = self.tree.get(path).cloned();
+        let expect = self.tree.get(path);
         match fsops::make_link(&self.cfg.root, path, target, expect.as_ref()) {
             Ok(fsops::Install::Done {
                 installed: (seen, created),
@@ -1937,11 +1937,11 @@ impl Client {
         let base = self.tree.base(path);
         let new_bytes = local.kind == Kind::File
             && local.size <= PACK_FILE_MAX
-            && !base.is_some_and(|b| b.same_content(&local));
+            && !base.as_ref().is_some_and(|b| b.same_content(&local));
         new_bytes.then(|| PackItem {
             path: path.clone(),
             entry: local,
-            base: base.cloned(),
+            base,
         })
     }
 
@@ -1949,7 +1949,7 @@ impl Client {
     /// can go in a row with others: the delete of a file or link gone here, or a directory new
     /// here.
     fn row_item(&mut self, path: &RelPath) -> Option<RowItem> {
-        let base = self.tree.base(path).cloned();
+        let base = self.tree.base(path);
         match &base {
             Some(b) if b.is_dir() => return None,
             Some(_) if self.tree.ignores(path, Some(false)) => return None,
@@ -2062,7 +2062,7 @@ impl Client {
     ) -> anyhow::Result<Option<Uploaded>> {
         if items.len() < 2 {
             for item in items {
-                let remote = self.tree.base(&item.path).cloned();
+                let remote = self.tree.base(&item.path);
                 self.resolve(s, &item.path, remote, None, 0).await?;
             }
             return Ok(None);
@@ -2784,7 +2784,7 @@ mod tests {
         // The lost one is reconciled as at a first contact (its absence is no delete); the
         // one in place keeps its base; nothing waits in `.ferry/tmp`.
         assert_eq!(client.tree.base(&lost), None);
-        assert_eq!(client.tree.base(&done), Some(&entry));
+        assert_eq!(client.tree.base(&done).as_ref(), Some(&entry));
         assert!(client.applying.is_empty());
         assert!(!waiting.exists());
         drop(client);

@@ -29,7 +29,6 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs::Metadata;
 use std::io;
-use std::ops::Bound;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -39,6 +38,7 @@ use crate::beneath::{self, Dir, Stat};
 use crate::core::base::{Base, Whole};
 use crate::core::entry::{check_target, Entry, Kind, MAX_LINK_TARGET};
 use crate::core::index::Entries;
+use crate::core::layered::Layered;
 use crate::core::path::{RelPath, STATE_DIR};
 use crate::core::renames::{Changed, Seen};
 use crate::core::tracked::{self, Tracked};
@@ -51,7 +51,7 @@ const NO_BASE: &str = "the tree was given no base to keep";
 #[derive(Debug)]
 pub struct Tree {
     root: PathBuf,
-    entries: Tracked<Seen>,
+    entries: Layered<Seen>,
     /// The base, kept as its difference from `entries` (see `core::base`), so every write of
     /// the cache goes through `put`: a client's base, or the server's index entries.
     base: Option<Base>,
@@ -86,7 +86,7 @@ pub struct Tree {
 /// The server's index keeps its entries in its tree's base: they differ from the cache only
 /// while a change is under way.
 impl Entries for Tree {
-    fn entry(&self, path: &RelPath) -> Option<&Entry> {
+    fn entry(&self, path: &RelPath) -> Option<Entry> {
         self.base(path)
     }
 
@@ -299,7 +299,7 @@ impl Tree {
         for dir in dirs.keys() {
             let keys: Vec<RelPath> = match quiet_rel(dir) {
                 Some(d) => self.subtree_keys(&d),
-                None => self.entries.keys().cloned().collect(),
+                None => self.entries.iter().map(|(k, _)| k).collect(),
             };
             for k in keys {
                 let Some(seen) = self.entries.get(&k) else {
@@ -313,7 +313,7 @@ impl Tree {
                     changes.push(Changed {
                         path: k,
                         old: Some(seen.clone()),
-                        new: Some(seen.clone()),
+                        new: Some(seen),
                     });
                 }
             }
@@ -354,22 +354,24 @@ impl Tree {
     }
 
     /// The cached entries, for saving and for comparing with the base.
-    pub fn entries(&self) -> &BTreeMap<RelPath, Seen> {
+    pub fn entries(&self) -> &Layered<Seen> {
         &self.entries
     }
 
-    /// Moves the cache and `other`, keyed by the same paths, into fresh packed memory (see
-    /// `tracked::repack`).
+    /// Folds the cache's changes into its table, and moves `other` into fresh packed memory
+    /// (see `tracked::repack`).
     pub fn repack_with<V>(&mut self, other: &mut Tracked<V>) -> bool
     where
         V: serde::Serialize + serde::de::DeserializeOwned,
     {
-        tracked::repack(other, &mut self.entries)
+        self.entries.fold();
+        tracked::repack(other, &mut Tracked::<()>::default())
     }
 
-    /// Moves the cache alone into fresh packed memory (its base, apart, is small).
+    /// Folds the cache's changes into its table (its base, apart, is small).
     pub fn repack(&mut self) -> bool {
-        tracked::repack(&mut self.entries, &mut Tracked::<()>::default())
+        self.entries.fold();
+        true
     }
 
     /// Keeps `full` as the base from now on (see `core::base`): a client's, or the server's
@@ -383,12 +385,12 @@ impl Tree {
     }
 
     /// The base to write, and the cache it is kept against.
-    fn kept_mut(&mut self) -> (&mut Base, &BTreeMap<RelPath, Seen>) {
+    fn kept_mut(&mut self) -> (&mut Base, &Layered<Seen>) {
         (self.base.as_mut().expect(NO_BASE), &self.entries)
     }
 
     /// The base of `path`: what the client and the server last agreed it is.
-    pub fn base(&self, path: &RelPath) -> Option<&Entry> {
+    pub fn base(&self, path: &RelPath) -> Option<Entry> {
         self.kept().get(&self.entries, path)
     }
 
@@ -440,8 +442,8 @@ impl Tree {
             None => self.entries.remove(&path),
         };
         if let Some(base) = &mut self.base {
-            let new = self.entries.get(&path).map(|s| &s.entry);
-            base.cache_changed(&path, old.as_ref().map(|s| &s.entry), new);
+            let new = self.entries.get(&path).map(|s| s.entry);
+            base.cache_changed(&path, old.as_ref().map(|s| &s.entry), new.as_ref());
         }
         old
     }
@@ -457,7 +459,7 @@ impl Tree {
     }
 
     /// The cached entry of `path`.
-    pub fn get(&self, path: &RelPath) -> Option<&Seen> {
+    pub fn get(&self, path: &RelPath) -> Option<Seen> {
         self.entries.get(path)
     }
 
@@ -535,7 +537,7 @@ impl Tree {
 
     /// `path` and every cached path beneath it.
     fn subtree_keys(&self, path: &RelPath) -> Vec<RelPath> {
-        crate::core::path::keys_under(&self.entries, path)
+        self.entries.keys_under(path)
     }
 
     /// Walks the whole tree; returns what changed since the cache.
@@ -596,7 +598,7 @@ impl Tree {
             self.scan_one(path, false, &mut changes);
             self.rules_file_seen(path);
         }
-        (self.entries.get(path).cloned(), changes)
+        (self.entries.get(path), changes)
     }
 
     fn rel_path(&mut self, rel: &Path) -> Option<RelPath> {
@@ -663,7 +665,7 @@ impl Tree {
         let Some(new) = self.look(dir, path, &meta) else {
             return Found::Unsure;
         };
-        if self.entries.get(path) == new.as_ref() {
+        if self.entries.get(path) == new {
             // Nothing written: an unchanged entry must not reach the journal.
             if deep && meta.is_dir() {
                 self.walk_into(dir, path, Some(meta), changes);
@@ -707,7 +709,7 @@ impl Tree {
             Some(dir_seen(meta))
         } else if meta.is_file() {
             match self.entries.get(path) {
-                Some(old) if same_file(old, meta) => Some(old.clone()),
+                Some(old) if same_file(&old, meta) => Some(old),
                 _ => match hash_at(dir, name) {
                     Ok(Some(s)) => {
                         if let Some((_, hashed)) = &mut self.progress {
@@ -819,9 +821,7 @@ impl Tree {
         let prefix = dir.map_or_else(String::new, |d| format!("{d}/"));
         let mut subdirs = Vec::new();
         let mut looked = 0;
-        let mut children = self
-            .entries
-            .range::<str, _>((Bound::Included(prefix.as_str()), Bound::Unbounded));
+        let mut children = self.entries.iter_from(&prefix);
         while let Some((path, seen)) = children.next() {
             let Some(name) = path.as_str().strip_prefix(prefix.as_str()) else {
                 break;
@@ -829,13 +829,11 @@ impl Tree {
             if let Some(i) = name.find('/') {
                 // Beneath a child: that child's own walk sees to it (nobody, if it is frozen).
                 let past = format!("{prefix}{}0", &name[..i]);
-                children = self
-                    .entries
-                    .range::<str, _>((Bound::Included(past.as_str()), Bound::Unbounded));
+                children = self.entries.iter_from(&past);
                 continue;
             }
             match fd.stat(name) {
-                Ok(meta) if unchanged(seen, &meta) => {
+                Ok(meta) if unchanged(&seen, &meta) => {
                     if meta.is_dir() {
                         subdirs.push((path.clone(), meta));
                     }
@@ -844,6 +842,7 @@ impl Tree {
             }
             looked += 1;
         }
+        drop(children);
         self.looked += looked;
         self.tick();
         for (path, meta) in subdirs {
@@ -946,9 +945,7 @@ impl Tree {
         // hide them (frozen).
         let prefix = dir.map_or_else(String::new, |d| format!("{d}/"));
         let mut gone = Vec::new();
-        let mut cached = self
-            .entries
-            .range::<str, _>((Bound::Included(prefix.as_str()), Bound::Unbounded));
+        let mut cached = self.entries.iter_from(&prefix);
         while let Some((path, _)) = cached.next() {
             let Some(rest) = path.as_str().strip_prefix(prefix.as_str()) else {
                 break;
@@ -963,16 +960,15 @@ impl Tree {
                 // Its own walk saw to what is beneath it, or it is kept as it was.
                 Fate::Walked | Fate::Kept if beneath => {
                     let past = format!("{prefix}{name}0");
-                    cached = self
-                        .entries
-                        .range::<str, _>((Bound::Included(past.as_str()), Bound::Unbounded));
+                    cached = self.entries.iter_from(&past);
                 }
                 Fate::Walked | Fate::Kept => {}
                 Fate::Scanned if !beneath => {}
-                _ if self.is_frozen(path) => frozen = true,
+                _ if self.is_frozen(&path) => frozen = true,
                 _ => gone.push(path.clone()),
             }
         }
+        drop(cached);
         for path in gone {
             let old = self.put(path.clone(), None);
             changes.push(Changed {
@@ -1007,13 +1003,13 @@ impl Tree {
 
     /// Whether the cache has `path` or anything beneath it.
     fn has_subtree(&self, path: &RelPath) -> bool {
-        let (lo, hi) = (format!("{path}/"), format!("{path}0"));
+        let lo = format!("{path}/");
         self.entries.contains_key(path)
             || self
                 .entries
-                .range::<str, _>((Bound::Included(lo.as_str()), Bound::Excluded(hi.as_str())))
+                .iter_from(&lo)
                 .next()
-                .is_some()
+                .is_some_and(|(k, _)| k.as_str().starts_with(&lo))
     }
 
     /// Reports the progress of a `scan_all`, if it is time to.
@@ -1151,8 +1147,11 @@ mod tests {
     }
 
     /// Cached paths, sorted.
-    fn cached(t: &Tree) -> Vec<&str> {
-        t.entries().keys().map(RelPath::as_str).collect()
+    fn cached(t: &Tree) -> Vec<String> {
+        t.entries()
+            .iter()
+            .map(|(k, _)| k.as_str().to_string())
+            .collect()
     }
 
     #[test]

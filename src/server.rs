@@ -20,6 +20,7 @@ use crate::agent::{self, hex, AUTH_TIMEOUT, IDLE_TIMEOUT};
 use crate::beneath::Stat;
 use crate::core::entry::{check_target, Entry, Kind};
 use crate::core::index::{Index, Record, Retention, Stored, StoredRef, MARK_EVERY_SECS};
+use crate::core::layered::Layered;
 use crate::core::path::RelPath;
 use crate::core::renames::{detect_renames, Changed, Seen};
 use crate::core::tracked::worth_repacking;
@@ -111,7 +112,7 @@ struct Saved {
 #[derive(Serialize)]
 struct SavedRef<'a> {
     index: StoredRef<'a>,
-    local: &'a BTreeMap<RelPath, Seen>,
+    local: &'a Layered<Seen>,
 }
 
 /// One journal record: what changed in the index and the tree cache.
@@ -971,9 +972,10 @@ impl Server {
             .live_paths(&self.tree)
             .filter(|p| self.tree.get(p).is_none())
             .filter(|p| {
-                !self
-                    .tree
-                    .ignores(p, self.index.entry(&self.tree, p).map(Entry::is_dir))
+                !self.tree.ignores(
+                    p,
+                    self.index.entry(&self.tree, p).as_ref().map(Entry::is_dir),
+                )
             })
             .cloned()
             .collect();
@@ -1225,7 +1227,7 @@ impl Server {
                         let ok = e.kind == Kind::File
                             && e.size <= PACK_FILE_MAX
                             && bytes + e.size <= PACK_MAX_BYTES
-                            && self.index.entry(&self.tree, &path) == Some(&e)
+                            && self.index.entry(&self.tree, &path).as_ref() == Some(&e)
                             && !self.tree.ignores(&path, Some(false));
                         bytes += if ok { e.size } else { 0 };
                         ok.then_some((path, e))
@@ -1368,11 +1370,11 @@ impl Server {
         paths.dedup();
         let tree = &self.tree;
         for p in agent::apply_order(paths, |p| tree.get(p).is_none()) {
-            let disk = self.tree.get(&p).map(|s| s.entry.clone());
-            let is_dir = disk
-                .as_ref()
-                .or(self.index.entry(&self.tree, &p))
-                .map(Entry::is_dir);
+            let disk = self.tree.get(&p).map(|s| s.entry);
+            let is_dir = match &disk {
+                Some(e) => Some(e.is_dir()),
+                None => self.index.entry(&self.tree, &p).map(|e| e.is_dir()),
+            };
             if self.tree.ignores(&p, is_dir) {
                 continue;
             }
@@ -1484,12 +1486,8 @@ impl Server {
             _ => {
                 self.counted_at = Some(Instant::now());
                 let live = self.index.live_count(&self.tree) as u64;
-                let bytes = self
-                    .tree
-                    .entries()
-                    .values()
-                    .map(|s| s.entry.size)
-                    .sum::<u64>();
+                let mut bytes = 0;
+                self.tree.entries().for_each(|_, s| bytes += s.entry.size);
                 Some((live, bytes))
             }
         };
@@ -1660,7 +1658,7 @@ impl Server {
         } else {
             self.refresh(path)
         };
-        let current = self.index.entry(&self.tree, path).cloned();
+        let current = self.index.entry(&self.tree, path);
         let conflict = |current: Option<Entry>| Outcome::Conflict { current };
         // A program writing `path` while the commit runs is caught by `install_file`.
         let result: anyhow::Result<Outcome> = match op {
@@ -1747,7 +1745,7 @@ impl Server {
                     return (conflict(current), changes);
                 }
                 // What the link replaces must still be what the index was just refreshed from.
-                let expect = self.tree.get(path).cloned();
+                let expect = self.tree.get(path);
                 match fsops::make_link(&self.root, path, &target, expect.as_ref()) {
                     Ok(installed) => Ok(self.installed(path, installed, &mut changes)),
                     Err(e) if e.raw_os_error() == Some(nix::libc::EPERM) => Ok(Outcome::Failed {
@@ -1846,7 +1844,7 @@ impl Server {
         if let Some((part, meta)) = self.pack_parts.get(staged) {
             // Checked by `split_pack` and out of the client's reach since; synced already,
             // and a trip to a thread would cost more than the rename.
-            let expect = self.tree.get(path).cloned();
+            let expect = self.tree.get(path);
             let installed =
                 fsops::install_unsynced(&self.root, meta, part, path, &entry, expect.as_ref())?;
             if matches!(installed, fsops::Install::Done { .. }) {
@@ -1859,7 +1857,7 @@ impl Server {
         let rel = path.clone();
         let staged = staged.to_string();
         // What the upload replaces must still be what the index was just refreshed from.
-        let expect = self.tree.get(path).cloned();
+        let expect = self.tree.get(path);
         let receipts = self.receipts.clone();
         let install = move || -> anyhow::Result<Option<fsops::Install>> {
             let file = open_staged(&staged_path)
@@ -1909,7 +1907,7 @@ impl Server {
                 // decides again against it (an upload stays staged for a retry).
                 changes.extend(self.refresh(path));
                 Outcome::Conflict {
-                    current: self.index.entry(&self.tree, path).cloned(),
+                    current: self.index.entry(&self.tree, path),
                 }
             }
             fsops::Install::Done {

@@ -12,12 +12,13 @@ use serde::ser::SerializeMap;
 use serde::Serialize;
 
 use super::entry::Entry;
+use super::layered::Layered;
 use super::path::{keys_under, RelPath};
 use super::renames::Seen;
 use super::tracked::Written;
 
 /// The cache a base is kept against.
-pub type Cache = BTreeMap<RelPath, Seen>;
+pub type Cache = Layered<Seen>;
 
 /// The base, as the paths where it differs from the cache. Every method that reads it takes
 /// the cache it is kept against; the cache's owner calls `cache_changed` on every write.
@@ -36,13 +37,13 @@ impl Base {
     /// The base `full`, kept against `cache`.
     pub fn new(full: BTreeMap<RelPath, Entry>, cache: &Cache) -> Base {
         let unbased = cache
-            .keys()
-            .filter(|p| !full.contains_key(*p))
-            .cloned()
+            .iter()
+            .map(|(p, _)| p)
+            .filter(|p| !full.contains_key(p))
             .collect();
         let apart = full
             .into_iter()
-            .filter(|(p, e)| cache.get(p).map(|s| &s.entry) != Some(e))
+            .filter(|(p, e)| cache.get(p.as_str()).map(|s| s.entry).as_ref() != Some(e))
             .collect();
         Base {
             apart,
@@ -81,10 +82,10 @@ impl Base {
     }
 
     /// The base of `path`.
-    pub fn get<'a>(&'a self, cache: &'a Cache, path: &RelPath) -> Option<&'a Entry> {
+    pub fn get(&self, cache: &Cache, path: &RelPath) -> Option<Entry> {
         match self.pinned(path) {
-            Some(b) => b,
-            None => cache.get(path).map(|s| &s.entry),
+            Some(b) => b.cloned(),
+            None => cache.get(path.as_str()).map(|s| s.entry),
         }
     }
 
@@ -101,7 +102,7 @@ impl Base {
     /// Sets the base of `path` (`None`: none).
     pub fn set(&mut self, cache: &Cache, path: &RelPath, base: Option<Entry>) {
         self.written.mark(path, cache.len());
-        if cache.get(path).map(|s| &s.entry) == base.as_ref() {
+        if cache.get(path.as_str()).map(|s| s.entry) == base {
             self.unpin(path);
         } else {
             self.pin(path, base);
@@ -122,7 +123,10 @@ impl Base {
 
     /// How many paths have a base.
     pub fn len(&self, cache: &Cache) -> usize {
-        let uncached = self.apart.keys().filter(|p| !cache.contains_key(*p));
+        let uncached = self
+            .apart
+            .keys()
+            .filter(|p| !cache.contains_key(p.as_str()));
         cache.len() + uncached.count() - self.unbased.len()
     }
 
@@ -140,21 +144,25 @@ impl Base {
 
     /// `path` and every path beneath it that has a base, in order.
     pub fn keys_under(&self, cache: &Cache, path: &RelPath) -> Vec<RelPath> {
-        let mut keys = keys_under(cache, path);
+        let mut keys = cache.keys_under(path);
         keys.retain(|k| !self.unbased.contains(k));
         keys.extend(
             keys_under(&self.apart, path)
                 .into_iter()
-                .filter(|k| !cache.contains_key(k)),
+                .filter(|k| !cache.contains_key(k.as_str())),
         );
         keys.sort_unstable();
         keys
     }
 
     /// Every path with a base, in order.
-    pub fn iter<'a>(&'a self, cache: &'a Cache) -> impl Iterator<Item = (&'a RelPath, &'a Entry)> {
-        let mut cached = cache.iter().map(|(p, s)| (p, &s.entry)).peekable();
-        let mut apart = self.apart.iter().peekable();
+    pub fn iter<'a>(&'a self, cache: &'a Cache) -> impl Iterator<Item = (RelPath, Entry)> + 'a {
+        let mut cached = cache.iter().map(|(p, s)| (p, s.entry)).peekable();
+        let mut apart = self
+            .apart
+            .iter()
+            .map(|(p, e)| (p.clone(), e.clone()))
+            .peekable();
         std::iter::from_fn(move || loop {
             let first_apart = match (cached.peek(), apart.peek()) {
                 (None, None) => return None,
@@ -164,11 +172,11 @@ impl Base {
             };
             if first_apart {
                 let pair = apart.next();
-                cached.next_if(|(c, _)| Some(*c) == pair.map(|(a, _)| a));
+                cached.next_if(|(c, _)| Some(c) == pair.as_ref().map(|(a, _)| a));
                 return pair;
             }
             let (p, e) = cached.next()?;
-            if !self.unbased.contains(p) {
+            if !self.unbased.contains(&p) {
                 return Some((p, e));
             }
         })
@@ -180,7 +188,7 @@ impl Base {
             .take()
             .into_iter()
             .map(|p| {
-                let b = self.get(cache, &p).cloned();
+                let b = self.get(cache, &p);
                 (p, b)
             })
             .collect()
@@ -205,7 +213,7 @@ impl Serialize for Whole<'_> {
         let len = self.base.iter(self.cache).count();
         let mut map = s.serialize_map(Some(len))?;
         for (p, e) in self.base.iter(self.cache) {
-            map.serialize_entry(p, e)?;
+            map.serialize_entry(&p, &e)?;
         }
         map.end()
     }
@@ -243,9 +251,9 @@ mod tests {
                 Some(e) => self.cache.insert(path.clone(), Seen { entry: e, ino: 1 }),
                 None => self.cache.remove(path),
             };
-            let cached = self.cache.get(path).map(|s| &s.entry);
+            let cached = self.cache.get(path).map(|s| s.entry);
             self.base
-                .cache_changed(path, old.as_ref().map(|s| &s.entry), cached);
+                .cache_changed(path, old.as_ref().map(|s| &s.entry), cached.as_ref());
         }
 
         fn set(&mut self, path: &RelPath, base: Option<Entry>) {
@@ -265,8 +273,13 @@ mod tests {
             assert_eq!(listed, self.whole);
             assert_eq!(self.base.iter(&self.cache).count(), self.whole.len());
             assert_eq!(self.base.len(&self.cache), self.whole.len());
-            for k in self.whole.keys().chain(self.cache.keys()) {
-                assert_eq!(self.base.get(&self.cache, k), self.whole.get(k), "{k}");
+            let cached: Vec<RelPath> = self.cache.iter().map(|(k, _)| k).collect();
+            for k in self.whole.keys().chain(&cached) {
+                assert_eq!(
+                    self.base.get(&self.cache, k).as_ref(),
+                    self.whole.get(k),
+                    "{k}"
+                );
             }
             // Only what differs is stored, once.
             let differing: Vec<&RelPath> = self.base.differing().collect();
@@ -275,7 +288,7 @@ mod tests {
             for k in differing {
                 assert_ne!(
                     self.base.get(&self.cache, k),
-                    self.cache.get(k).map(|s| &s.entry)
+                    self.cache.get(k).map(|s| s.entry)
                 );
             }
             let encoded = postcard::to_allocvec(&self.base.whole(&self.cache)).unwrap();
@@ -293,7 +306,7 @@ mod tests {
             .map(|s| p(s))
             .collect();
         let mut m = Model {
-            cache: Cache::new(),
+            cache: Cache::default(),
             base: Base::default(),
             whole: BTreeMap::new(),
         };
@@ -335,7 +348,7 @@ mod tests {
 
     #[test]
     fn changes_are_journaled_with_their_values_now() {
-        let mut cache = Cache::new();
+        let mut cache = Cache::default();
         let mut base = Base::default();
         let (x, y) = (p("x"), p("y"));
         cache.insert(

@@ -27,7 +27,7 @@ use crate::proto::msg::Change;
 /// record of it (the index is the only writer).
 pub trait Entries {
     /// The live entry at `path`.
-    fn entry(&self, path: &RelPath) -> Option<&Entry>;
+    fn entry(&self, path: &RelPath) -> Option<Entry>;
     /// Sets the entry at `path` (`None`: removes it).
     fn put_entry(&mut self, path: &RelPath, entry: Option<Entry>);
     /// How many paths have an entry.
@@ -36,8 +36,8 @@ pub trait Entries {
 
 /// Entries kept whole, for tests and tools.
 impl Entries for BTreeMap<RelPath, Entry> {
-    fn entry(&self, path: &RelPath) -> Option<&Entry> {
-        self.get(path)
+    fn entry(&self, path: &RelPath) -> Option<Entry> {
+        self.get(path).cloned()
     }
 
     fn put_entry(&mut self, path: &RelPath, entry: Option<Entry>) {
@@ -179,7 +179,7 @@ impl Index {
     }
 
     /// The current entry at `path` (`None` if absent or deleted).
-    pub fn entry<'a>(&self, entries: &'a impl Entries, path: &RelPath) -> Option<&'a Entry> {
+    pub fn entry(&self, entries: &impl Entries, path: &RelPath) -> Option<Entry> {
         entries.entry(path)
     }
 
@@ -207,7 +207,7 @@ impl Index {
     pub fn live_subtree(&self, entries: &impl Entries, path: &RelPath) -> Vec<(RelPath, Entry)> {
         super::path::keys_under(&self.stamps, path)
             .into_iter()
-            .filter_map(|p| entries.entry(&p).cloned().map(|e| (p, e)))
+            .filter_map(|p| entries.entry(&p).map(|e| (p, e)))
             .collect()
     }
 
@@ -239,7 +239,7 @@ impl Index {
             .into_iter()
             .map(|(p, seq)| {
                 let record = seq.map(|seq| Record {
-                    entry: entries.entry(&p).cloned(),
+                    entry: entries.entry(&p),
                     seq,
                     moved_from: self.moved_from(&p).cloned(),
                 });
@@ -267,7 +267,7 @@ impl Index {
     /// path ignore rules stopped hiding, which replicas may have skipped. `None` if it is not
     /// live.
     pub fn announce(&mut self, entries: &impl Entries, path: &RelPath) -> Option<Change> {
-        let entry = entries.entry(path)?.clone();
+        let entry = entries.entry(path)?;
         self.stamp(path, None);
         Some(Change {
             seq: self.seq,
@@ -286,7 +286,7 @@ impl Index {
         moved_from: Option<RelPath>,
     ) -> Option<Change> {
         // Equal also when both are `None`: deleting what has no entry is no change.
-        if entries.entry(path) == entry.as_ref() {
+        if entries.entry(path) == entry {
             return None;
         }
         self.stamp(path, moved_from.clone());
@@ -413,7 +413,7 @@ impl Index {
             .map(|(p, seq)| Change {
                 seq: *seq,
                 path: p.clone(),
-                entry: entries.entry(p).cloned(),
+                entry: entries.entry(p),
                 moved_from: self.moved_from(p).cloned(),
                 target: None,
             })
@@ -475,7 +475,7 @@ impl std::fmt::Debug for Records<'_> {
 /// A record borrowed, encoded as a `Record`.
 #[derive(Serialize)]
 struct RecordRef<'a> {
-    entry: Option<&'a Entry>,
+    entry: Option<Entry>,
     seq: u64,
     moved_from: Option<&'a RelPath>,
 }
@@ -555,7 +555,7 @@ mod tests {
         ix.set(&mut es, &p("gone"), None);
         let c = ix.announce(&es, &p("a")).unwrap();
         assert_eq!((c.seq, c.entry, c.moved_from), (5, file("1"), None));
-        assert_eq!(ix.entry(&es, &p("a")), file("1").as_ref());
+        assert_eq!(ix.entry(&es, &p("a")), file("1"));
         let since: Vec<String> = ix
             .changes_since(&es, 4)
             .into_iter()

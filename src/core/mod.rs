@@ -4,6 +4,7 @@
 pub mod base;
 pub mod entry;
 pub mod index;
+pub mod layered;
 pub mod packed;
 pub mod path;
 pub mod plan;

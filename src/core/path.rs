@@ -249,6 +249,12 @@ impl From<RelPath> for String {
 }
 
 /// Lets ordered maps keyed by `RelPath` be searched by `&str` ranges (same ordering).
+impl AsRef<str> for RelPath {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
 impl std::borrow::Borrow<str> for RelPath {
     fn borrow(&self) -> &str {
         &self.0
