@@ -487,7 +487,8 @@ impl Client {
     /// or a large copy (`tracked::worth_repacking`).
     fn repack_if_grown(&mut self) {
         let now = self.tree.entries().len();
-        if worth_repacking(self.packed_len, now) && self.tree.repack() {
+        if worth_repacking(self.packed_len, now) {
+            self.tree.repack();
             log::debug!("repacked the cache ({now} paths)");
             self.packed_len = now;
         }

@@ -77,8 +77,12 @@ mod heap {
     const MMAP_THRESHOLD: i32 = 1 << 20;
     /// `mallopt`'s parameter for it (glibc's malloc.h).
     const M_MMAP_THRESHOLD: i32 = -3;
+    /// `mallopt`'s parameter for the most arenas (glibc's malloc.h).
+    const M_ARENA_MAX: i32 = -8;
     /// How often the thread looks.
     const TICK: Duration = Duration::from_secs(1);
+    /// After a trim, the wait before the one that takes what the end of the work freed.
+    const TAIL: Duration = Duration::from_secs(3);
     /// During steady work, a trim at least this many ticks apart.
     const BUSY_TICKS: u32 = 10;
 
@@ -128,6 +132,10 @@ mod heap {
         if unsafe { mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) } == 0 {
             eprintln!("ferry: cannot set malloc's mmap threshold");
         }
+        // SAFETY: as above.
+        if unsafe { mallopt(M_ARENA_MAX, 1) } == 0 {
+            eprintln!("ferry: cannot set malloc's arena count");
+        }
         let spawned = std::thread::Builder::new()
             .name("heap-trim".into())
             .spawn(|| {
@@ -151,6 +159,14 @@ mod heap {
                     FREED.store(0, Relaxed);
                     // SAFETY: malloc_trim only releases free pages; it is thread-safe.
                     unsafe { malloc_trim(0) };
+                    // What is freed as the work winds down (the last batch, a map folded at
+                    // its end) is less than WORTH and would stay resident: one more trim once
+                    // it has settled. An idle agent is not woken again.
+                    std::thread::sleep(TAIL);
+                    if FREED.load(Relaxed) < WORTH && FREED.swap(0, Relaxed) > 0 {
+                        // SAFETY: as above.
+                        unsafe { malloc_trim(0) };
+                    }
                 }
             });
         match spawned {

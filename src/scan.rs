@@ -41,7 +41,6 @@ use crate::core::index::Entries;
 use crate::core::layered::Layered;
 use crate::core::path::{RelPath, STATE_DIR};
 use crate::core::renames::{Changed, Seen};
-use crate::core::tracked::{self, Tracked};
 use crate::ignore::{Rules, IGNORE_FILE};
 
 /// A tree keeps a base once given one (`keep_base`); asking before is a bug.
@@ -358,20 +357,9 @@ impl Tree {
         &self.entries
     }
 
-    /// Folds the cache's changes into its table, and moves `other` into fresh packed memory
-    /// (see `tracked::repack`).
-    pub fn repack_with<V>(&mut self, other: &mut Tracked<V>) -> bool
-    where
-        V: serde::Serialize + serde::de::DeserializeOwned,
-    {
+    /// Folds the cache's changes into its packed table (see `core::layered`).
+    pub fn repack(&mut self) {
         self.entries.fold();
-        tracked::repack(other, &mut Tracked::<()>::default())
-    }
-
-    /// Folds the cache's changes into its table (its base, apart, is small).
-    pub fn repack(&mut self) -> bool {
-        self.entries.fold();
-        true
     }
 
     /// Keeps `full` as the base from now on (see `core::base`): a client's, or the server's

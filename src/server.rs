@@ -582,8 +582,6 @@ async fn serve(cfg: ServerConfig, stop: Receiver<nix::sys::signal::Signal>) -> a
         .with_context(|| format!("cannot watch {}", root.display()))?;
 
     let (events_tx, events_rx) = async_channel::bounded(MAX_QUEUED_EVENTS);
-    // Loaded separately, the cache and the index share their paths' text from here on.
-    let local = index.share_keys(local);
     let receipts = Receipts::default();
     let mut server = Server {
         root: root.clone(),
@@ -977,7 +975,6 @@ impl Server {
                     self.index.entry(&self.tree, p).as_ref().map(Entry::is_dir),
                 )
             })
-            .cloned()
             .collect();
         if !missing.is_empty() {
             if let Err(lost) = self.tree.check_root() {
@@ -1013,10 +1010,9 @@ impl Server {
     /// first upload or a large copy (`tracked::worth_repacking`).
     fn repack_if_grown(&mut self) {
         let now = self.tree.entries().len();
-        let tree = &mut self.tree;
-        if worth_repacking(self.packed_len, now)
-            && self.index.repack_with(|records| tree.repack_with(records))
-        {
+        if worth_repacking(self.packed_len, now) {
+            self.tree.repack();
+            self.index.repack();
             log::debug!("repacked the index and the cache ({now} paths)");
             self.packed_len = now;
         }

@@ -19,8 +19,8 @@ use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize};
 
 use super::entry::Entry;
+use super::layered::Layered;
 use super::path::{BadPath, RelPath};
-use super::tracked::Tracked;
 use crate::proto::msg::Change;
 
 /// Where the index's entries are kept. A path has an entry only while the index has a
@@ -120,7 +120,7 @@ pub struct Index {
     pub marks: Vec<(u64, u64)>,
     /// The seq of every path with a record (live or a tombstone): what the index itself keeps
     /// of a path, 16 bytes and its share of a node.
-    stamps: Tracked<u64>,
+    stamps: Layered<u64>,
     /// Where each path whose record was made by a rename came from. Apart, because few are:
     /// an `Option<RelPath>` beside every seq cost each path 8 bytes more, and a node's share.
     /// Only paths in `stamps` are here, each with the `moved_from` of its record.
@@ -158,7 +158,7 @@ impl Index {
             seq: stored.seq,
             horizon: stored.horizon,
             marks: stored.marks,
-            stamps: Tracked::from(stamps),
+            stamps: Layered::from(stamps),
             moved,
         };
         (index, entries.into_iter().collect())
@@ -185,7 +185,7 @@ impl Index {
 
     /// The seq of `path`'s last change, if the index has a record of it.
     pub fn seq_of(&self, path: &RelPath) -> Option<u64> {
-        self.stamps.get(path).copied()
+        self.stamps.get(path)
     }
 
     /// Where `path`'s record says it was renamed from, if a rename made it.
@@ -205,26 +205,16 @@ impl Index {
 
     /// Live entries at and beneath `path`.
     pub fn live_subtree(&self, entries: &impl Entries, path: &RelPath) -> Vec<(RelPath, Entry)> {
-        super::path::keys_under(&self.stamps, path)
+        self.stamps
+            .keys_under(path)
             .into_iter()
             .filter_map(|p| entries.entry(&p).map(|e| (p, e)))
             .collect()
     }
 
-    /// `map` with its keys sharing their text with the index's (see `path::share_keys`): for
-    /// the tree cache loaded beside the index, whose paths are mostly the same.
-    pub fn share_keys<V>(&self, map: BTreeMap<RelPath, V>) -> BTreeMap<RelPath, V> {
-        super::path::share_keys(map, &self.stamps)
-    }
-
-    /// Hands the index's own map to `repack` (see `tracked::repack`), which moves it with the
-    /// tree cache whose keys it shares; the renames' map then shares the moved map's keys.
-    pub fn repack_with(&mut self, repack: impl FnOnce(&mut Tracked<u64>) -> bool) -> bool {
-        let repacked = repack(&mut self.stamps);
-        if repacked && !self.moved.is_empty() {
-            self.moved = super::path::share_keys(std::mem::take(&mut self.moved), &self.stamps);
-        }
-        repacked
+    /// Folds the seqs' recent changes into their packed table (see `core::layered`).
+    pub fn repack(&mut self) {
+        self.stamps.fold();
     }
 
     /// Number of live entries.
@@ -366,7 +356,7 @@ impl Index {
         let forget: Vec<RelPath> = self
             .tombstones_iter(entries)
             .filter(|(_, seq)| *seq <= cutoff)
-            .map(|(p, _)| p.clone())
+            .map(|(p, _)| p)
             .collect();
         for p in &forget {
             self.stamps.remove(p);
@@ -386,11 +376,10 @@ impl Index {
     fn tombstones_iter<'a>(
         &'a self,
         entries: &'a impl Entries,
-    ) -> impl Iterator<Item = (&'a RelPath, u64)> {
+    ) -> impl Iterator<Item = (RelPath, u64)> + 'a {
         self.stamps
             .iter()
             .filter(|(p, _)| entries.entry(p).is_none())
-            .map(|(p, seq)| (p, *seq))
     }
 
     /// Whether a client that applied everything up to `since` can catch up change by change
@@ -409,12 +398,12 @@ impl Index {
         let mut out: Vec<Change> = self
             .stamps
             .iter()
-            .filter(|(_, seq)| **seq > since)
+            .filter(|(_, seq)| *seq > since)
             .map(|(p, seq)| Change {
-                seq: *seq,
-                path: p.clone(),
-                entry: entries.entry(p),
-                moved_from: self.moved_from(p).cloned(),
+                seq,
+                entry: entries.entry(&p),
+                moved_from: self.moved_from(&p).cloned(),
+                path: p,
                 target: None,
             })
             .collect();
@@ -428,10 +417,10 @@ impl Index {
             .stamps
             .iter()
             .filter_map(|(p, seq)| {
-                entries.entry(p).map(|e| Change {
-                    seq: *seq,
-                    path: p.clone(),
-                    entry: Some(e.clone()),
+                entries.entry(&p).map(|e| Change {
+                    seq,
+                    path: p,
+                    entry: Some(e),
                     moved_from: None,
                     target: None,
                 })
@@ -445,8 +434,11 @@ impl Index {
     pub fn live_paths<'a>(
         &'a self,
         entries: &'a impl Entries,
-    ) -> impl Iterator<Item = &'a RelPath> {
-        self.stamps.keys().filter(|p| entries.entry(p).is_some())
+    ) -> impl Iterator<Item = RelPath> + 'a {
+        self.stamps
+            .iter()
+            .map(|(p, _)| p)
+            .filter(|p| entries.entry(p).is_some())
     }
 }
 
@@ -486,11 +478,11 @@ impl Serialize for Records<'_> {
         let mut map = s.serialize_map(Some(stamps.len()))?;
         for (p, seq) in stamps.iter() {
             let record = RecordRef {
-                entry: self.entries.entry(p),
-                seq: *seq,
-                moved_from: self.index.moved_from(p),
+                entry: self.entries.entry(&p),
+                seq,
+                moved_from: self.index.moved_from(&p),
             };
-            map.serialize_entry(p, &record)?;
+            map.serialize_entry(&p, &record)?;
         }
         map.end()
     }
@@ -725,16 +717,9 @@ mod tests {
         ix.rename(&mut es, &p("d"), &p("e"));
         ix.take_changes(&es);
         let before = ix.changes_since(&es, 0);
-        assert!(ix.repack_with(|seqs| super::super::tracked::repack(
-            seqs,
-            &mut Tracked::<()>::default()
-        )));
+        ix.repack();
         assert_eq!(ix.changes_since(&es, 0), before);
         assert_eq!(ix.moved_from(&p("e/x")), Some(&p("d/x")));
-        for k in ix.moved.keys() {
-            let (kept, _) = ix.stamps.get_key_value(k).unwrap();
-            assert!(std::ptr::eq(kept.as_str(), k.as_str()), "{k} not shared");
-        }
     }
 
     /// The index keeps seqs and borrows its entries; saved, it must be the records whole, as
@@ -759,9 +744,9 @@ mod tests {
                 .iter()
                 .map(|(k, seq)| {
                     let record = Record {
-                        entry: es.get(k).cloned(),
-                        seq: *seq,
-                        moved_from: ix.moved.get(k).cloned(),
+                        entry: es.get(&k).cloned(),
+                        seq,
+                        moved_from: ix.moved.get(&k).cloned(),
                     };
                     (k.clone(), record)
                 })

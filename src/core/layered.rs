@@ -22,7 +22,7 @@ use super::tracked::Written;
 const FOLD_MIN: usize = 1024;
 
 /// A map of paths: a packed table and the changes made since it was built.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Layered<V> {
     packed: Packed<V>,
     /// Paths written since the table was built: their value, or `None` where the table has
