@@ -354,11 +354,7 @@ impl Client {
         })
         .detach();
         let id = replica_id(&cfg.root).context("cannot read or create the replica's id")?;
-        // Loaded separately, the cache and the base share their paths' text from here on.
-        let mut tree = Tree::new(
-            cfg.root.clone(),
-            crate::core::path::share_keys(saved.local, &saved.base),
-        );
+        let mut tree = Tree::new(cfg.root.clone(), saved.local);
         tree.keep_base(saved.base);
         let mut client = Client {
             id,
@@ -483,8 +479,8 @@ impl Client {
         self.dirty.extend(changes.into_iter().map(|c| c.path));
     }
 
-    /// Repacks the cache (`tracked::repack`; the base beside it is small) after a first sync
-    /// or a large copy (`tracked::worth_repacking`).
+    /// Folds the cache's changes into its packed table (see `core::layered`; the base beside
+    /// it is small) after a first sync or a large copy (`tracked::worth_repacking`).
     fn repack_if_grown(&mut self) {
         let now = self.tree.entries().len();
         if worth_repacking(self.packed_len, now) {

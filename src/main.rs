@@ -22,7 +22,8 @@ fn main() -> ExitCode {
 /// returns every free page. It is called from a small thread once a MiB or more was freed
 /// and the freeing has stopped for a moment (or every few seconds during long work), so a
 /// busy agent does not fault its pages back in at every step. The thread sleeps (parked, no
-/// timer) until the count of freed bytes crosses a MiB, so an idle agent never wakes it.
+/// timer) until the count of freed bytes crosses a MiB, so an idle agent never wakes it; after
+/// a trim it looks once more a few seconds on, for what the end of the work freed.
 ///
 /// Blocks of a MiB or more are mapped on their own (`M_MMAP_THRESHOLD`), and unmapped when
 /// freed. glibc starts at 128 KiB but raises that bound to the size of each large block freed,
@@ -31,6 +32,10 @@ fn main() -> ExitCode {
 /// in free pieces whose edges stay resident. Fixed at a MiB: idle after a first sync of
 /// 100,000 files, server 30.5 → 27.5 MiB and client 27.5 → 23.8 MiB; their peaks 69 → 55 and
 /// 62 → 56 MiB.
+///
+/// One arena for every thread (`M_ARENA_MAX`): glibc gives each thread that allocates an arena
+/// of its own, and each kept half a MiB or so resident of what its thread had freed. The
+/// agents' threads allocate little and rarely at once, so they do not queue on the one lock.
 ///
 /// Only the binary does this (the library keeps unsafe code to `core::text`), and only on
 /// glibc: musl's and bionic's allocators map large blocks on their own and return memory by

@@ -441,7 +441,7 @@ impl Tree {
         self.entries.take_changes()
     }
 
-    /// Forgets what changed, for a cache about to be saved whole (`Tracked::forget_changes`).
+    /// Forgets what changed, for a cache about to be saved whole (`Layered::forget_changes`).
     pub fn forget_changes(&mut self) {
         self.entries.forget_changes()
     }

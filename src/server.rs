@@ -1006,8 +1006,9 @@ impl Server {
         Ok(())
     }
 
-    /// Repacks the index and the tree cache (`tracked::repack`) after the start's scan, a
-    /// first upload or a large copy (`tracked::worth_repacking`).
+    /// Folds the index's and the tree cache's changes into their packed tables (see
+    /// `core::layered`) after the start's scan, a first upload or a large copy
+    /// (`tracked::worth_repacking`).
     fn repack_if_grown(&mut self) {
         let now = self.tree.entries().len();
         if worth_repacking(self.packed_len, now) {

@@ -237,10 +237,10 @@ fn check_index(ops: &[IndexOp]) {
                 let Some(p) = p.get() else { continue };
                 let e = entry(e);
                 let had = ix.seq_of(&p).is_some();
-                let old = ix.entry(&es, &p).cloned();
+                let old = ix.entry(&es, &p);
                 let c = ix.set(&mut es, &p, e.clone());
                 assert_eq!(c.is_some(), old != e && (e.is_some() || had));
-                assert_eq!(ix.entry(&es, &p), e.as_ref());
+                assert_eq!(ix.entry(&es, &p), e);
                 changes.extend(c);
             }
             IndexOp::Rename(from, to) => {
@@ -248,7 +248,7 @@ fn check_index(ops: &[IndexOp]) {
                     continue;
                 };
                 // What the server checks first (see `Server::commit` and `ingest`).
-                let moved = ix.entry(&es, &from).cloned();
+                let moved = ix.entry(&es, &from);
                 if moved.is_none() || ix.entry(&es, &to).is_some() || to.starts_with(&from) {
                     continue;
                 }
@@ -259,12 +259,12 @@ fn check_index(ops: &[IndexOp]) {
                     assert!(RelPath::new(bad.path.as_str()).is_err(), "{bad}");
                 }
                 assert!(ix.entry(&es, &from).is_none(), "{from} moved away");
-                assert_eq!(ix.entry(&es, &to), moved.as_ref(), "{to} holds what {from} held");
+                assert_eq!(ix.entry(&es, &to), moved, "{to} holds what {from} held");
                 assert!(ix.live_count(&es) <= live);
             }
             IndexOp::Announce(p) => {
                 let Some(p) = p.get() else { continue };
-                let live = ix.entry(&es, &p).cloned();
+                let live = ix.entry(&es, &p);
                 let c = ix.announce(&es, &p);
                 assert_eq!(c.is_some(), live.is_some());
                 changes.extend(c);

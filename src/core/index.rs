@@ -238,7 +238,7 @@ impl Index {
             .collect()
     }
 
-    /// Forgets what changed, for an index about to be saved whole (`Tracked::forget_changes`).
+    /// Forgets what changed, for an index about to be saved whole (`Layered::forget_changes`).
     pub fn forget_changes(&mut self) {
         self.stamps.forget_changes()
     }

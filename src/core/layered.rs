@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize};
 
-use super::packed::{Pack, Packed};
+use super::packed::{Builder, Pack, Packed};
 use super::path::RelPath;
 use super::tracked::Written;
 
@@ -169,8 +169,10 @@ impl<V: Pack + Clone> Layered<V> {
         if self.over.is_empty() {
             return;
         }
-        let packed = Packed::from_sorted(self.iter());
-        self.packed = packed;
+        // Room for the old table and the changes, at about a hash's size each.
+        let mut b = Builder::with_capacity(self.packed_bytes() + self.over.len() * 48);
+        self.for_each(|k, v| b.push(k, &v));
+        self.packed = b.finish();
         self.over = BTreeMap::new();
         debug_assert_eq!(self.packed.len(), self.len);
     }

@@ -22,7 +22,7 @@ use super::renames::Seen;
 pub trait Pack: Sized {
     /// What a value is coded against: what the values before it in its group left (a fresh
     /// one at the start of each group).
-    type Context: Default;
+    type Context: Default + std::fmt::Debug;
     /// Appends the value's bytes to `out`.
     fn pack(&self, cx: &mut Self::Context, out: &mut Vec<u8>);
     /// Reads a value `pack` wrote from the front of `bytes`, advancing it.
@@ -71,38 +71,11 @@ impl<V> std::fmt::Debug for Packed<V> {
 impl<V: Pack> Packed<V> {
     /// The table of `pairs`, whose keys must be strictly ascending.
     pub fn from_sorted<K: AsRef<str>>(pairs: impl IntoIterator<Item = (K, V)>) -> Packed<V> {
-        let mut bytes = Vec::new();
-        let mut groups = Vec::new();
-        let mut prev = String::new();
-        let mut len: usize = 0;
-        let mut cx = V::Context::default();
+        let mut b = Builder::with_capacity(0);
         for (key, value) in pairs {
-            let key = key.as_ref();
-            assert!(
-                len == 0 || *prev < *key,
-                "packed keys ascend: {prev:?} then {key:?}"
-            );
-            let shared = if len.is_multiple_of(GROUP) {
-                groups.push(bytes.len());
-                cx = V::Context::default();
-                0
-            } else {
-                common_prefix(prev.as_bytes(), key.as_bytes())
-            };
-            put_varint(&mut bytes, shared as u64);
-            put_varint(&mut bytes, (key.len() - shared) as u64);
-            bytes.extend_from_slice(&key.as_bytes()[shared..]);
-            value.pack(&mut cx, &mut bytes);
-            prev.clear();
-            prev.push_str(key);
-            len += 1;
+            b.push(key.as_ref(), &value);
         }
-        Packed {
-            bytes: bytes.into_boxed_slice(),
-            groups: groups.into_boxed_slice(),
-            len,
-            _values: PhantomData,
-        }
+        b.finish()
     }
 
     /// How many paths the table holds.
@@ -253,6 +226,63 @@ impl<V: Pack> Cursor<'_, V> {
         let key =
             std::str::from_utf8(&self.key).expect("packed paths are the text they were given");
         Some((key, v))
+    }
+}
+
+/// Builds a `Packed` table from pairs given in key order.
+#[derive(Debug)]
+pub struct Builder<V: Pack> {
+    bytes: Vec<u8>,
+    groups: Vec<usize>,
+    /// The last path pushed.
+    prev: String,
+    len: usize,
+    cx: V::Context,
+}
+
+impl<V: Pack> Builder<V> {
+    /// A builder with room for `bytes` bytes of records (a table being rebuilt: about its
+    /// size, so the block is not copied as it grows).
+    pub fn with_capacity(bytes: usize) -> Self {
+        Builder {
+            bytes: Vec::with_capacity(bytes),
+            groups: Vec::new(),
+            prev: String::new(),
+            len: 0,
+            cx: V::Context::default(),
+        }
+    }
+
+    /// Adds `key`, which must come after every key pushed before it, with `value`.
+    pub fn push(&mut self, key: &str, value: &V) {
+        let prev = &self.prev;
+        assert!(
+            self.len == 0 || **prev < *key,
+            "packed keys ascend: {prev:?} then {key:?}"
+        );
+        let shared = if self.len.is_multiple_of(GROUP) {
+            self.groups.push(self.bytes.len());
+            self.cx = V::Context::default();
+            0
+        } else {
+            common_prefix(prev.as_bytes(), key.as_bytes())
+        };
+        put_varint(&mut self.bytes, shared as u64);
+        put_varint(&mut self.bytes, (key.len() - shared) as u64);
+        self.bytes.extend_from_slice(&key.as_bytes()[shared..]);
+        value.pack(&mut self.cx, &mut self.bytes);
+        self.prev.clear();
+        self.prev.push_str(key);
+        self.len += 1;
+    }
+
+    pub fn finish(self) -> Packed<V> {
+        Packed {
+            bytes: self.bytes.into_boxed_slice(),
+            groups: self.groups.into_boxed_slice(),
+            len: self.len,
+            _values: PhantomData,
+        }
     }
 }
 

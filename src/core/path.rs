@@ -127,26 +127,6 @@ impl RelPath {
     }
 }
 
-/// `map` with each key that `with` also holds replaced by `with`'s copy, so the two share its
-/// text. Maps filled at run time share their keys by themselves (a path is cloned from one
-/// into the other); maps loaded from a snapshot each hold their own copies until passed here.
-/// `map` is any sequence of pairs in key order.
-pub fn share_keys<V, W>(
-    map: impl IntoIterator<Item = (RelPath, V)>,
-    with: &std::collections::BTreeMap<RelPath, W>,
-) -> std::collections::BTreeMap<RelPath, V> {
-    let mut theirs = with.keys().peekable();
-    map.into_iter()
-        .map(|(key, v)| {
-            while theirs.next_if(|t| **t < key).is_some() {}
-            match theirs.peek() {
-                Some(t) if **t == key => ((*t).clone(), v),
-                _ => (key, v),
-            }
-        })
-        .collect()
-}
-
 /// `path` and every key beneath it in a map ordered by path.
 pub fn keys_under<V>(map: &std::collections::BTreeMap<RelPath, V>, path: &RelPath) -> Vec<RelPath> {
     // Children sort between "path/" and "path0" ('0' follows '/').
@@ -372,26 +352,5 @@ mod tests {
         let err = deep.rebase(&from, &long).unwrap_err();
         assert_eq!(err.reason, "path too long");
         assert!(RelPath::new(err.path).is_err());
-    }
-
-    #[test]
-    fn shared_keys_hold_one_text() {
-        use std::collections::BTreeMap;
-        let mine: BTreeMap<RelPath, u8> = ["a", "b/c", "d"]
-            .iter()
-            .map(|p| (p.parse().unwrap(), 1))
-            .collect();
-        let theirs: BTreeMap<RelPath, ()> = ["0", "b/c", "d", "e"]
-            .iter()
-            .map(|p| (p.parse().unwrap(), ()))
-            .collect();
-        let shared = share_keys(mine.clone(), &theirs);
-        assert_eq!(shared, mine);
-        for k in shared.keys() {
-            let same = theirs
-                .get_key_value(k)
-                .is_some_and(|(t, _)| SharedStr::ptr_eq(&t.0, &k.0));
-            assert_eq!(same, k.as_str() != "a", "{k}");
-        }
     }
 }

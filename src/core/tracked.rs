@@ -4,10 +4,9 @@
 use std::collections::BTreeMap;
 use std::ops::Deref;
 
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::path::{share_keys, RelPath};
+use super::path::RelPath;
 
 /// A `BTreeMap` keyed by path whose writes are tracked. Reads go through `Deref`.
 ///
@@ -207,45 +206,6 @@ pub fn worth_repacking(then: usize, now: usize) -> bool {
     now.abs_diff(then) >= (then / 4).max(10_000)
 }
 
-/// Moves two maps keyed by the same paths (a client's base and cache, a server's index and
-/// cache) into fresh memory, packed, their keys shared. Built while a first sync or a large
-/// copy came in, their nodes and paths lie scattered among the freed remains of its messages
-/// and listings, and keep twice their size of the heap resident: a client at 100,000 files
-/// held some 40 MiB for 20 MiB of maps. Encoded, dropped, then decoded, they are carved in
-/// order from the space their old copies and those remains coalesce into.
-///
-/// Only between changes (nothing waiting to be taken: `a` and `b` are left as they are
-/// otherwise). Returns whether they were moved.
-pub fn repack<A, B>(a: &mut Tracked<A>, b: &mut Tracked<B>) -> bool
-where
-    A: Serialize + DeserializeOwned,
-    B: Serialize + DeserializeOwned,
-{
-    if !a.dirty.is_empty() || !b.dirty.is_empty() {
-        return false;
-    }
-    let Ok(packed) = postcard::to_allocvec(&(&a.map, &b.map)) else {
-        return false;
-    };
-    a.map = BTreeMap::new();
-    b.map = BTreeMap::new();
-    // A map encodes as the sequence of its pairs, in key order, and a pair of maps as one
-    // after the other: `a` is decoded and built before `b` is decoded, so the pairs of only
-    // one map are held beside the encoding. (Encoding and rebuilding one map after the other
-    // would hold less still, but leaves both agents 2-3 MiB larger at 100,000 paths: each
-    // map is then carved from holes among the other's nodes.)
-    type Pairs<V> = Vec<(RelPath, V)>;
-    const FRESH: &str = "maps decode from the encoding they were just given";
-    let (pa, rest): (Pairs<A>, &[u8]) = postcard::take_from_bytes(&packed).expect(FRESH);
-    a.map = pa.into_iter().collect();
-    let pb: Pairs<B> = postcard::from_bytes(rest).expect(FRESH);
-    drop(packed);
-    b.map = share_keys(pb, &a.map);
-    a.churn = 0;
-    b.churn = 0;
-    true
-}
-
 impl<V> From<BTreeMap<RelPath, V>> for Tracked<V> {
     /// Takes `map` (rebuilt with full nodes: it was most likely filled in key order).
     fn from(map: BTreeMap<RelPath, V>) -> Self {
@@ -280,37 +240,6 @@ mod tests {
         t.clear();
         assert_eq!(t.take_changes(), vec![(p("a"), None), (p("c"), None)]);
         assert!(t.is_empty());
-    }
-
-    #[test]
-    fn repacking_keeps_both_maps_and_shares_their_keys() {
-        let (mut a, mut b): (Tracked<u32>, Tracked<String>) = Default::default();
-        for i in 0..100u32 {
-            let k = p(&format!("d{}/f{i}", i % 7));
-            a.insert(k.clone(), i);
-            if i % 3 != 0 {
-                // Its own copy of the text, as when loaded from a snapshot.
-                b.insert(p(k.as_str()), format!("v{i}"));
-            }
-        }
-        b.insert(p("only/in/b"), "b".into());
-        // Changes not yet taken: left alone.
-        assert!(!repack(&mut a, &mut b));
-        a.take_changes();
-        b.take_changes();
-        let (was_a, was_b) = (a.map.clone(), b.map.clone());
-        assert!(repack(&mut a, &mut b));
-        assert_eq!((a.map.clone(), b.map.clone()), (was_a, was_b));
-        for (k, _) in b.iter() {
-            match a.get_key_value(k) {
-                Some((ka, _)) => assert!(std::ptr::eq(ka.as_str(), k.as_str()), "{k} not shared"),
-                None => assert_eq!(k.as_str(), "only/in/b"),
-            }
-        }
-        // Nothing to journal, and the maps work on as before.
-        assert!(a.take_changes().is_empty() && b.take_changes().is_empty());
-        a.insert(p("new"), 1);
-        assert_eq!(a.take_changes(), vec![(p("new"), Some(1))]);
     }
 
     #[test]
