@@ -5,7 +5,7 @@
 //! in full nodes (81 with the tree's inner nodes), and the path's own 32-byte allocation. Here
 //! a path is stored as what it shares with the path before it and the rest of its text (a
 //! path in a directory of 100 files is 3 or 4 bytes), and a value as its own compact bytes
-//! (`Pack`: a file's scan state is about 50 bytes, 32 of them its hash).
+//! (`Pack`: a file's scan state is about 40 bytes, 32 of them its hash).
 //!
 //! The table is immutable: it is built in one pass from pairs in key order, and read by
 //! binary search over groups of `GROUP` records (the first of each holds its path whole),
@@ -29,9 +29,9 @@ pub trait Pack: Sized {
     fn unpack(cx: &mut Self::Context, bytes: &mut &[u8]) -> Self;
 }
 
-/// Records a group; the first of each holds its path whole. Lookups walk up to this many
-/// records after the binary search: 16 keeps them under a microsecond, and the index of
-/// groups at half a byte a path.
+/// Records in a group; the first of each holds its path whole. Lookups walk up to this many
+/// records after the binary search: 16 keeps that walk short, and the index of groups at
+/// half a byte a path.
 const GROUP: usize = 16;
 
 /// A sorted, immutable table of paths and values packed into bytes.
@@ -92,9 +92,9 @@ impl<V: Pack> Packed<V> {
         self.bytes.len() + self.groups.len() * size_of::<usize>()
     }
 
-    /// The first path of group `g`, as stored (whole).
-    fn group_key(&self, g: usize) -> &[u8] {
-        let mut at = &self.bytes[self.groups[g]..];
+    /// The path of the group that starts at `start` in `bytes`, as stored (whole).
+    fn group_key(&self, start: usize) -> &[u8] {
+        let mut at = &self.bytes[start..];
         let shared = take_varint(&mut at);
         debug_assert_eq!(shared, 0);
         let rest = take_varint(&mut at) as usize;
@@ -130,7 +130,9 @@ impl<V: Pack> Packed<V> {
     pub fn cursor_at(&self, key: &str) -> Cursor<'_, V> {
         // The last group whose first path is not above `key` holds that record, if any does;
         // failing that, the first record of the next group is it.
-        let after = partition(self.groups.len(), |g| self.group_key(g) <= key.as_bytes());
+        let after = self
+            .groups
+            .partition_point(|&start| self.group_key(start) <= key.as_bytes());
         let g = after.saturating_sub(1);
         let mut c = Cursor {
             table: self,
@@ -284,20 +286,6 @@ impl<V: Pack> Builder<V> {
             _values: PhantomData,
         }
     }
-}
-
-/// The first `i` in `0..n` for which `below(i)` is false (it holds for a prefix).
-fn partition(n: usize, below: impl Fn(usize) -> bool) -> usize {
-    let (mut lo, mut hi) = (0, n);
-    while lo < hi {
-        let mid = lo + (hi - lo) / 2;
-        if below(mid) {
-            lo = mid + 1;
-        } else {
-            hi = mid;
-        }
-    }
-    lo
 }
 
 fn common_prefix(a: &[u8], b: &[u8]) -> usize {
