@@ -119,10 +119,10 @@ pub struct Index {
     /// to that seq is at least that old. Records carry no time, so this dates them.
     pub marks: Vec<(u64, u64)>,
     /// The seq of every path with a record (live or a tombstone): what the index itself keeps
-    /// of a path, 16 bytes and its share of a node.
+    /// of a path, a few bytes of packed path and seq (see `core::packed`).
     stamps: Layered<u64>,
     /// Where each path whose record was made by a rename came from. Apart, because few are:
-    /// an `Option<RelPath>` beside every seq cost each path 8 bytes more, and a node's share.
+    /// a rename's source beside every seq would cost each path for the few that have one.
     /// Only paths in `stamps` are here, each with the `moved_from` of its record.
     moved: BTreeMap<RelPath, RelPath>,
 }
@@ -706,10 +706,10 @@ mod tests {
         assert_eq!(back.changes_since(&back_es, 0), ix.changes_since(&es, 0));
     }
 
-    /// Repacked, the index keeps every record and where renames made them from, and the
-    /// renames' map shares its keys' text with the repacked seqs (a copy of each otherwise).
+    /// Repacked (its seqs folded into their table), the index keeps every record and where
+    /// renames made them from.
     #[test]
-    fn repacked_it_keeps_the_renames_with_shared_keys() {
+    fn repacked_it_keeps_every_record_and_the_renames() {
         let mut ix = Index::new(3);
         let mut es = BTreeMap::new();
         ix.set(&mut es, &p("d"), Some(Entry::dir(0o755)));

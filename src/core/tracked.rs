@@ -11,8 +11,8 @@ use super::path::RelPath;
 /// A `BTreeMap` keyed by path whose writes are tracked. Reads go through `Deref`.
 ///
 /// The map is kept dense: a `BTreeMap` filled in key order (a scan, a listing, a snapshot
-/// being loaded) leaves its nodes about half full, which for an agent's index is most of its
-/// memory. So a map that has had many keys added or removed since it was last built is
+/// being loaded) leaves its nodes about half full, nearly doubling what a large map takes
+/// (an agent's scan cache and the server's seqs are packed tables instead: `core::layered`). So a map that has had many keys added or removed since it was last built is
 /// rebuilt in one pass (full nodes) when its changes are taken, and when it is loaded.
 #[derive(Clone, Debug, Serialize)]
 #[serde(transparent)]
