@@ -189,6 +189,9 @@ struct Client {
     counted_at: Option<Instant>,
     /// How many paths the cache held when it was last repacked (see `repack_if_grown`).
     packed_len: usize,
+    /// The bytes of the pack being sent, kept from one pack to the next of a batch (see
+    /// `upload_pack`): a fresh buffer of up to `PACK_MAX_BYTES` is a page fault every 4 KiB.
+    pack_buf: Vec<u8>,
     /// See `Saved::applying`.
     applying: Tracked<Entry>,
     /// Files installed unsynced (see `sync`), whose `applying` records wait for it.
@@ -381,6 +384,7 @@ impl Client {
             _status: status,
             counted_at: None,
             packed_len: 0,
+            pack_buf: Vec::new(),
         };
         log::info!("scanning {}", client.cfg.root.display());
         let changes = client.tree.scan_all()?;
@@ -417,6 +421,8 @@ impl Client {
         let mut backoff = MIN_BACKOFF;
         loop {
             let result = self.session(&mut backoff).await;
+            // A session that failed mid-batch left its pack buffer.
+            self.pack_buf = Vec::new();
             self.flush();
             self.sync();
             if self.cfg.once {
@@ -1309,6 +1315,7 @@ impl Client {
                 }
             }
             self.send_pack(s, pack, &mut sending).await?;
+            self.pack_buf = Vec::new();
             self.finish_packs(s, &mut sending, 0).await?;
             self.send_row(s, row).await?;
         }
@@ -2064,7 +2071,10 @@ impl Client {
             }
             return Ok(None);
         }
-        let mut bytes = Vec::new();
+        // The buffer of the pack before, if this batch sent one: its pages are mapped already.
+        let mut bytes = std::mem::take(&mut self.pack_buf);
+        bytes.clear();
+        bytes.reserve(items.iter().map(|i| i.entry.size as usize).sum());
         let mut sent = Vec::with_capacity(items.len());
         for item in items {
             if fsops::append_file(&self.cfg.root, &item.path, &item.entry, &mut bytes) {
@@ -2078,6 +2088,7 @@ impl Client {
             }
         }
         if sent.is_empty() {
+            self.pack_buf = bytes;
             return Ok(None);
         }
         // Any fresh name will do (the server removes a pack once split): no need to hash the
@@ -2097,6 +2108,7 @@ impl Client {
             bytes.len()
         );
         self.stats.sent_bytes += bytes.len() as u64;
+        self.pack_buf = bytes;
         let id = s.ask_commit_pack(name, sent.clone()).await?;
         Ok(Some(Uploaded { id, sent }))
     }

@@ -425,12 +425,15 @@ impl Tree {
     /// Writes the cache at `path`, the one way it is written: a base kept beside it stays
     /// what it was.
     fn put(&mut self, path: RelPath, new: Option<Seen>) -> Option<Seen> {
+        let new_entry = self
+            .base
+            .is_some()
+            .then(|| new.as_ref().map(|s| s.entry.clone()));
         let old = match new {
             Some(s) => self.entries.insert(path.clone(), s),
             None => self.entries.remove(&path),
         };
-        if let Some(base) = &mut self.base {
-            let new = self.entries.get(&path).map(|s| s.entry);
+        if let (Some(base), Some(new)) = (&mut self.base, new_entry) {
             base.cache_changed(&path, old.as_ref().map(|s| &s.entry), new.as_ref());
         }
         old
@@ -650,17 +653,19 @@ impl Tree {
                 return Found::Unsure;
             }
         };
-        let Some(new) = self.look(dir, path, &meta) else {
+        // Looked up once: a lookup in the packed cache is a binary search and a walk.
+        let cached = self.entries.get(path);
+        let Some(new) = self.look(dir, path, &meta, cached.as_ref()) else {
             return Found::Unsure;
         };
-        if self.entries.get(path) == new {
+        if cached == new {
             // Nothing written: an unchanged entry must not reach the journal.
             if deep && meta.is_dir() {
                 self.walk_into(dir, path, Some(meta), changes);
             }
             return Found::Same(meta);
         }
-        let was_dir = self.entries.get(path).is_some_and(|s| s.entry.is_dir());
+        let was_dir = cached.is_some_and(|s| s.entry.is_dir());
         let is_dir = new.as_ref().is_some_and(|s| s.entry.is_dir());
         if was_dir && !is_dir {
             // A directory replaced by a file: everything that was beneath it is gone.
@@ -690,14 +695,20 @@ impl Tree {
 
     /// What `path` (in `dir`, with metadata `meta`) is now: `None` if that cannot be told yet
     /// (being written, unreadable), `Some(None)` if it is nothing ferry syncs. Hashes a file
-    /// only if it moved.
-    fn look(&mut self, dir: &Dir, path: &RelPath, meta: &Stat) -> Option<Option<Seen>> {
+    /// only if it moved since `cached`, what the cache holds for it.
+    fn look(
+        &mut self,
+        dir: &Dir,
+        path: &RelPath,
+        meta: &Stat,
+        cached: Option<&Seen>,
+    ) -> Option<Option<Seen>> {
         let name = path.file_name();
         let new = if meta.is_dir() {
             Some(dir_seen(meta))
         } else if meta.is_file() {
-            match self.entries.get(path) {
-                Some(old) if same_file(&old, meta) => Some(old),
+            match cached {
+                Some(old) if same_file(old, meta) => Some(old.clone()),
                 _ => match hash_at(dir, name) {
                     Ok(Some(s)) => {
                         if let Some((_, hashed)) = &mut self.progress {

@@ -82,10 +82,17 @@ impl<V: Pack + Clone> Layered<V> {
 
     /// Sets `key`; returns the old value.
     pub fn insert(&mut self, key: RelPath, value: V) -> Option<V> {
+        use std::collections::btree_map::Entry as Slot;
         self.dirty.mark(&key, self.len);
-        let old = self.get(key.as_str());
+        let old = match self.over.entry(key) {
+            Slot::Occupied(mut o) => o.insert(Some(value)),
+            Slot::Vacant(v) => {
+                let old = self.packed.get(v.key().as_str());
+                v.insert(Some(value));
+                old
+            }
+        };
         self.len += usize::from(old.is_none());
-        self.over.insert(key, Some(value));
         self.fold_if_many();
         old
     }

@@ -13,6 +13,7 @@
 //! (see `core::layered`).
 
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use super::entry::{Entry, Kind, EMPTY_HASH};
 use super::path::RelPath;
@@ -35,7 +36,6 @@ pub trait Pack: Sized {
 const GROUP: usize = 16;
 
 /// A sorted, immutable table of paths and values packed into bytes.
-#[derive(Clone)]
 pub struct Packed<V> {
     /// The records, in path order: the length of the prefix shared with the previous path
     /// (0 at the start of a group), the length of the rest, the rest, then the value.
@@ -43,6 +43,9 @@ pub struct Packed<V> {
     /// Where each group starts in `bytes`.
     groups: Box<[usize]>,
     len: usize,
+    /// The group the last lookup went to: lookups often come in path order (a batch of
+    /// changes, a listing), so it or the next one is tried before a binary search.
+    hint: AtomicUsize,
     _values: PhantomData<fn() -> V>,
 }
 
@@ -52,6 +55,19 @@ impl<V> Default for Packed<V> {
             bytes: Box::default(),
             groups: Box::default(),
             len: 0,
+            hint: AtomicUsize::new(0),
+            _values: PhantomData,
+        }
+    }
+}
+
+impl<V> Clone for Packed<V> {
+    fn clone(&self) -> Self {
+        Packed {
+            bytes: self.bytes.clone(),
+            groups: self.groups.clone(),
+            len: self.len,
+            hint: AtomicUsize::new(self.hint.load(Relaxed)),
             _values: PhantomData,
         }
     }
@@ -101,12 +117,36 @@ impl<V: Pack> Packed<V> {
         &at[..rest]
     }
 
+    /// The last group whose first path is not above `key`: it holds the first record not
+    /// below `key`, if any does; failing that, the first record of the next group is it.
+    fn group_of(&self, key: &[u8]) -> usize {
+        let holds = |g: usize| {
+            self.groups
+                .get(g)
+                .is_some_and(|&at| self.group_key(at) <= key)
+                && self
+                    .groups
+                    .get(g + 1)
+                    .is_none_or(|&at| key < self.group_key(at))
+        };
+        let hint = self.hint.load(Relaxed);
+        if holds(hint) {
+            return hint;
+        }
+        let g = if holds(hint + 1) {
+            hint + 1
+        } else {
+            let after = self.groups.partition_point(|&at| self.group_key(at) <= key);
+            after.saturating_sub(1)
+        };
+        self.hint.store(g, Relaxed);
+        g
+    }
+
     /// The value at `key`.
     pub fn get(&self, key: &str) -> Option<V> {
-        match self.cursor_at(key).next() {
-            Some((k, v)) if k == key => Some(v),
-            _ => None,
-        }
+        let mut c = self.cursor_at(key);
+        (c.pending && c.key == key.as_bytes()).then(|| c.take_value())
     }
 
     pub fn contains_key(&self, key: &str) -> bool {
@@ -128,12 +168,7 @@ impl<V: Pack> Packed<V> {
 
     /// A cursor at the first record whose path is not below `key`.
     pub fn cursor_at(&self, key: &str) -> Cursor<'_, V> {
-        // The last group whose first path is not above `key` holds that record, if any does;
-        // failing that, the first record of the next group is it.
-        let after = self
-            .groups
-            .partition_point(|&start| self.group_key(start) <= key.as_bytes());
-        let g = after.saturating_sub(1);
+        let g = self.group_of(key.as_bytes());
         let mut c = Cursor {
             table: self,
             at: self.groups.get(g).copied().unwrap_or(0),
@@ -142,11 +177,26 @@ impl<V: Pack> Packed<V> {
             pending: false,
             cx: V::Context::default(),
         };
-        while c.read_key() {
-            if c.key.as_slice() >= key.as_bytes() {
+        // A record below `key` is passed. Each is compared with `key` only from where it can
+        // differ from the one before, which matched `lcp` bytes of `key` and was below it:
+        // sharing more than `lcp` with that one, it is below too; sharing less, it is above
+        // (so is the next group's first record, shared 0, by the search above).
+        let key = key.as_bytes();
+        let mut lcp = 0;
+        let mut first = true;
+        while let Some(shared) = c.read_key() {
+            let below = if first || shared == lcp {
+                let from = if first { 0 } else { lcp };
+                lcp = from + common_prefix(&c.key[from..], &key[from..]);
+                c.key[lcp..] < key[lcp..]
+            } else {
+                shared > lcp
+            };
+            if !below {
                 c.pending = true;
                 break;
             }
+            first = false;
             c.skip_value();
         }
         c
@@ -189,10 +239,11 @@ impl<V: Pack> std::fmt::Debug for Cursor<'_, V> {
 }
 
 impl<V: Pack> Cursor<'_, V> {
-    /// Reads the next record's path into `key`, leaving `at` at its value; false at the end.
-    fn read_key(&mut self) -> bool {
+    /// Reads the next record's path into `key`, leaving `at` at its value; returns how much of
+    /// it the path before shares (0 at a group's start), `None` at the end.
+    fn read_key(&mut self) -> Option<usize> {
         if self.index == self.table.len {
-            return false;
+            return None;
         }
         if self.index.is_multiple_of(GROUP) {
             self.cx = V::Context::default();
@@ -204,7 +255,7 @@ impl<V: Pack> Cursor<'_, V> {
         self.key.extend_from_slice(&at[..rest]);
         self.at = self.table.bytes.len() - at.len() + rest;
         self.index += 1;
-        true
+        Some(shared)
     }
 
     fn take_value(&mut self) -> V {
@@ -221,7 +272,7 @@ impl<V: Pack> Cursor<'_, V> {
     /// The next record: its path and value.
     #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> Option<(&str, V)> {
-        if !std::mem::take(&mut self.pending) && !self.read_key() {
+        if !std::mem::take(&mut self.pending) && self.read_key().is_none() {
             return None;
         }
         let v = self.take_value();
@@ -283,6 +334,7 @@ impl<V: Pack> Builder<V> {
             bytes: self.bytes.into_boxed_slice(),
             groups: self.groups.into_boxed_slice(),
             len: self.len,
+            hint: AtomicUsize::new(0),
             _values: PhantomData,
         }
     }
@@ -458,10 +510,16 @@ mod tests {
             let back: Vec<(String, u64)> =
                 t.iter().map(|(k, v)| (k.as_str().to_string(), v)).collect();
             assert_eq!(back, model.clone().into_iter().collect::<Vec<_>>());
-            for probe in keys()
-                .keys()
-                .chain(&["".into(), "0".into(), "zz".into(), "a/".into()])
-            {
+            // Every key, and what falls between keys: each one's prefixes, and each one with
+            // a byte added that sorts below, between or above its neighbours' next bytes.
+            let mut probes: Vec<String> = ["", "0", "zz", "a/"].map(String::from).to_vec();
+            for k in keys().keys() {
+                let cuts = k.char_indices().map(|(i, _)| i);
+                probes.extend(cuts.map(|i| k[..i].to_string()));
+                probes.extend([" ", "!", "/", "0", "1/", "~"].map(|t| format!("{k}{t}")));
+                probes.push(k.clone());
+            }
+            for probe in &probes {
                 assert_eq!(t.get(probe), model.get(probe).copied(), "{probe:?} of {n}");
                 assert_eq!(t.contains_key(probe), model.contains_key(probe));
                 let from: Vec<String> = t
@@ -469,7 +527,7 @@ mod tests {
                     .map(|(k, _)| k.as_str().to_string())
                     .collect();
                 let want: Vec<String> = model
-                    .range(probe.clone()..)
+                    .range(probe.to_string()..)
                     .map(|(k, _)| k.clone())
                     .collect();
                 assert_eq!(from, want, "from {probe:?} of {n}");
