@@ -392,17 +392,12 @@ impl Splitter {
             staged_path(&self.root, staging, staged)
         };
         let entries: Vec<Entry> = items.iter().map(|i| i.entry.clone()).collect();
-        let made = self.made.fetch_add(1, Ordering::Relaxed);
-        // Consecutive packs are split in two directories: creating a file holds its
-        // directory's lock, so two splits in one directory would wait on each other.
-        let tmp = self.tmp.join(format!("k{}", made % 2));
-        let receipts = self.receipts.clone();
-        let prefix = format!("k{made}");
+        let (tmp, receipts) = (self.tmp.clone(), self.receipts.clone());
+        let prefix = format!("k{}", self.made.fetch_add(1, Ordering::Relaxed));
         smol::unblock(move || {
             let _running = running;
             checked.and_then(|pack| {
                 receipts.forget(&pack);
-                std::fs::create_dir_all(&tmp)?;
                 split_pack(&pack, &tmp, &prefix, &entries)
             })
         })

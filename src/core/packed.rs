@@ -8,8 +8,8 @@
 //! (`Pack`: a file's scan state is about 40 bytes, 32 of them its hash).
 //!
 //! The table is immutable: it is built in one pass from pairs in key order, and read by
-//! binary search over groups of `GROUP` records (the first of each holds its path whole),
-//! then a walk within the group. Changes are kept beside it and folded in by rebuilding it
+//! binary search over groups of `GROUP` records (the first of each holds its path whole;
+//! the group of the last lookup is tried first), then a walk within the group. Changes are kept beside it and folded in by rebuilding it
 //! (see `core::layered`).
 
 use std::marker::PhantomData;
