@@ -9,8 +9,8 @@
 //!
 //! The table is immutable: it is built in one pass from pairs in key order, and read by
 //! binary search over groups of `GROUP` records (the first of each holds its path whole;
-//! the group of the last lookup is tried first), then a walk within the group. Changes are kept beside it and folded in by rebuilding it
-//! (see `core::layered`).
+//! the group of the last lookup is tried first), then a walk within the group. Changes are
+//! kept beside it and folded in by rebuilding it (see `core::layered`).
 
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -180,14 +180,13 @@ impl<V: Pack> Packed<V> {
         // A record below `key` is passed. Each is compared with `key` only from where it can
         // differ from the one before, which matched `lcp` bytes of `key` and was below it:
         // sharing more than `lcp` with that one, it is below too; sharing less, it is above
-        // (so is the next group's first record, shared 0, by the search above).
+        // (so is the next group's first record, shared 0, by the search above). The walk
+        // starts at a group's first record, shared 0 with `lcp` 0: compared whole.
         let key = key.as_bytes();
         let mut lcp = 0;
-        let mut first = true;
         while let Some(shared) = c.read_key() {
-            let below = if first || shared == lcp {
-                let from = if first { 0 } else { lcp };
-                lcp = from + common_prefix(&c.key[from..], &key[from..]);
+            let below = if shared == lcp {
+                lcp += common_prefix(&c.key[lcp..], &key[lcp..]);
                 c.key[lcp..] < key[lcp..]
             } else {
                 shared > lcp
@@ -196,7 +195,6 @@ impl<V: Pack> Packed<V> {
                 c.pending = true;
                 break;
             }
-            first = false;
             c.skip_value();
         }
         c
